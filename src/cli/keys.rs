@@ -1,0 +1,25 @@
+//! `warren genkey`, `warren pubkey`: byte-compatible with `wg genkey` / `wg pubkey`.
+
+use std::io::{Read, Write};
+
+use anyhow::{Context, Result};
+
+use crate::keys::Key;
+
+/// `wg pubkey` accepts at most one key plus whitespace; so do we.
+const MAX_KEY_INPUT: u64 = 1024;
+
+pub fn genkey() -> Result<()> {
+    let key = Key::generate_private();
+    writeln!(std::io::stdout(), "{key}").context("writing the key to stdout")
+}
+
+pub fn pubkey() -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(MAX_KEY_INPUT)
+        .read_to_string(&mut input)
+        .context("reading a private key from stdin")?;
+    let private: Key = input.parse().context("reading a private key from stdin")?;
+    writeln!(std::io::stdout(), "{}", private.public_key()).context("writing the public key to stdout")
+}
