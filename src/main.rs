@@ -1,16 +1,12 @@
 //! `warren`: one binary for the node agent, its CLI and the servers.
 
-mod cli;
-mod keys;
-mod wg;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
-    match cli::run(args) {
+    let args = warren::cli::Cli::parse();
+    match warren::cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then each cause.

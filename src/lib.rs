@@ -1,0 +1,8 @@
+//! warren: a WireGuard mesh for machines that run unattended.
+//!
+//! The layout follows the architecture: `wg/` drives WireGuard, `cli/` is the
+//! command-line surface; each module has one concern.
+
+pub mod cli;
+pub mod keys;
+pub mod wg;
