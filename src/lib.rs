@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod keys;
+pub mod netlink;
 pub mod wg;

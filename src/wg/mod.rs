@@ -5,6 +5,7 @@
 //! device it wants, the driver reads what is there, computes the minimal
 //! change and sends only that.
 
+pub mod kernel;
 pub mod model;
 
 pub use model::{AllowedIp, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerState, PeerUpdate};
