@@ -4,6 +4,7 @@
 //! command-line surface; each module has one concern.
 
 pub mod cli;
+pub mod control;
 pub mod keys;
 pub mod netlink;
 pub mod wg;

@@ -1,0 +1,266 @@
+//! Control messages, sealed inside Noise frames and encoded as JSON.
+//!
+//! JSON keeps the protocol inspectable and tolerant of added fields (older
+//! peers ignore fields they do not know); the channel already bounds and
+//! authenticates every message, so its size is the only cost.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Key;
+
+/// Version of the message set. A coordinator refuses nodes with a different
+/// major version with a clear error instead of misreading them.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest name or hostname accepted in a message; names are DNS labels.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most endpoint candidates a node may report at once.
+pub const MAX_CANDIDATES: usize = 32;
+
+/// Node → coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message of an enrolled node (its key is already known).
+    Hello {
+        version: u32,
+        hostname: String,
+        candidates: Vec<SocketAddr>,
+    },
+    /// First message of a new node: redeems an invite.
+    Join {
+        version: u32,
+        /// The invite secret from the join token.
+        secret: String,
+        /// Name the node asks for; the invite's name, if any, wins.
+        name: Option<String>,
+        hostname: String,
+        candidates: Vec<SocketAddr>,
+    },
+    /// The node's current endpoint candidates (replaces the previous set).
+    Candidates {
+        endpoints: Vec<SocketAddr>,
+    },
+    /// The node switches to a new WireGuard key; proven by this channel's old key.
+    RotateKey {
+        new_public_key: Key,
+    },
+    /// The node is going down on purpose; mark it offline now.
+    Goodbye,
+    Ping {
+        nonce: u64,
+    },
+}
+
+/// One node as every other node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: u64,
+    pub name: String,
+    pub mesh_addr: Ipv4Addr,
+    pub public_key: Key,
+    pub candidates: Vec<SocketAddr>,
+    pub online: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The invite secret is not known (wrong server or forged token).
+    InviteUnknown,
+    InviteExpired,
+    InviteUsed,
+    /// The node's key is not enrolled (removed, rotated away, or never joined).
+    UnknownNode,
+    /// The node was removed by an administrator.
+    Removed,
+    Version,
+    /// The connection broke the protocol: bad frame, bad message, too fast.
+    Protocol,
+    RateLimited,
+    /// The coordinator failed (e.g. its database); retrying later may help.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether a node should keep retrying after this error or give up.
+    pub fn is_permanent(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::Internal | ErrorCode::RateLimited | ErrorCode::Protocol
+        )
+    }
+}
+
+/// Coordinator → node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Accepted: who the node is in the mesh.
+    Welcome {
+        version: u32,
+        node: PeerInfo,
+    },
+    /// Every node of the mesh, the receiver included (it finds itself by id).
+    PeerMap {
+        version: u64,
+        nodes: Vec<PeerInfo>,
+    },
+    /// Changes since `version - 1`. `upsert` replaces whole entries by id.
+    PeerMapDelta {
+        version: u64,
+        upsert: Vec<PeerInfo>,
+        remove: Vec<u64>,
+    },
+    /// Refusal or failure, followed by the coordinator closing the connection.
+    Error {
+        code: ErrorCode,
+        reason: String,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising these plain types cannot fail (no maps with non-string keys).
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage> {
+    let msg: ClientMessage = serde_json::from_slice(bytes).context("decoding control message")?;
+    msg.check()?;
+    Ok(msg)
+}
+
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage> {
+    serde_json::from_slice(bytes).context("decoding control message")
+}
+
+impl ClientMessage {
+    /// Limits the coordinator enforces on what a node may send.
+    fn check(&self) -> Result<()> {
+        let (names, candidates): (Vec<&str>, &[SocketAddr]) = match self {
+            ClientMessage::Hello {
+                hostname, candidates, ..
+            } => (vec![hostname], candidates),
+            ClientMessage::Join {
+                secret,
+                name,
+                hostname,
+                candidates,
+                ..
+            } => {
+                let mut v = vec![hostname.as_str(), secret.as_str()];
+                v.extend(name.as_deref());
+                (v, candidates)
+            }
+            ClientMessage::Candidates { endpoints } => (vec![], endpoints),
+            _ => (vec![], &[]),
+        };
+        if let Some(n) = names.iter().find(|n| n.len() > 255) {
+            anyhow::bail!("field of {} bytes is longer than 255", n.len());
+        }
+        if candidates.len() > MAX_CANDIDATES {
+            anyhow::bail!(
+                "{} endpoint candidates exceed the limit of {MAX_CANDIDATES}",
+                candidates.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Entry for the fuzz target and the no-panic test.
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = decode_client(data);
+    let _ = decode_server(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerInfo {
+        PeerInfo {
+            id: 3,
+            name: "nas".into(),
+            mesh_addr: Ipv4Addr::new(100, 64, 0, 9),
+            public_key: Key::generate_private().public_key(),
+            candidates: vec!["192.168.1.5:51820".parse().unwrap()],
+            online: true,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let msgs = vec![
+            ServerMessage::Welcome {
+                version: PROTOCOL_VERSION,
+                node: peer(),
+            },
+            ServerMessage::PeerMap {
+                version: 1,
+                nodes: vec![peer(), peer()],
+            },
+            ServerMessage::PeerMapDelta {
+                version: 2,
+                upsert: vec![peer()],
+                remove: vec![4],
+            },
+            ServerMessage::Error {
+                code: ErrorCode::InviteUsed,
+                reason: "invite already used".into(),
+            },
+            ServerMessage::Pong { nonce: 5 },
+        ];
+        for m in msgs {
+            assert_eq!(decode_server(&encode(&m)).unwrap(), m);
+        }
+        let join = ClientMessage::Join {
+            version: 1,
+            secret: "s".into(),
+            name: None,
+            hostname: "box".into(),
+            candidates: vec![],
+        };
+        assert_eq!(decode_client(&encode(&join)).unwrap(), join);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_forward_compatibility() {
+        let m = br#"{"type":"ping","nonce":1,"future":true}"#;
+        assert_eq!(decode_client(m).unwrap(), ClientMessage::Ping { nonce: 1 });
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let many = ClientMessage::Candidates {
+            endpoints: vec!["1.2.3.4:5".parse().unwrap(); 33],
+        };
+        assert!(decode_client(&encode(&many)).is_err());
+        let long = ClientMessage::Hello {
+            version: 1,
+            hostname: "x".repeat(300),
+            candidates: vec![],
+        };
+        assert!(decode_client(&encode(&long)).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let base = encode(&ServerMessage::PeerMap {
+            version: 1,
+            nodes: vec![peer()],
+        });
+        for cut in 0..base.len() {
+            fuzz_decode(&base[..cut]);
+            let mut flipped = base.clone();
+            flipped[cut] ^= 0x5a;
+            fuzz_decode(&flipped);
+        }
+    }
+}
