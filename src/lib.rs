@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod coord;
 pub mod keys;
 pub mod netlink;
 pub mod wg;
