@@ -1,6 +1,7 @@
 //! Command-line surface: one file per subcommand family.
 
 mod keys;
+pub mod wg;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,11 +23,15 @@ pub enum Command {
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
     Pubkey,
+    /// Low-level WireGuard interface commands (apply a config file, show, delete).
+    #[command(subcommand)]
+    Wg(wg::WgCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
+        Command::Wg(c) => wg::run(c),
     }
 }

@@ -5,8 +5,13 @@
 //! device it wants, the driver reads what is there, computes the minimal
 //! change and sends only that.
 
+pub mod config;
 pub mod kernel;
 pub mod model;
+pub mod reconcile;
+pub mod select;
+pub mod uapi;
+pub mod userspace;
 
 pub use model::{AllowedIp, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerState, PeerUpdate};
 
