@@ -1,0 +1,307 @@
+# warren network lab: hosts, routers and a fake internet in network namespaces.
+#
+# Source it from a test (`. "$(dirname "$0")/../lab.sh"`), call `lab_init`, then
+# build a topology:
+#
+#   lab_internet                                   # bridge for 203.0.113.0/24 + 198.51.100.0/24
+#   lab_public_host srv 203.0.113.5                # host on the internet
+#   lab_router r1 cone 203.0.113.10 10.1.0.1/24    # NAT router, LAN bridge 10.1.0.0/24
+#   lab_lan_host a r1 10.1.0.2                     # host behind it
+#   lab_router r2 cone 10.1.0.3 10.2.0.1/24 r1     # double NAT: r2's WAN is r1's LAN
+#   lab_exec a ping -c1 203.0.113.5
+#
+# Everything lives in namespaces named "$LAB-<name>"; inside a node the uplink
+# is always `eth0` and a router's LAN is the bridge `br0`. veth pairs are created
+# directly inside their namespaces, so nothing ever appears in the root
+# namespace. lab_init's EXIT trap kills every process the test started and
+# deletes every namespace, also when the test fails or is interrupted.
+#
+# Router kinds (nftables; all drop unsolicited inbound on the WAN, like home
+# routers, see DESIGN.md "NAT-lab pitfalls"):
+#   open       no NAT, no firewall; the LAN must be a public subnet (e.g. 203.0.113.64/27),
+#              reachable from the internet through proxy ARP on the WAN
+#   cone       masquerade: endpoint-independent mapping, port preserved when free
+#   symmetric  masquerade random,fully-random: a new random port per destination
+#   udpblock   cone, but UDP to or from the WAN is dropped (except DNS)
+
+LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+: "${WARREN:=$LAB_ROOT/target/debug/warren}"
+export WARREN
+# wireguard-go refuses to start on Linux without it.
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+
+LAB=
+LAB_DIR=
+LAB_PIDS=()
+LAB_NAMESPACES=()
+LAB_CLEANUP_HOOKS=()
+declare -gA LAB_LAN_GW=() LAB_LAN_PREFIX=() LAB_KIND=() LAB_WAN_IP=()
+
+lab_log() { echo "lab: $*" >&2; }
+lab_fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+lab_skip() {
+    echo "SKIP: $*" >&2
+    exit 77
+}
+
+# Skips the test (exit 77) unless every command exists.
+lab_require_cmd() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || lab_skip "$c not installed"
+    done
+}
+
+# Starts a lab: unique id, scratch directory, cleanup trap. Skips unless root.
+lab_init() {
+    [ "$(id -u)" -eq 0 ] || lab_skip "the lab needs root"
+    lab_require_cmd ip nft
+    # Short, so "$LAB" plus a suffix still fits the 15-byte interface name limit
+    # (wireguard-go's UAPI socket path is global, so interface names must be unique).
+    LAB=$(printf 'w%x%02x' "$$" "$((RANDOM % 256))")
+    LAB_DIR=$(mktemp -d "/tmp/warren-$LAB.XXXX")
+    trap lab_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+# Runs CMD (a string, eval'd) during cleanup, before processes are killed.
+lab_on_cleanup() { LAB_CLEANUP_HOOKS+=("$1"); }
+
+lab_cleanup() {
+    local status=$? hook pid ns i f
+    trap - EXIT INT TERM
+    set +e
+    for hook in "${LAB_CLEANUP_HOOKS[@]}"; do eval "$hook" >/dev/null 2>&1; done
+    for pid in "${LAB_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in "${LAB_PIDS[@]}"; do
+        for ((i = 0; i < 20; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+    done
+    # Anything still running inside our namespaces was started by this test
+    # (e.g. a wireguard-go that warren spawned): end it before the namespace goes.
+    for ns in "${LAB_NAMESPACES[@]}"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+    done
+    for ns in "${LAB_NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null; done
+    # wireguard-go leaves its UAPI socket behind when killed; ours all start with $LAB.
+    [ -n "$LAB" ] && rm -f /var/run/wireguard/"$LAB"*.sock
+    if [ "$status" -ne 0 ] && [ "$status" -ne 77 ] && [ -d "$LAB_DIR" ]; then
+        for f in "$LAB_DIR"/*.log; do
+            [ -s "$f" ] || continue
+            echo "---- $(basename "$f") (last 40 lines)" >&2
+            tail -n 40 "$f" >&2
+        done
+    fi
+    [ -n "$LAB_DIR" ] && rm -rf "$LAB_DIR"
+    exit "$status"
+}
+
+# Namespace name of lab node NAME.
+lab_ns() { echo "$LAB-$1"; }
+
+# A fresh interface name "$LAB<suffix>" checked against the kernel's 15-byte limit.
+lab_ifname() {
+    local n="$LAB$1"
+    [ "${#n}" -le 15 ] || lab_fail "interface name $n is longer than 15 bytes"
+    echo "$n"
+}
+
+lab_exec() {
+    local ns
+    ns=$(lab_ns "$1")
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+# Runs CMD in the background inside node NAME, output to LOGFILE (a bare name
+# goes to the lab's scratch directory); the PID is killed at cleanup.
+# Prints nothing; the PID is in $LAB_LAST_PID.
+lab_bg() {
+    local ns log
+    ns=$(lab_ns "$1")
+    log=$2
+    shift 2
+    [[ "$log" == */* ]] || log="$LAB_DIR/$log"
+    # `ip netns exec` execs CMD itself, so $! is CMD's PID.
+    ip netns exec "$ns" "$@" >"$log" 2>&1 </dev/null &
+    LAB_LAST_PID=$!
+    LAB_PIDS+=("$LAB_LAST_PID")
+}
+
+# Polls CMD every 0.1 s until it succeeds or TIMEOUT_S (may be fractional) runs
+# out; on timeout prints DESC and fails the test.
+lab_wait() {
+    local desc=$1 timeout=$2 deadline now
+    shift 2
+    deadline=$(awk -v t="$timeout" -v n="$(date +%s.%N)" 'BEGIN { printf "%.3f", n + t }')
+    while true; do
+        "$@" >/dev/null 2>&1 && return 0
+        now=$(date +%s.%N)
+        if awk -v n="$now" -v d="$deadline" 'BEGIN { exit !(n >= d) }'; then
+            lab_fail "timed out after ${timeout}s waiting for: $desc"
+        fi
+        sleep 0.1
+    done
+}
+
+# Like lab_wait but returns 1 instead of failing the test.
+lab_poll() {
+    local timeout=$1 deadline
+    shift
+    deadline=$(awk -v t="$timeout" -v n="$(date +%s.%N)" 'BEGIN { printf "%.3f", n + t }')
+    while true; do
+        "$@" >/dev/null 2>&1 && return 0
+        awk -v n="$(date +%s.%N)" -v d="$deadline" 'BEGIN { exit !(n >= d) }' && return 1
+        sleep 0.1
+    done
+}
+
+lab_new_ns() {
+    local ns
+    ns=$(lab_ns "$1")
+    ip netns add "$ns" || lab_fail "creating namespace $ns"
+    LAB_NAMESPACES+=("$ns")
+    ip -n "$ns" link set lo up
+}
+
+# Bridges inside a namespace would hand frames to iptables/nftables (bridge-nf
+# is built into these kernels): switch that off so bridged traffic is plain L2.
+lab_no_bridge_nf() {
+    local f
+    for f in /proc/sys/net/bridge/bridge-nf-call-iptables /proc/sys/net/bridge/bridge-nf-call-ip6tables \
+        /proc/sys/net/bridge/bridge-nf-call-arptables; do
+        ip netns exec "$(lab_ns "$1")" sh -c "[ ! -e $f ] || echo 0 > $f"
+    done
+}
+
+# The fake internet: one namespace holding bridge br0 that every public host
+# and router WAN plugs into. Both documentation /24s share the segment; nodes
+# reach any address on-link.
+lab_internet() {
+    lab_new_ns inet
+    ip -n "$(lab_ns inet)" link add br0 type bridge
+    ip -n "$(lab_ns inet)" link set br0 up
+    lab_no_bridge_nf inet
+    LAB_LAN_PREFIX[inet]=24
+}
+
+# Connects node NAME's eth0 to the bridge of UPSTREAM (inet or a router's LAN).
+lab_plug() {
+    local name=$1 upstream=$2 port
+    port="v-$name"
+    port=${port:0:15}
+    ip link add eth0 netns "$(lab_ns "$name")" type veth peer name "$port" netns "$(lab_ns "$upstream")" ||
+        lab_fail "creating veth for $name"
+    ip -n "$(lab_ns "$upstream")" link set "$port" master br0 up
+    ip -n "$(lab_ns "$name")" link set eth0 up
+}
+
+# A host on the internet with one public address.
+lab_public_host() {
+    local name=$1 ip=$2
+    lab_new_ns "$name"
+    lab_plug "$name" inet
+    ip -n "$(lab_ns "$name")" addr add "$ip/24" dev eth0
+    ip -n "$(lab_ns "$name")" route add default dev eth0
+}
+
+# lab_router NAME KIND WAN_IP LAN_CIDR [UPSTREAM]
+# LAN_CIDR is the router's own LAN address with prefix (10.1.0.1/24). UPSTREAM
+# defaults to the internet; name another router for double NAT.
+lab_router() {
+    local name=$1 kind=$2 wan=$3 lan=$4 upstream=${5:-inet} ns
+    case "$kind" in open | cone | symmetric | udpblock) ;; *) lab_fail "unknown router kind $kind" ;; esac
+    ns=$(lab_ns "$name")
+    lab_new_ns "$name"
+    lab_plug "$name" "$upstream"
+    ip -n "$ns" addr add "$wan/${LAB_LAN_PREFIX[$upstream]}" dev eth0
+    if [ "$upstream" = inet ]; then
+        ip -n "$ns" route add default dev eth0
+    else
+        ip -n "$ns" route add default via "${LAB_LAN_GW[$upstream]}"
+    fi
+    ip -n "$ns" link add br0 type bridge
+    ip -n "$ns" addr add "$lan" dev br0
+    ip -n "$ns" link set br0 up
+    lab_no_bridge_nf "$name"
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+    LAB_LAN_GW[$name]=${lan%/*}
+    LAB_LAN_PREFIX[$name]=${lan#*/}
+    LAB_KIND[$name]=$kind
+    LAB_WAN_IP[$name]=$wan
+    if [ "$kind" = open ]; then
+        # Answer ARP on the WAN for the LAN's public addresses so internet hosts
+        # reach them on-link, as if the ISP routed the subnet to us.
+        ip netns exec "$ns" sysctl -qw net.ipv4.conf.eth0.proxy_arp=1
+        return 0
+    fi
+    local masq="masquerade" udpdrop=""
+    [ "$kind" = symmetric ] && masq="masquerade random,fully-random"
+    [ "$kind" = udpblock ] && udpdrop='
+        oifname "eth0" udp dport != 53 drop
+        iifname "eth0" udp sport != 53 drop'
+    ip netns exec "$ns" nft -f - <<EOF || lab_fail "loading nftables rules into router $name"
+table ip lab {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        # Unsolicited inbound must not even create a conntrack entry, or it can
+        # steal the port a LAN host is about to be mapped to.
+        iifname "eth0" ct state established,related accept
+        iifname "eth0" drop
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;$udpdrop
+        ct state established,related accept
+        iifname "eth0" drop
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth0" $masq
+    }
+}
+EOF
+}
+
+# A host on ROUTER's LAN bridge; several hosts on one router share the LAN.
+lab_lan_host() {
+    local name=$1 router=$2 ip=$3
+    lab_new_ns "$name"
+    lab_plug "$name" "$router"
+    ip -n "$(lab_ns "$name")" addr add "$ip/${LAB_LAN_PREFIX[$router]}" dev eth0
+    ip -n "$(lab_ns "$name")" route add default via "${LAB_LAN_GW[$router]}"
+}
+
+# lab_conntrack_mapping ROUTER LAN_IP LAN_PORT [DST_IP [DST_PORT]]
+# Prints the public IP:PORT that ROUTER's NAT maps LAN_IP:LAN_PORT (UDP) to,
+# one distinct mapping per line (a symmetric NAT has one per destination).
+# For double NAT, ask the outer router with the inner router's WAN address.
+lab_conntrack_mapping() {
+    local router=$1 src=$2 sport=$3 dst=${4:-} dport=${5:-}
+    local args=(-L -p udp --orig-src "$src" --orig-port-src "$sport")
+    [ -n "$dst" ] && args+=(--orig-dst "$dst")
+    [ -n "$dport" ] && args+=(--orig-port-dst "$dport")
+    # The reply tuple (second src=/dst= set) is addressed to the mapping.
+    lab_exec "$router" conntrack "${args[@]}" 2>/dev/null | awk '{
+        n = 0; m = 0; ip = ""; port = ""
+        for (i = 1; i <= NF; i++) {
+            if ($i ~ /^dst=/) { n++; if (n == 2) ip = substr($i, 5) }
+            if ($i ~ /^dport=/) { m++; if (m == 2) port = substr($i, 7) }
+        }
+        if (ip != "" && port != "") print ip ":" port
+    }' | sort -u
+}
+
+# Public key of a base64 private key file, with the real `wg` tool.
+lab_pubkey() { wg pubkey <"$1"; }
+
+# Writes a fresh private key to FILE (mode 600).
+lab_genkey() {
+    (umask 077 && wg genkey >"$1")
+}
