@@ -2,6 +2,7 @@
 
 mod keys;
 pub mod wg;
+mod server;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +27,9 @@ pub enum Command {
     /// Low-level WireGuard interface commands (apply a config file, show, delete).
     #[command(subcommand)]
     Wg(wg::WgCommand),
+    /// Run the coordinator, or administer it (nodes, remove, rename, invite).
+    #[command(alias = "coord")]
+    Server(server::ServerArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -33,5 +37,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Wg(c) => wg::run(c),
+        Command::Server(args) => server::run(args),
     }
 }

@@ -1,4 +1,9 @@
 //! The coordinator: enrollment, names, addresses, and the peer map it pushes to nodes.
 
+pub mod admin;
+pub mod conn;
+pub mod hub;
+pub mod invite;
 pub mod names;
+pub mod server;
 pub mod store;

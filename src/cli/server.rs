@@ -1,0 +1,135 @@
+//! `warren server` (alias `warren coord`): run the coordinator, or administer a running one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+use crate::coord::admin::{self, AdminRequest, AdminResponse, NodeView};
+use crate::coord::invite;
+use crate::coord::server::{ADMIN_SOCKET, DB_FILE, DEFAULT_PORT, Server, ServerConfig};
+use crate::coord::store::human_duration;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Address for node connections.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+    /// Directory for the server key, the database and the admin socket.
+    #[arg(long, global = true, default_value = "/var/lib/warren")]
+    pub state_dir: PathBuf,
+    /// Database file (default: STATE_DIR/server.db).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Address nodes should dial, put into join tokens (repeatable). Default:
+    /// the listen address, or every local IPv4 address when listening on all.
+    #[arg(long = "advertise", value_name = "HOST:PORT")]
+    pub advertise: Vec<String>,
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServerAction {
+    /// List the mesh's nodes.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node (by name, mesh address, key or id); it cannot reconnect.
+    Remove { node: String },
+    /// Rename a node.
+    Rename { node: String, new_name: String },
+    /// Print a join token for `warren up --join TOKEN`.
+    Invite {
+        /// The token may enroll any number of nodes until it expires.
+        #[arg(long)]
+        reusable: bool,
+        /// Lifetime, e.g. 30m, 24h, 7d (default: never expires).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Name for the node that joins with this token.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let socket = args.state_dir.join(ADMIN_SOCKET);
+    let Some(action) = args.action else {
+        let cfg = ServerConfig {
+            listen: args.listen,
+            db: args.db.unwrap_or_else(|| args.state_dir.join(DB_FILE)),
+            state_dir: args.state_dir,
+            advertise: args.advertise,
+        };
+        return Server::bind(&cfg)?.run();
+    };
+    match action {
+        ServerAction::Nodes { json } => {
+            let AdminResponse::Nodes { nodes } = admin::request(&socket, &AdminRequest::Nodes)? else {
+                bail!("unexpected answer from the coordinator");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print_nodes(&nodes);
+            }
+        }
+        ServerAction::Remove { node } => {
+            let r = admin::request(&socket, &AdminRequest::Remove { node })?;
+            if let AdminResponse::Node { node } = r {
+                println!("removed {} ({})", node.name, node.mesh_addr);
+            }
+        }
+        ServerAction::Rename { node, new_name } => {
+            let r = admin::request(&socket, &AdminRequest::Rename { node, new_name })?;
+            if let AdminResponse::Node { node } = r {
+                println!("renamed to {} ({})", node.name, node.mesh_addr);
+            }
+        }
+        ServerAction::Invite {
+            reusable,
+            expires,
+            name,
+        } => {
+            let expires_in = expires.as_deref().map(invite::parse_duration).transpose()?;
+            let r = admin::request(
+                &socket,
+                &AdminRequest::Invite {
+                    reusable,
+                    expires_in,
+                    name,
+                },
+            )?;
+            if let AdminResponse::Invite { token, .. } = r {
+                println!("{token}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_nodes(nodes: &[NodeView]) {
+    let now = crate::coord::hub::unix_now();
+    println!(
+        "{:<20} {:<15} {:<10} {:<8} LAST SEEN",
+        "NAME", "ADDRESS", "KEY", "STATE"
+    );
+    for n in nodes {
+        let seen = match (n.online, n.last_seen) {
+            (true, _) => "now".to_string(),
+            (false, Some(t)) => format!("{} ago", human_duration(now - t)),
+            (false, None) => "never".to_string(),
+        };
+        let state = if n.online { "online" } else { "offline" };
+        println!(
+            "{:<20} {:<15} {:<10} {:<8} {seen}",
+            n.name,
+            n.mesh_addr,
+            n.public_key.short(),
+            state
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Administration of a running coordinator over a unix socket.
+//!
+//! Admin commands go through the server rather than straight to the database:
+//! the server is the only writer (no lock contention with its own
+//! transactions), and a removal or rename reaches the connected nodes at once
+//! through the same path as any other change, instead of waiting for the
+//! server to notice a foreign write. The socket is created 0600 and every
+//! client's credentials are checked, so only root (or the server's own user)
+//! can use it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Key;
+
+/// Longest admin request line accepted by the server.
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// How long the CLI waits for the server to answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Nodes,
+    Remove {
+        node: String,
+    },
+    Rename {
+        node: String,
+        new_name: String,
+    },
+    Invite {
+        reusable: bool,
+        expires_in: Option<i64>,
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub name: String,
+    pub mesh_addr: Ipv4Addr,
+    pub public_key: Key,
+    pub hostname: String,
+    pub online: bool,
+    pub candidates: Vec<SocketAddr>,
+    pub created: i64,
+    pub last_seen: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Nodes { nodes: Vec<NodeView> },
+    Node { node: NodeView },
+    Invite { token: String, expires: Option<i64> },
+    Error { reason: String },
+}
+
+/// Sends one request to the server's admin socket and waits for the answer.
+pub fn request(socket: &Path, req: &AdminRequest) -> Result<AdminResponse> {
+    let what = || {
+        format!(
+            "connecting to the coordinator's admin socket {} (is warren server running?)",
+            socket.display()
+        )
+    };
+    let mut stream = UnixStream::connect(socket).with_context(what)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).with_context(what)?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .with_context(what)?;
+    let mut line = serde_json::to_vec(req).context("encoding admin request")?;
+    line.push(b'\n');
+    stream.write_all(&line).context("sending admin request")?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .context("reading the coordinator's answer")?;
+    if answer.is_empty() {
+        bail!("the coordinator closed the admin connection without answering");
+    }
+    let resp: AdminResponse = serde_json::from_str(&answer).context("decoding the coordinator's answer")?;
+    match resp {
+        AdminResponse::Error { reason } => Err(anyhow!(reason)),
+        ok => Ok(ok),
+    }
+}
+
+/// The uid of the process at the other end of a unix socket.
+pub fn peer_uid(fd: std::os::fd::RawFd) -> Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes and sized for SO_PEERCRED.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading admin client credentials");
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a client with this uid may administer the server.
+pub fn uid_allowed(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}

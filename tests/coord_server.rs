@@ -1,0 +1,447 @@
+//! The real coordinator on loopback, driven by in-process clients speaking
+//! the real protocol over TCP.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use warren::control::channel::Channel;
+use warren::control::messages::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, ServerMessage};
+use warren::coord::admin::{self, AdminRequest, AdminResponse};
+use warren::coord::invite::JoinToken;
+use warren::coord::server::{Server, ServerConfig, Stopper};
+use warren::keys::Key;
+
+/// Generous: the CPU is shared; a healthy run takes milliseconds.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "warren-coord-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    key: Key,
+    admin: PathBuf,
+    stopper: Stopper,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(dir: &TempDir) -> TestServer {
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.0.join("state"),
+            db: dir.0.join("state/server.db"),
+            advertise: vec![],
+        };
+        let mut server = Server::bind(&cfg).unwrap();
+        let (addr, key, stopper) = (server.local_addr(), server.public_key(), server.stopper());
+        let thread = std::thread::spawn(move || server.run().unwrap());
+        TestServer {
+            addr,
+            key,
+            admin: cfg.admin_socket(),
+            stopper,
+            thread: Some(thread),
+        }
+    }
+
+    fn admin(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+        admin::request(&self.admin, &req)
+    }
+
+    fn invite(&self, reusable: bool, expires_in: Option<i64>) -> JoinToken {
+        match self
+            .admin(AdminRequest::Invite {
+                reusable,
+                expires_in,
+                name: None,
+            })
+            .unwrap()
+        {
+            AdminResponse::Invite { token, .. } => JoinToken::parse(&token).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stopper.stop();
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A node's side of the protocol, blocking, with the peer map it has been told.
+struct Client {
+    stream: TcpStream,
+    ch: Channel,
+    me: Option<PeerInfo>,
+    map: HashMap<u64, PeerInfo>,
+    error: Option<(ErrorCode, String)>,
+    closed: bool,
+}
+
+impl Client {
+    fn connect(server: &TestServer, private: &Key, first: ClientMessage) -> Client {
+        Client::connect_pinned(server.addr, &server.key, private, first)
+    }
+
+    fn connect_pinned(addr: SocketAddr, server_key: &Key, private: &Key, first: ClientMessage) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut ch = Channel::client(private, server_key).unwrap();
+        ch.send(&messages::encode(&first)).unwrap();
+        let mut c = Client {
+            stream,
+            ch,
+            me: None,
+            map: HashMap::new(),
+            error: None,
+            closed: false,
+        };
+        c.flush();
+        c
+    }
+
+    fn join(server: &TestServer, token: &JoinToken, private: &Key, hostname: &str) -> Client {
+        let msg = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: token.secret.clone(),
+            name: None,
+            hostname: hostname.into(),
+            candidates: vec![],
+        };
+        Client::connect(server, private, msg)
+    }
+
+    fn hello(server: &TestServer, private: &Key) -> Client {
+        let msg = ClientMessage::Hello {
+            version: PROTOCOL_VERSION,
+            hostname: "h".into(),
+            candidates: vec![],
+        };
+        Client::connect(server, private, msg)
+    }
+
+    fn send(&mut self, msg: &ClientMessage) {
+        self.ch.send(&messages::encode(msg)).unwrap();
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        let out = self.ch.outgoing().to_vec();
+        if self.stream.write_all(&out).is_ok() {
+            self.ch.consume_outgoing(out.len());
+        }
+    }
+
+    /// Reads and applies messages until `done` holds or the deadline passes.
+    fn until(&mut self, what: &str, mut done: impl FnMut(&Client) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 65536];
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            if self.closed {
+                panic!(
+                    "connection closed while waiting for: {what} (error {:?})",
+                    self.error
+                );
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.closed = true,
+                Ok(n) => {
+                    if self.ch.receive(&buf[..n]).is_err() {
+                        self.closed = true;
+                    }
+                    self.flush();
+                    while let Some(raw) = self.ch.next_message() {
+                        self.apply(messages::decode_server(&raw).unwrap());
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => self.closed = true,
+            }
+        }
+    }
+
+    fn apply(&mut self, msg: ServerMessage) {
+        match msg {
+            ServerMessage::Welcome { node, .. } => self.me = Some(node),
+            ServerMessage::PeerMap { nodes, .. } => self.map = nodes.into_iter().map(|n| (n.id, n)).collect(),
+            ServerMessage::PeerMapDelta { upsert, remove, .. } => {
+                for id in remove {
+                    self.map.remove(&id);
+                }
+                for n in upsert {
+                    self.map.insert(n.id, n);
+                }
+            }
+            ServerMessage::Error { code, reason } => self.error = Some((code, reason)),
+            ServerMessage::Pong { .. } => {}
+        }
+    }
+
+    fn welcomed(&mut self) -> PeerInfo {
+        self.until("welcome", |c| c.me.is_some());
+        self.me.clone().unwrap()
+    }
+
+    fn refused(&mut self) -> (ErrorCode, String) {
+        self.until("an error and the close", |c| c.error.is_some() && c.closed);
+        self.error.clone().unwrap()
+    }
+
+    fn peer(&self, id: u64) -> Option<&PeerInfo> {
+        self.map.get(&id)
+    }
+}
+
+fn node_names(server: &TestServer) -> Vec<(String, std::net::Ipv4Addr, bool)> {
+    match server.admin(AdminRequest::Nodes).unwrap() {
+        AdminResponse::Nodes { nodes } => nodes
+            .into_iter()
+            .map(|n| (n.name, n.mesh_addr, n.online))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn join_peer_map_rename_rotate_and_remove_propagate() {
+    let dir = TempDir::new();
+    let server = TestServer::start(&dir);
+    let token = server.invite(true, None);
+    assert_eq!(token.servers, vec![server.addr.to_string()]);
+
+    let ka = Key::generate_private();
+    let mut a = Client::join(&server, &token, &ka, "NAS.local");
+    let me_a = a.welcomed();
+    assert_eq!(
+        (me_a.name.as_str(), me_a.mesh_addr.to_string().as_str()),
+        ("nas", "100.64.0.8")
+    );
+    assert_eq!(me_a.public_key, ka.public_key());
+
+    let kb = Key::generate_private();
+    let mut b = Client::join(&server, &token, &kb, "nas");
+    let me_b = b.welcomed();
+    assert_eq!(me_b.name, "nas-2");
+    b.until("b sees a online", |c| c.peer(me_a.id).is_some_and(|p| p.online));
+    a.until("a sees b online", |c| {
+        c.peer(me_b.id).is_some_and(|p| p.online && p.name == "nas-2")
+    });
+
+    // Candidates reported by one node reach the other.
+    let ep: SocketAddr = "192.168.1.20:51820".parse().unwrap();
+    b.send(&ClientMessage::Candidates { endpoints: vec![ep] });
+    a.until("a sees b's candidates", |c| {
+        c.peer(me_b.id).is_some_and(|p| p.candidates == vec![ep])
+    });
+
+    server
+        .admin(AdminRequest::Rename {
+            node: "nas-2".into(),
+            new_name: "backup".into(),
+        })
+        .unwrap();
+    a.until("a sees the rename", |c| {
+        c.peer(me_b.id).is_some_and(|p| p.name == "backup")
+    });
+
+    // Key rotation keeps id, name and address; the old key is no longer enrolled.
+    let kb2 = Key::generate_private();
+    b.send(&ClientMessage::RotateKey {
+        new_public_key: kb2.public_key(),
+    });
+    a.until("a sees b's new key", |c| {
+        c.peer(me_b.id).is_some_and(|p| p.public_key == kb2.public_key())
+    });
+    drop(b);
+    a.until("a sees b offline", |c| c.peer(me_b.id).is_some_and(|p| !p.online));
+    let mut b = Client::hello(&server, &kb2);
+    let again = b.welcomed();
+    assert_eq!(
+        (again.id, again.name.as_str(), again.mesh_addr),
+        (me_b.id, "backup", me_b.mesh_addr)
+    );
+    let (code, _) = Client::hello(&server, &kb).refused();
+    assert_eq!(code, ErrorCode::UnknownNode);
+
+    // Removal: the node is dropped from every map, told why, and cannot come back.
+    server
+        .admin(AdminRequest::Remove {
+            node: "backup".into(),
+        })
+        .unwrap();
+    a.until("a sees b removed", |c| c.peer(me_b.id).is_none());
+    let (code, reason) = b.refused();
+    assert_eq!(
+        (code, reason.as_str()),
+        (ErrorCode::Removed, "this node was removed from the mesh")
+    );
+    let (code, reason) = Client::hello(&server, &kb2).refused();
+    assert_eq!(
+        (code, reason.as_str()),
+        (ErrorCode::Removed, "node backup was removed from the mesh")
+    );
+    let (code, _) = Client::join(&server, &token, &kb2, "x").refused();
+    assert_eq!(code, ErrorCode::Removed);
+    assert_eq!(node_names(&server).len(), 1);
+}
+
+#[test]
+fn bad_tokens_are_refused_with_a_reason() {
+    let dir = TempDir::new();
+    let server = TestServer::start(&dir);
+    let once = server.invite(false, None);
+    Client::join(&server, &once, &Key::generate_private(), "first").welcomed();
+    let (code, reason) = Client::join(&server, &once, &Key::generate_private(), "second").refused();
+    assert_eq!(
+        (code, reason.as_str()),
+        (
+            ErrorCode::InviteUsed,
+            "invite was already used (it is single-use)"
+        )
+    );
+
+    let mut forged = once.clone();
+    forged.secret = JoinToken::new(vec![], server.key).secret;
+    let (code, reason) = Client::join(&server, &forged, &Key::generate_private(), "x").refused();
+    assert_eq!(code, ErrorCode::InviteUnknown);
+    assert!(reason.starts_with("invite not recognised"), "{reason}");
+
+    // A token that expires in one second: joins work, then stop working.
+    let short = server.invite(true, Some(1));
+    let deadline = Instant::now() + DEADLINE;
+    let (code, reason) = loop {
+        assert!(Instant::now() < deadline, "the invite never expired");
+        let mut c = Client::join(&server, &short, &Key::generate_private(), "t");
+        c.until("welcome or error", |c| c.me.is_some() || c.error.is_some());
+        if let Some(e) = c.error.take() {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, ErrorCode::InviteExpired);
+    assert!(reason.starts_with("invite expired "), "{reason}");
+
+    // A token pinning another coordinator's key fails the handshake; nothing is enrolled.
+    let before = node_names(&server).len();
+    let other = Key::generate_private().public_key();
+    let msg = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        secret: once.secret.clone(),
+        name: None,
+        hostname: "x".into(),
+        candidates: vec![],
+    };
+    let mut c = Client::connect_pinned(server.addr, &other, &Key::generate_private(), msg);
+    c.until("the server hangs up", |c| c.closed);
+    assert!(c.me.is_none());
+    assert_eq!(node_names(&server).len(), before);
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_only_that_connection() {
+    let dir = TempDir::new();
+    let server = TestServer::start(&dir);
+    let token = server.invite(true, None);
+    let mut good = Client::join(&server, &token, &Key::generate_private(), "good");
+    good.welcomed();
+
+    let expect_closed = |mut s: TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 1024];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "server kept the {what} connection open"
+            );
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let mut http = TcpStream::connect(server.addr).unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    expect_closed(http, "HTTP");
+    let mut huge = TcpStream::connect(server.addr).unwrap();
+    huge.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2]).unwrap();
+    expect_closed(huge, "oversized frame");
+    // Garbage after a proper handshake too.
+    let mut c = Client::join(&server, &token, &Key::generate_private(), "evil");
+    c.welcomed();
+    c.stream
+        .write_all(&[0, 0, 0, 9, 1, 2, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    c.until("the server hangs up on bad sealed data", |c| c.closed);
+
+    // The well-behaved node is still served.
+    good.send(&ClientMessage::Ping { nonce: 1 });
+    let id = c.me.as_ref().unwrap().id;
+    good.until("evil goes offline in good's map", |g| {
+        g.peer(id).is_some_and(|p| !p.online)
+    });
+}
+
+#[test]
+fn restart_keeps_names_and_addresses() {
+    let dir = TempDir::new();
+    let server = TestServer::start(&dir);
+    let token = server.invite(true, None);
+    let ka = Key::generate_private();
+    let me = Client::join(&server, &token, &ka, "router").welcomed();
+    Client::join(&server, &token, &Key::generate_private(), "router").welcomed();
+    let before = node_names(&server);
+    server.stop();
+
+    let server = TestServer::start(&dir);
+    let after: Vec<_> = node_names(&server).into_iter().map(|(n, a, _)| (n, a)).collect();
+    assert_eq!(
+        after,
+        before.into_iter().map(|(n, a, _)| (n, a)).collect::<Vec<_>>()
+    );
+    let mut a = Client::hello(&server, &ka);
+    assert_eq!(
+        a.welcomed(),
+        PeerInfo {
+            online: true,
+            ..me.clone()
+        }
+    );
+    assert_eq!(a.map.len(), 2);
+}
