@@ -1,8 +1,8 @@
 //! Command-line surface: one file per subcommand family.
 
 mod keys;
-pub mod wg;
 mod server;
+pub mod wg;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
