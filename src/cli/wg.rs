@@ -102,7 +102,11 @@ fn apply(args: ApplyArgs) -> Result<()> {
     require_net_admin()?;
     let file = config::load(&args.config)?;
     let choice = BackendChoice::resolve(args.backend)?;
-    let mut backend = select::open_backend(choice, file.userspace_command.clone())?;
+    // An interface that exists stays with the backend serving it.
+    let mut backend = match select::backend_for_existing(choice, ifname)? {
+        Some(b) => b,
+        None => select::open_backend(choice, file.userspace_command.clone())?,
+    };
     let report = reconcile::apply(backend.as_mut(), ifname, &file.device)
         .with_context(|| format!("applying {}", args.config.display()))?;
     let link = match configure_link(ifname, &file) {

@@ -55,4 +55,9 @@ pub trait Backend {
     fn get(&mut self, ifname: &str) -> Result<DeviceState>;
     /// Sends one minimal change. An empty update sends nothing.
     fn set(&mut self, ifname: &str, update: &DeviceUpdate) -> Result<WireCost>;
+    /// The exit status of a WireGuard process this backend started that has
+    /// died since the last call; `None` while all run (or none were started).
+    fn check_alive(&mut self) -> Option<std::process::ExitStatus> {
+        None
+    }
 }

@@ -178,12 +178,7 @@ impl PeerBuilder {
                 let k = parse_key(key, value)?;
                 s.preshared_key = (!k.is_zero()).then_some(k);
             }
-            "endpoint" => {
-                let ep: SocketAddr = value
-                    .parse()
-                    .with_context(|| format!("invalid endpoint {value:?}"))?;
-                s.endpoint = Some(ep);
-            }
+            "endpoint" => s.endpoint = Some(parse_endpoint(value)?),
             "persistent_keepalive_interval" => {
                 let ka: u16 = parse_num(key, value)?;
                 s.persistent_keepalive = (ka != 0).then_some(ka);
@@ -244,6 +239,27 @@ fn for_each_line(text: &[u8], mut f: impl FnMut(&str, &str) -> Result<()>) -> Re
         f(key, value).with_context(|| format!("line {}", n + 1))?;
     }
     Ok(())
+}
+
+/// `1.2.3.4:5`, `[fd00::1]:5`, and a link-local `[fe80::1%eth0]:5` as
+/// wireguard-go prints a roamed-to link-local peer; the zone is kept only
+/// when numeric, since `SocketAddr` holds no interface names.
+fn parse_endpoint(value: &str) -> Result<SocketAddr> {
+    if let Ok(ep) = value.parse() {
+        return Ok(ep);
+    }
+    let bad = || anyhow::anyhow!("invalid endpoint {value:?}");
+    let rest = value.strip_prefix('[').ok_or_else(bad)?;
+    let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+    let (addr, zone) = host.split_once('%').ok_or_else(bad)?;
+    let addr: std::net::Ipv6Addr = addr.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        addr,
+        port,
+        0,
+        zone.parse().unwrap_or(0),
+    )))
 }
 
 fn parse_key(name: &str, value: &str) -> Result<Key> {
@@ -400,6 +416,22 @@ errno=0
             let text = format!("public_key={p}\n{field}\nerrno=0\n\n");
             assert!(parse_get(text.as_bytes()).is_err(), "{field}");
         }
+    }
+
+    #[test]
+    fn link_local_endpoints_with_a_zone_parse() {
+        let text = format!(
+            "public_key={}\nendpoint=[fe80::1%eth0]:51820\nerrno=0\n\n",
+            key(1).to_hex()
+        );
+        let d = parse_get(text.as_bytes()).unwrap();
+        assert_eq!(d.peers[0].endpoint, Some("[fe80::1]:51820".parse().unwrap()));
+        let text = format!(
+            "public_key={}\nendpoint=[fe80::1%3]:51820\nerrno=0\n\n",
+            key(1).to_hex()
+        );
+        let d = parse_get(text.as_bytes()).unwrap();
+        assert_eq!(d.peers[0].endpoint, Some("[fe80::1%3]:51820".parse().unwrap()));
     }
 
     #[test]

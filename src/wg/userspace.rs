@@ -77,13 +77,7 @@ impl UserspaceBackend {
         self.socket_dir.join(format!("{ifname}.sock"))
     }
 
-    /// The exit status of a process this backend started that has died since
-    /// (it is then forgotten), `None` while all are running.
-    pub fn check_alive(&mut self) -> Option<ExitStatus> {
-        self.check_alive_named().map(|(_, status)| status)
-    }
-
-    /// Like [`check_alive`](Self::check_alive), naming the interface.
+    /// Like [`Backend::check_alive`], naming the interface.
     pub fn check_alive_named(&mut self) -> Option<(String, ExitStatus)> {
         let pos = self
             .children
@@ -263,6 +257,17 @@ fn last_log_line(path: &Path) -> Option<String> {
 impl Backend for UserspaceBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Userspace
+    }
+
+    /// The exit status of a process this backend started that has died since
+    /// (it is then forgotten), `None` while all are running.
+    fn check_alive(&mut self) -> Option<ExitStatus> {
+        let (ifname, status) = self.check_alive_named()?;
+        eprintln!(
+            "warren: {ifname}: userspace WireGuard `{}` exited ({status})",
+            self.program()
+        );
+        Some(status)
     }
 
     fn exists(&mut self, ifname: &str) -> Result<bool> {
