@@ -8,4 +8,6 @@ pub mod control;
 pub mod coord;
 pub mod keys;
 pub mod netlink;
+pub mod stun;
 pub mod wg;
+pub mod wgstun;

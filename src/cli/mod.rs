@@ -3,6 +3,7 @@
 mod keys;
 mod server;
 pub mod wg;
+mod wgstun;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ pub enum Command {
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
     Server(server::ServerArgs),
+    /// Run the WG-STUN server (a WireGuard peer at 100.64.0.4 answering STUN), or print its [Peer].
+    Wgstun(wgstun::WgstunArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -38,5 +41,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pubkey => keys::pubkey(),
         Command::Wg(c) => wg::run(c),
         Command::Server(args) => server::run(args),
+        Command::Wgstun(args) => wgstun::run(args),
     }
 }

@@ -1,0 +1,57 @@
+//! WG-STUN: a WireGuard peer at 100.64.0.4 that tells any vanilla WireGuard
+//! client the outer address its WireGuard packets arrive from, plus plain
+//! STUN on a second socket.
+//!
+//! `responder` is the sans-IO core, `peers` its bounded session table,
+//! `inner` the packets inside the tunnel, `server` the mio shell that owns
+//! the sockets, `key` the persistent server key.
+
+pub mod inner;
+pub mod key;
+pub mod peers;
+pub mod responder;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use responder::{Responder, ResponderConfig, Stats, Transmit};
+pub use server::Server;
+
+use crate::keys::Key;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:3479";
+pub const DEFAULT_STUN_LISTEN: &str = "0.0.0.0:3478";
+
+/// Everything a WG-STUN server needs; `warren server` builds one of these too.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Plain STUN socket; `None` runs WG-STUN only.
+    pub stun_listen: Option<SocketAddr>,
+    pub private_key: Key,
+    pub max_sessions: usize,
+    pub handshakes_per_sec: u64,
+    /// Per source IP per second on the plain STUN socket; 0 = unlimited.
+    pub stun_requests_per_source: u32,
+    /// Log a stats line this often (also on SIGUSR1); `None` only on SIGUSR1.
+    pub stats_interval: Option<Duration>,
+}
+
+/// Binds the sockets and serves until an I/O error.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    Server::bind(&config)?.run()
+}
+
+/// The `[Peer]` stanza a vanilla WireGuard client adds to use this server.
+pub fn peer_stanza(public_key: &Key, endpoint: &str) -> String {
+    format!(
+        "[Peer]\n# warren WG-STUN: STUN to {addr}:{port} inside the tunnel returns this interface's public address\n\
+         PublicKey = {public_key}\nEndpoint = {endpoint}\nAllowedIPs = {addr}/32\n",
+        addr = inner::WGSTUN_ADDR,
+        port = inner::STUN_PORT,
+    )
+}
+
+#[cfg(test)]
+mod tests;

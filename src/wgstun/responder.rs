@@ -1,0 +1,440 @@
+//! The WG-STUN core (sans-IO): WireGuard datagrams in, WireGuard datagrams
+//! out. A boringtun `Tunn` per client acts as responder for any client key;
+//! inside the tunnel only STUN Binding to 100.64.0.4:3478 and ICMP echo to
+//! 100.64.0.4 are answered. The STUN answer carries the *outer* address of
+//! the datagram that brought the request: the client's WireGuard mapping.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use super::inner::{self, Inner, STUN_PORT};
+use super::peers::{ClientKey, Sessions};
+use crate::keys::Key;
+use crate::stun::Message;
+use crate::stun::message::binding_success;
+
+/// Sessions kept at most by default. About 1.3 KB each measured by the bench
+/// (see integration/bench-wgstun); the ceiling bounds memory under a flood.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// Handshake initiations per second accepted before WireGuard's cookie reply
+/// (proof of source address) is demanded from every initiator.
+pub const DEFAULT_HANDSHAKES_PER_SEC: u64 = 100;
+/// Housekeeping period: the rate limiter's window and the session sweep.
+const TICK: Duration = Duration::from_secs(1);
+/// A session that received nothing for this long holds no usable keys:
+/// WireGuard rejects keys older than REJECT_AFTER_TIME (180 s), and the last
+/// thing received is at least as new as the keys.
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Room for any datagram boringtun may hand back (max UDP payload).
+const SCRATCH_LEN: usize = 65_536;
+const WG_COOKIE_REPLY: u8 = 3;
+/// Header and tag boringtun adds when sealing a data packet.
+const WG_DATA_OVERHEAD: usize = 32;
+/// Bound on queued outgoing datagrams; beyond it new answers are dropped and counted.
+const MAX_QUEUED_TRANSMITS: usize = 4_096;
+
+#[derive(Clone, Debug)]
+pub struct ResponderConfig {
+    pub private_key: Key,
+    pub max_sessions: usize,
+    pub handshakes_per_sec: u64,
+}
+
+impl ResponderConfig {
+    pub fn new(private_key: Key) -> Self {
+        ResponderConfig {
+            private_key,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            handshakes_per_sec: DEFAULT_HANDSHAKES_PER_SEC,
+        }
+    }
+}
+
+/// A datagram to send from the WireGuard socket.
+#[derive(Debug)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub handshakes: u64,
+    pub sessions_created: u64,
+    pub sessions_evicted: u64,
+    pub sessions_expired: u64,
+    pub cookie_replies: u64,
+    /// Not a WireGuard message at all (wrong type or size).
+    pub not_wireguard: u64,
+    /// Handshake with a bad mac1 (not meant for our key), or refused under load.
+    pub bad_mac: u64,
+    /// mac1 fine but the handshake did not decrypt, or was a replay.
+    pub handshake_rejected: u64,
+    /// Data / response / cookie for a receiver index we do not have.
+    pub unknown_session: u64,
+    pub decrypt_failed: u64,
+    pub keepalives: u64,
+    pub stun_answered: u64,
+    pub echo_answered: u64,
+    /// Inner packets dropped: malformed / bad checksum / fragment / not to 100.64.0.4 /
+    /// something not served (TCP, other ports, non-Binding STUN, IPv6).
+    pub inner_malformed: u64,
+    pub inner_bad_checksum: u64,
+    pub inner_fragment: u64,
+    pub inner_not_for_us: u64,
+    pub inner_not_served: u64,
+    pub transmit_overflow: u64,
+}
+
+/// Outgoing datagrams, with their buffers reused once sent.
+#[derive(Default)]
+struct Outbox {
+    transmits: VecDeque<Transmit>,
+    spare: Vec<Vec<u8>>,
+    overflow: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, dst: SocketAddr, bytes: &[u8]) {
+        if self.transmits.len() >= MAX_QUEUED_TRANSMITS {
+            self.overflow += 1;
+            return;
+        }
+        let mut payload = self.spare.pop().unwrap_or_default();
+        payload.clear();
+        payload.extend_from_slice(bytes);
+        self.transmits.push_back(Transmit { dst, payload });
+    }
+
+    fn recycle(&mut self, mut payload: Vec<u8>) {
+        const MAX_SPARE_BUFFERS: usize = 64;
+        if self.spare.len() < MAX_SPARE_BUFFERS {
+            payload.clear();
+            self.spare.push(payload);
+        }
+    }
+}
+
+pub struct Responder {
+    private: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    sessions: Sessions,
+    outbox: Outbox,
+    scratch: Box<[u8]>,
+    sealed: Box<[u8]>,
+    inner_out: Vec<u8>,
+    stun_out: Vec<u8>,
+    next_tick: Option<Instant>,
+    stats: Stats,
+}
+
+impl Responder {
+    pub fn new(config: &ResponderConfig) -> Responder {
+        let private = StaticSecret::from(config.private_key.0);
+        let public = PublicKey::from(&private);
+        // boringtun runs each handshake through the limiter twice (our mac1
+        // check before choosing a session, then inside the session's Tunn).
+        let limiter = Arc::new(RateLimiter::new(
+            &public,
+            config.handshakes_per_sec.saturating_mul(2),
+        ));
+        Responder {
+            private,
+            public,
+            limiter,
+            sessions: Sessions::new(config.max_sessions),
+            outbox: Outbox::default(),
+            scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
+            sealed: vec![0u8; SCRATCH_LEN + WG_DATA_OVERHEAD].into_boxed_slice(),
+            inner_out: Vec::with_capacity(1500),
+            stun_out: Vec::with_capacity(64),
+            next_tick: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn public_key(&self) -> Key {
+        Key(self.public.to_bytes())
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            transmit_overflow: self.outbox.overflow,
+            ..self.stats
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn session_capacity(&self) -> usize {
+        self.sessions.capacity()
+    }
+
+    /// One datagram that arrived on the WireGuard socket from `from`.
+    pub fn handle_input(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if self.next_tick.is_none() {
+            self.next_tick = Some(now + TICK);
+        }
+        let receiver_index = match Tunn::parse_incoming_packet(bytes) {
+            Err(_) => {
+                self.stats.not_wireguard += 1;
+                return;
+            }
+            Ok(Packet::HandshakeInit(_)) => return self.handle_initiation(now, from, bytes),
+            Ok(Packet::PacketData(p)) => p.receiver_idx,
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
+        };
+        self.handle_for_session(now, from, receiver_index, bytes);
+    }
+
+    fn handle_initiation(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let mut cookie = [0u8; 64];
+        // mac1 and load check first: it is cheap and keeps floods away from the DH below.
+        let packet = match self.limiter.verify_packet(Some(from.ip()), bytes, &mut cookie) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.stats.cookie_replies += 1;
+                let reply = reply.to_vec();
+                self.queue(from, &reply);
+                return;
+            }
+            Err(_) => {
+                self.stats.bad_mac += 1;
+                return;
+            }
+        };
+        let Packet::HandshakeInit(init) = packet else {
+            self.stats.not_wireguard += 1;
+            return;
+        };
+        let Ok(half) = parse_handshake_anon(&self.private, &self.public, &init) else {
+            self.stats.handshake_rejected += 1;
+            return;
+        };
+        let key: ClientKey = half.peer_static_public;
+        let (id, fresh) = match self.sessions.id_of(&key) {
+            Some(id) => (id, false),
+            None => {
+                let (private, limiter) = (self.private.clone(), self.limiter.clone());
+                let (id, evicted) = self.sessions.insert(key, now, from, |id| {
+                    Tunn::new(private, PublicKey::from(key), None, None, id, Some(limiter))
+                });
+                if evicted.is_some() {
+                    self.stats.sessions_evicted += 1;
+                }
+                (id, true)
+            }
+        };
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let out = match session
+            .tunn
+            .decapsulate(Some(from.ip()), bytes, &mut self.scratch)
+        {
+            TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+            _ => None,
+        };
+        match out {
+            Some(p) if p.first() == Some(&WG_COOKIE_REPLY) => {
+                self.stats.cookie_replies += 1;
+                self.queue(from, &p);
+                if fresh {
+                    self.sessions.remove(id);
+                }
+            }
+            Some(p) => {
+                self.stats.handshakes += 1;
+                if fresh {
+                    self.stats.sessions_created += 1;
+                }
+                self.sessions.touch(id, now, from);
+                self.queue(from, &p);
+            }
+            None => {
+                self.stats.handshake_rejected += 1;
+                if fresh {
+                    self.sessions.remove(id);
+                }
+            }
+        }
+    }
+
+    fn handle_for_session(&mut self, now: Instant, from: SocketAddr, receiver_index: u32, bytes: &[u8]) {
+        let id = Sessions::id_for_receiver_index(receiver_index);
+        let Some(session) = self.sessions.get_mut(id) else {
+            self.stats.unknown_session += 1;
+            return;
+        };
+        let mut authenticated = true;
+        match session
+            .tunn
+            .decapsulate(Some(from.ip()), bytes, &mut self.scratch)
+        {
+            TunnResult::WriteToTunnelV4(packet, _) => {
+                self.inner_out.clear();
+                answer_inner(
+                    packet,
+                    from,
+                    &mut self.inner_out,
+                    &mut self.stun_out,
+                    &mut self.stats,
+                );
+                if !self.inner_out.is_empty()
+                    && let TunnResult::WriteToNetwork(p) =
+                        session.tunn.encapsulate(&self.inner_out, &mut self.sealed)
+                {
+                    self.outbox.push(from, p);
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => self.stats.inner_not_served += 1,
+            TunnResult::Done => self.stats.keepalives += 1,
+            TunnResult::WriteToNetwork(p) => {
+                // Handshake confirmed or cookie processed: boringtun may have packets queued.
+                self.outbox.push(from, p);
+                for _ in 0..MAX_QUEUED_TRANSMITS {
+                    match session.tunn.decapsulate(None, &[], &mut self.scratch) {
+                        TunnResult::WriteToNetwork(p) => self.outbox.push(from, p),
+                        _ => break,
+                    }
+                }
+            }
+            TunnResult::Err(e) => {
+                authenticated = false;
+                match e {
+                    WireGuardError::InvalidPacket => self.stats.not_wireguard += 1,
+                    _ => self.stats.decrypt_failed += 1,
+                }
+            }
+        }
+        if authenticated {
+            self.sessions.touch(id, now, from);
+        }
+    }
+
+    fn queue(&mut self, dst: SocketAddr, bytes: &[u8]) {
+        self.outbox.push(dst, bytes);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.transmits.pop_front()
+    }
+
+    /// Hands a sent transmit's buffer back for reuse (optional).
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        self.outbox.recycle(payload);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_tick
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_tick {
+            Some(t) if now >= t => {}
+            _ => return,
+        }
+        self.next_tick = Some(now + TICK);
+        self.limiter.reset_count();
+        let expired = self.sessions.expire_idle(now, SESSION_IDLE_TIMEOUT);
+        self.stats.sessions_expired += expired as u64;
+
+        // WireGuard's own timers: passive keepalives, key expiry.
+        let mut out = Vec::new();
+        let mut dead = Vec::new();
+        for (id, s) in self.sessions.iter_mut_with_ids() {
+            match s.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(p) => out.push((s.endpoint, p.to_vec())),
+                TunnResult::Err(WireGuardError::ConnectionExpired) => dead.push(id),
+                _ => {}
+            }
+        }
+        for id in dead {
+            if self.sessions.remove(id).is_some() {
+                self.stats.sessions_expired += 1;
+            }
+        }
+        for (dst, p) in out {
+            self.queue(dst, &p);
+        }
+    }
+
+    /// One line for logs: every counter that is not zero.
+    pub fn stats_line(&self) -> String {
+        let s = &self.stats;
+        let fields = [
+            ("sessions", self.sessions.len() as u64),
+            ("handshakes", s.handshakes),
+            ("created", s.sessions_created),
+            ("evicted", s.sessions_evicted),
+            ("expired", s.sessions_expired),
+            ("cookie_replies", s.cookie_replies),
+            ("not_wireguard", s.not_wireguard),
+            ("bad_mac", s.bad_mac),
+            ("handshake_rejected", s.handshake_rejected),
+            ("unknown_session", s.unknown_session),
+            ("decrypt_failed", s.decrypt_failed),
+            ("keepalives", s.keepalives),
+            ("stun_answered", s.stun_answered),
+            ("echo_answered", s.echo_answered),
+            ("inner_malformed", s.inner_malformed),
+            ("inner_bad_checksum", s.inner_bad_checksum),
+            ("inner_fragment", s.inner_fragment),
+            ("inner_not_for_us", s.inner_not_for_us),
+            ("inner_not_served", s.inner_not_served),
+            ("transmit_overflow", self.outbox.overflow),
+        ];
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Decides the answer to one decrypted inner packet; writes it to `out` (empty = no answer).
+fn answer_inner(
+    packet: &[u8],
+    outer_from: SocketAddr,
+    out: &mut Vec<u8>,
+    stun: &mut Vec<u8>,
+    stats: &mut Stats,
+) {
+    match inner::parse(packet) {
+        Ok(Inner::EchoRequest { src, rest }) => {
+            inner::build_echo_reply(out, src, rest);
+            stats.echo_answered += 1;
+        }
+        Ok(Inner::Udp {
+            src,
+            src_port,
+            payload,
+            ..
+        }) => match Message::decode(payload) {
+            Ok(m) if m.is_binding_request() => {
+                stun.clear();
+                binding_success(stun, &m.transaction_id, outer_from);
+                inner::build_udp(out, STUN_PORT, src, src_port, stun);
+                stats.stun_answered += 1;
+            }
+            _ => stats.inner_not_served += 1,
+        },
+        Err(inner::Drop::Malformed) => stats.inner_malformed += 1,
+        Err(inner::Drop::BadChecksum) => stats.inner_bad_checksum += 1,
+        Err(inner::Drop::Fragment) => stats.inner_fragment += 1,
+        Err(inner::Drop::NotForUs) => stats.inner_not_for_us += 1,
+        Err(inner::Drop::NotServed) => stats.inner_not_served += 1,
+    }
+}
