@@ -3,7 +3,7 @@
 # Source it from a test (`. "$(dirname "$0")/../lab.sh"`), call `lab_init`, then
 # build a topology:
 #
-#   lab_internet                                   # bridge for 203.0.113.0/24 + 198.51.100.0/24
+#   lab_internet                                   # 203.0.113.0/24 + 198.51.100.0/24, gateways .254
 #   lab_public_host srv 203.0.113.5                # host on the internet
 #   lab_router r1 cone 203.0.113.10 10.1.0.1/24    # NAT router, LAN bridge 10.1.0.0/24
 #   lab_lan_host a r1 10.1.0.2                     # host behind it
@@ -182,15 +182,26 @@ lab_no_bridge_nf() {
 }
 
 # The fake internet: one namespace holding bridge br0 that every public host
-# and router WAN plugs into. Both documentation /24s share the segment; nodes
-# reach any address on-link.
+# and router WAN plugs into, and routing between the two documentation /24s
+# as the ISP (gateway .254 in each). Private addresses are not routed, so
+# traffic to a 10.x address never crosses the internet by accident.
 lab_internet() {
+    local ns
+    ns=$(lab_ns inet)
     lab_new_ns inet
-    ip -n "$(lab_ns inet)" link add br0 type bridge
-    ip -n "$(lab_ns inet)" link set br0 up
+    ip -n "$ns" link add br0 type bridge
+    ip -n "$ns" addr add 203.0.113.254/24 dev br0
+    ip -n "$ns" addr add 198.51.100.254/24 dev br0
+    ip -n "$ns" link set br0 up
     lab_no_bridge_nf inet
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+    # Hosts of both /24s share the segment: no redirects teaching them shortcuts.
+    ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.br0.send_redirects=0
     LAB_LAN_PREFIX[inet]=24
 }
+
+# The internet gateway for a public address (.254 of its /24).
+lab_inet_gw() { echo "${1%.*}.254"; }
 
 # Connects node NAME's eth0 to the bridge of UPSTREAM (inet or a router's LAN).
 lab_plug() {
@@ -209,7 +220,7 @@ lab_public_host() {
     lab_new_ns "$name"
     lab_plug "$name" inet
     ip -n "$(lab_ns "$name")" addr add "$ip/24" dev eth0
-    ip -n "$(lab_ns "$name")" route add default dev eth0
+    ip -n "$(lab_ns "$name")" route add default via "$(lab_inet_gw "$ip")"
 }
 
 # lab_router NAME KIND WAN_IP LAN_CIDR [UPSTREAM]
@@ -223,7 +234,7 @@ lab_router() {
     lab_plug "$name" "$upstream"
     ip -n "$ns" addr add "$wan/${LAB_LAN_PREFIX[$upstream]}" dev eth0
     if [ "$upstream" = inet ]; then
-        ip -n "$ns" route add default dev eth0
+        ip -n "$ns" route add default via "$(lab_inet_gw "$wan")"
     else
         ip -n "$ns" route add default via "${LAB_LAN_GW[$upstream]}"
     fi
@@ -237,8 +248,8 @@ lab_router() {
     LAB_KIND[$name]=$kind
     LAB_WAN_IP[$name]=$wan
     if [ "$kind" = open ]; then
-        # Answer ARP on the WAN for the LAN's public addresses so internet hosts
-        # reach them on-link, as if the ISP routed the subnet to us.
+        # Answer ARP on the WAN for the LAN's public addresses (a slice of the
+        # WAN's /24) so the internet reaches them on-link, as if routed to us.
         ip netns exec "$ns" sysctl -qw net.ipv4.conf.eth0.proxy_arp=1
         return 0
     fi

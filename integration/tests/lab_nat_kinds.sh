@@ -93,6 +93,9 @@ if lab_exec stun ping -c1 -W1 198.51.100.11 >/dev/null 2>&1; then
     lab_fail "cone router answers unsolicited inbound traffic"
 fi
 
+# Private addresses are not routed across the internet.
+if lab_exec stun ping -c1 -W1 10.1.0.2 >/dev/null 2>&1; then lab_fail "10.1.0.2 reachable from the internet"; fi
+
 # Same LAN: hosts reach each other directly over the bridge (TTL untouched, no NAT).
 out=$(lab_exec hcone2 ping -c1 -W2 10.1.0.2) || lab_fail "same LAN: no ping between hcone2 and hcone"
 grep -q 'ttl=64' <<<"$out" || lab_fail "same LAN: traffic was routed: $out"
