@@ -645,21 +645,29 @@ mod tests {
     fn random_device(rng: &mut XorShift) -> DeviceConfig {
         let mut peers = Vec::new();
         let mut keys: Vec<u8> = (1..=8).collect();
-        // Each peer takes a disjoint slice of 10.(peer).0.0/16 and fd00:(peer)::/32.
+        // One small shared address pool, so that between two random devices
+        // ranges move from peer to peer; a range overlapping another peer's
+        // is dropped to keep the device valid.
         for _ in 0..rng.below(6) {
             let k = keys.remove(rng.below(keys.len() as u64) as usize);
-            let mut ips = Vec::new();
+            let mut ips: Vec<AllowedIp> = Vec::new();
             for _ in 0..rng.below(4) {
-                ips.push(if rng.below(2) == 0 {
+                let candidate = if rng.below(2) == 0 {
                     ip(&format!(
-                        "10.{k}.{}.{}/{}",
+                        "10.0.{}.{}/{}",
                         rng.below(4),
-                        rng.below(256),
-                        24 + rng.below(9)
+                        rng.below(8),
+                        22 + rng.below(11)
                     ))
                 } else {
-                    ip(&format!("fd00:{k}::{:x}/{}", rng.below(16), 64 + rng.below(65)))
-                });
+                    ip(&format!("fd00::{:x}/{}", rng.below(8), 124 + rng.below(5)))
+                };
+                let taken = peers
+                    .iter()
+                    .any(|p: &PeerConfig| p.allowed_ips.iter().any(|a| a.overlaps(&candidate)));
+                if !taken {
+                    ips.push(candidate);
+                }
             }
             peers.push(PeerConfig {
                 public_key: key(k),
@@ -684,6 +692,7 @@ mod tests {
     #[test]
     fn property_diff_turns_actual_into_desired() {
         let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut moved = 0;
         for round in 0..3000 {
             let before = random_device(&mut rng);
             let desired = random_device(&mut rng);
@@ -692,6 +701,17 @@ mod tests {
             // WireGuard may hold learnt endpoints and a picked port.
             if rng.below(2) == 0 {
                 state.listen_port = 30000;
+            }
+            if let Some(p) = state.peers.first_mut() {
+                p.endpoint = Some("198.51.100.9:4500".parse().unwrap());
+            }
+            // Count rounds where a range moves from one peer to another.
+            if desired.peers.iter().any(|d| {
+                state.peers.iter().any(|a| {
+                    a.public_key != d.public_key && a.allowed_ips.iter().any(|x| d.allowed_ips.contains(x))
+                })
+            }) {
+                moved += 1;
             }
             let u = diff(&desired, &state);
             Model::apply_update(&mut state, &u);
@@ -713,6 +733,7 @@ mod tests {
                 );
             }
         }
+        assert!(moved > 100, "only {moved} rounds moved a range between peers");
     }
 
     #[test]
