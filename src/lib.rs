@@ -3,6 +3,7 @@
 //! The layout follows the architecture: `wg/` drives WireGuard, `cli/` is the
 //! command-line surface; each module has one concern.
 
+pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod coord;

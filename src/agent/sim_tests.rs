@@ -1,0 +1,342 @@
+//! The agent's control connection against the real coordinator logic, both
+//! sans-IO, over a simulated network with a simulated clock.
+
+use std::time::{Duration, Instant};
+
+use super::control::{BACKOFF_MAX, ControlConfig, ControlConn, Event, PING_INTERVAL, PONG_TIMEOUT, Phase};
+use crate::control::messages::ErrorCode;
+use crate::coord::admin::{AdminRequest, AdminResponse};
+use crate::coord::hub::{ConnId, Hub};
+use crate::coord::invite::JoinToken;
+use crate::coord::store::Store;
+use crate::coord::store::tests::TempDir;
+use crate::keys::Key;
+
+const TICK: Duration = Duration::from_millis(100);
+
+struct Agent {
+    ctrl: ControlConn,
+    conn: Option<ConnId>,
+    dials: Vec<Instant>,
+    refused: Vec<(ErrorCode, String, bool)>,
+    /// When false the network drops what the coordinator sends this agent.
+    deliver: bool,
+}
+
+struct Sim {
+    _dir: TempDir,
+    db: std::path::PathBuf,
+    server_key: Key,
+    hub: Option<Hub>,
+    agents: Vec<Agent>,
+    now: Instant,
+    next_conn: ConnId,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let dir = TempDir::new("sim");
+        let db = dir.0.join("server.db");
+        let server_key = Key::generate_private();
+        let hub = Hub::new(Store::open(&db).unwrap(), server_key, vec!["coord:7777".into()]);
+        Sim {
+            _dir: dir,
+            db,
+            server_key,
+            hub: Some(hub),
+            agents: vec![],
+            now: Instant::now(),
+            next_conn: 1,
+        }
+    }
+
+    fn token(&mut self) -> JoinToken {
+        let req = AdminRequest::Invite {
+            reusable: true,
+            expires_in: None,
+            name: None,
+        };
+        match self.hub.as_mut().unwrap().admin(req, self.now) {
+            AdminResponse::Invite { token, .. } => JoinToken::parse(&token).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn add_agent(&mut self, token: &JoinToken, host: &str, seed: u64) -> usize {
+        let cfg = ControlConfig {
+            private_key: Key::generate_private(),
+            server_key: token.server_key,
+            servers: token.servers.clone(),
+            join_secret: Some(token.secret.clone()),
+            requested_name: None,
+            hostname: host.into(),
+        };
+        let ctrl = ControlConn::new(cfg, self.now, seed);
+        self.agents.push(Agent {
+            ctrl,
+            conn: None,
+            dials: vec![],
+            refused: vec![],
+            deliver: true,
+        });
+        self.agents.len() - 1
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        for _ in 0..20 {
+            let mut busy = false;
+            if let Some(hub) = self.hub.as_mut() {
+                hub.handle_timeout(now);
+            }
+            for a in self.agents.iter_mut() {
+                a.ctrl.handle_timeout(now);
+                while let Some(ev) = a.ctrl.poll_event() {
+                    busy = true;
+                    match ev {
+                        Event::Dial(_) => {
+                            a.dials.push(now);
+                            match self.hub.as_mut() {
+                                Some(hub) => {
+                                    hub.accept(self.next_conn, now);
+                                    a.conn = Some(self.next_conn);
+                                    self.next_conn += 1;
+                                    a.ctrl.handle_connected(now);
+                                }
+                                None => a.ctrl.handle_disconnected(now, "connection refused"),
+                            }
+                        }
+                        Event::HangUp => {
+                            if let (Some(id), Some(hub)) = (a.conn.take(), self.hub.as_mut()) {
+                                hub.closed(id);
+                            }
+                        }
+                        Event::Refused {
+                            code,
+                            reason,
+                            permanent,
+                        } => a.refused.push((code, reason, permanent)),
+                        Event::Welcome { .. } | Event::MapChanged => {}
+                    }
+                }
+                let (Some(id), Some(hub)) = (a.conn, self.hub.as_mut()) else {
+                    continue;
+                };
+                let out = a.ctrl.outgoing().to_vec();
+                if !out.is_empty() {
+                    busy = true;
+                    a.ctrl.consume_outgoing(out.len());
+                    hub.receive(id, now, &out);
+                }
+            }
+            if let Some(hub) = self.hub.as_mut() {
+                hub.flush();
+                for id in hub.take_dirty() {
+                    let out = hub.outgoing(id).to_vec();
+                    hub.consume_outgoing(id, out.len());
+                    let Some(a) = self.agents.iter_mut().find(|a| a.conn == Some(id)) else {
+                        continue;
+                    };
+                    if !out.is_empty() && a.deliver {
+                        busy = true;
+                        a.ctrl.handle_input(now, &out);
+                    }
+                    if hub.finished(id, now) {
+                        hub.closed(id);
+                        a.conn = None;
+                        a.ctrl.handle_disconnected(now, "closed by coordinator");
+                        busy = true;
+                    }
+                }
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += TICK;
+            self.step();
+        }
+    }
+
+    fn server_down(&mut self) {
+        self.hub = None;
+        let now = self.now;
+        for a in self.agents.iter_mut() {
+            if a.conn.take().is_some() {
+                a.ctrl.handle_disconnected(now, "connection reset");
+            }
+        }
+        self.step();
+    }
+
+    fn server_up(&mut self) {
+        let store = Store::open(&self.db).unwrap();
+        self.hub = Some(Hub::new(store, self.server_key, vec!["coord:7777".into()]));
+        self.step();
+    }
+
+    fn peer_names(&self, i: usize) -> Vec<(String, bool)> {
+        self.agents[i]
+            .ctrl
+            .peers()
+            .map(|p| (p.name.clone(), p.online))
+            .collect()
+    }
+}
+
+#[test]
+fn join_then_hello_and_everyone_sees_everyone() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 1);
+    let b = sim.add_agent(&t, "beta", 2);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.peer_names(a), vec![("beta".to_string(), true)]);
+    assert_eq!(sim.peer_names(b), vec![("alpha".to_string(), true)]);
+    assert_eq!(sim.agents[a].ctrl.me().unwrap().name, "alpha");
+
+    // Candidates reported later reach the peer.
+    let ep = "192.0.2.1:51820".parse().unwrap();
+    sim.agents[b].ctrl.set_candidates(vec![ep]);
+    sim.advance(TICK);
+    assert_eq!(sim.agents[a].ctrl.peers().next().unwrap().candidates, vec![ep]);
+}
+
+#[test]
+fn coordinator_down_keeps_the_map_and_reconnects_with_growing_jittered_backoff() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 7);
+    sim.add_agent(&t, "beta", 8);
+    sim.advance(Duration::from_secs(1));
+    sim.server_down();
+    // The cached map survives: WireGuard keeps its peers while the coordinator is away.
+    assert_eq!(sim.peer_names(a), vec![("beta".to_string(), true)]);
+
+    sim.agents[a].dials.clear();
+    sim.advance(Duration::from_secs(400));
+    let dials = &sim.agents[a].dials;
+    let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 6, "{gaps:?}");
+    for (i, g) in gaps.iter().enumerate() {
+        // Attempt i+2 waits base/2..=base with base = 1 s * 2^(i+1), capped at 60 s.
+        let base = Duration::from_secs(1u64 << (i + 1).min(16)).min(BACKOFF_MAX);
+        assert!(
+            *g >= base / 2 && *g <= base + TICK,
+            "gap {i}: {g:?} for base {base:?}"
+        );
+    }
+    assert!(gaps.iter().all(|g| *g <= BACKOFF_MAX + TICK));
+
+    sim.server_up();
+    sim.advance(BACKOFF_MAX + Duration::from_secs(1));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(
+        sim.agents[a].ctrl.me().unwrap().name,
+        "alpha",
+        "same node after the coordinator restart"
+    );
+    assert_eq!(sim.peer_names(a), vec![("beta".to_string(), true)]);
+}
+
+#[test]
+fn jitter_differs_between_nodes() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 11);
+    let b = sim.add_agent(&t, "beta", 12);
+    sim.advance(Duration::from_secs(1));
+    sim.server_down();
+    sim.advance(Duration::from_secs(120));
+    assert_ne!(sim.agents[a].dials, sim.agents[b].dials);
+}
+
+#[test]
+fn silent_coordinator_is_detected_by_ping_timeout() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 3);
+    sim.advance(Duration::from_secs(1));
+    sim.agents[a].dials.clear();
+    sim.agents[a].deliver = false;
+    let silent_since = sim.now;
+    sim.advance(PING_INTERVAL + PONG_TIMEOUT + Duration::from_secs(2));
+    assert_ne!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    // It gave up on the silent connection only after the ping went unanswered, and dialled again.
+    let first = sim.agents[a].dials[0];
+    // (The last message arrived during the first second, before the silence began.)
+    let waited = first - silent_since;
+    assert!(
+        waited + Duration::from_secs(1) >= PING_INTERVAL + PONG_TIMEOUT,
+        "{waited:?}"
+    );
+    assert!(
+        waited <= PING_INTERVAL + PONG_TIMEOUT + Duration::from_secs(1),
+        "{waited:?}"
+    );
+    sim.agents[a].deliver = true;
+    sim.advance(Duration::from_secs(15));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+}
+
+#[test]
+fn removal_is_permanent_and_stops_retrying() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 5);
+    let b = sim.add_agent(&t, "beta", 6);
+    sim.advance(Duration::from_secs(1));
+    let now = sim.now;
+    sim.hub
+        .as_mut()
+        .unwrap()
+        .admin(AdminRequest::Remove { node: "beta".into() }, now);
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.peer_names(a).is_empty());
+    let refused = &sim.agents[b].refused;
+    assert_eq!(refused.len(), 1);
+    assert_eq!((refused[0].0, refused[0].2), (ErrorCode::Removed, true));
+    assert!(matches!(
+        sim.agents[b].ctrl.phase(),
+        Phase::Failed {
+            code: ErrorCode::Removed,
+            ..
+        }
+    ));
+    let dials = sim.agents[b].dials.len();
+    sim.advance(Duration::from_secs(120));
+    assert_eq!(sim.agents[b].dials.len(), dials);
+}
+
+#[test]
+fn spent_invite_is_a_permanent_refusal() {
+    let mut sim = Sim::new();
+    let now = sim.now;
+    let req = AdminRequest::Invite {
+        reusable: false,
+        expires_in: None,
+        name: None,
+    };
+    let AdminResponse::Invite { token, .. } = sim.hub.as_mut().unwrap().admin(req, now) else {
+        panic!()
+    };
+    let t = JoinToken::parse(&token).unwrap();
+    sim.add_agent(&t, "alpha", 1);
+    let b = sim.add_agent(&t, "beta", 2);
+    sim.advance(Duration::from_secs(1));
+    let r = &sim.agents[b].refused;
+    assert_eq!(
+        r[0],
+        (
+            ErrorCode::InviteUsed,
+            "invite was already used (it is single-use)".into(),
+            true
+        )
+    );
+}
