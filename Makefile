@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test test-unit test-lab test-kernel bench demo fmt clippy fuzz-build clean
+.PHONY: all build release deps test test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz-build clean
 
 all: build
 
@@ -20,8 +20,12 @@ test: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) test --locked
-	$(MAKE) test-lab
-	$(MAKE) test-kernel
+	$(MAKE) test-integration
+
+# Both tiers run even when the first fails, so one CI run shows everything.
+test-integration: build
+	lab=0; kernel=0; ./integration/run lab || lab=$$?; ./integration/run kernel || kernel=$$?; \
+	[ $$lab -eq 0 ] && [ $$kernel -eq 0 ]
 
 test-unit:
 	$(CARGO) test --locked
