@@ -189,6 +189,43 @@ impl UserspaceBackend {
         }
     }
 
+    /// SIGTERM to the serving process, then wait for its socket to go.
+    fn terminate(&mut self, ifname: &str) -> Result<()> {
+        let pid = self.server_pid(ifname)?;
+        if !process_mentions(pid, ifname) {
+            bail!("process {pid} serving the socket does not look like a WireGuard implementation for it");
+        }
+        // SAFETY: plain syscall on a pid we just identified.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("signalling process {pid}"));
+        }
+        if !self.wait_gone(ifname, Instant::now() + SHUTDOWN_DEADLINE) {
+            bail!(
+                "process {pid} still serves {} {} s after SIGTERM",
+                self.socket_path(ifname).display(),
+                SHUTDOWN_DEADLINE.as_secs()
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes the TUN link in this network namespace, then waits for the socket to go.
+    fn delete_link(&mut self, ifname: &str) -> Result<()> {
+        let mut rtnl = crate::netlink::Rtnl::open()?;
+        let index = rtnl
+            .link_index(ifname)?
+            .with_context(|| format!("no link {ifname} in this network namespace"))?;
+        rtnl.delete_link(index)?;
+        if !self.wait_gone(ifname, Instant::now() + SHUTDOWN_DEADLINE) {
+            bail!(
+                "{} still served {} s after deleting the link",
+                self.socket_path(ifname).display(),
+                SHUTDOWN_DEADLINE.as_secs()
+            );
+        }
+        Ok(())
+    }
+
     /// Collects our own child's exit status once it has removed its socket,
     /// so no zombie is left behind while this process lives on.
     fn reap_exiting(&mut self, ifname: &str, deadline: Instant) {
@@ -340,33 +377,21 @@ impl Backend for UserspaceBackend {
     /// Sends SIGTERM to the process serving the interface's socket (found by
     /// SO_PEERCRED, so it works for processes another `warren` started and in
     /// any network namespace); wireguard-go and boringtun then close the TUN
-    /// device, which removes the link, and their socket.
+    /// device, which removes the link, and their socket. When that does not
+    /// work (process invisible here, or ignoring SIGTERM) the link is deleted
+    /// over rtnetlink, which also makes wireguard-go exit.
     fn delete(&mut self, ifname: &str) -> Result<()> {
         if !self.connectable(ifname) {
             bail!("no WireGuard interface {ifname:?}");
         }
-        let pid = self
-            .server_pid(ifname)
-            .with_context(|| format!("deleting {ifname}"))?;
-        if !process_mentions(pid, ifname) {
-            bail!(
-                "deleting {ifname}: process {pid} serving its socket does not look like a WireGuard implementation for it"
-            );
-        }
-        // SAFETY: plain syscall on a pid we just identified.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("deleting {ifname}: signalling process {pid}"));
-        }
-        if !self.wait_gone(ifname, Instant::now() + SHUTDOWN_DEADLINE) {
-            bail!(
-                "deleting {ifname}: process {pid} still serves {} {} s after SIGTERM",
-                self.socket_path(ifname).display(),
-                SHUTDOWN_DEADLINE.as_secs()
-            );
-        }
+        let result = match self.terminate(ifname) {
+            Ok(()) => Ok(()),
+            Err(signal) => self
+                .delete_link(ifname)
+                .map_err(|link| anyhow!("deleting {ifname}: {signal:#}; {link:#}")),
+        };
         self.reap_exiting(ifname, Instant::now() + SHUTDOWN_DEADLINE);
-        Ok(())
+        result
     }
 
     fn get(&mut self, ifname: &str) -> Result<DeviceState> {
@@ -517,6 +542,24 @@ mod tests {
             format!("{:#}", b.delete("nope0").unwrap_err()),
             "no WireGuard interface \"nope0\""
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn delete_never_signals_an_unrelated_process() {
+        let dir = temp_dir();
+        // The socket's owner is this test process, whose command line does not name the interface.
+        let listener = UnixListener::bind(dir.join("wgt7.sock")).unwrap();
+        let mut b = backend(&dir, Duration::from_secs(1));
+        let err = format!("{:#}", b.delete("wgt7").unwrap_err());
+        assert!(
+            err.starts_with(&format!(
+                "deleting wgt7: process {} serving the socket does not look like a WireGuard implementation",
+                std::process::id()
+            )),
+            "{err}"
+        );
+        drop(listener);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
