@@ -6,6 +6,7 @@
 //! change and sends only that.
 
 pub mod config;
+pub mod genl;
 pub mod kernel;
 pub mod model;
 pub mod reconcile;
