@@ -33,6 +33,9 @@ pub enum Command {
     Server(server::ServerArgs),
     /// Run the WG-STUN server (a WireGuard peer at 100.64.0.4 answering STUN), or print its [Peer].
     Wgstun(wgstun::WgstunArgs),
+    /// Load generator for WG-STUN tests and benchmarks.
+    #[command(subcommand, hide = true)]
+    WgstunLoad(wgstun::LoadCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -42,5 +45,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Wg(c) => wg::run(c),
         Command::Server(args) => server::run(args),
         Command::Wgstun(args) => wgstun::run(args),
+        Command::WgstunLoad(cmd) => wgstun::load(cmd),
     }
 }

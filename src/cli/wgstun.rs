@@ -68,3 +68,94 @@ pub fn run(args: WgstunArgs) -> Result<()> {
         stats_interval: args.stats_interval.map(Duration::from_secs),
     })
 }
+
+/// Hidden `warren wgstun-load`: drives a WG-STUN server for lab tests and the benchmark.
+#[derive(clap::Subcommand, Debug)]
+pub enum LoadCommand {
+    /// Handshake initiations from fresh keys over many source ports.
+    Flood {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        ports: usize,
+    },
+    /// Connect clients, then send STUN Binding requests inside their tunnels.
+    Tunnel {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Plain STUN Binding requests (works against any STUN server).
+    Stun {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+pub fn load(cmd: LoadCommand) -> Result<()> {
+    use crate::wgstun::load;
+    match cmd {
+        LoadCommand::Flood {
+            server,
+            key,
+            count,
+            ports,
+        } => {
+            let r = load::flood(server, key, count, ports)?;
+            println!(
+                "sent={} handshake_responses={} cookie_replies={}",
+                r.sent, r.handshake_responses, r.cookie_replies
+            );
+        }
+        LoadCommand::Tunnel {
+            server,
+            key,
+            clients,
+            window,
+            seconds,
+        } => {
+            let mut c = load::Clients::new(server, key, clients)?;
+            let t = std::time::Instant::now();
+            let deadline = t + Duration::from_secs(60 + clients as u64 / 100);
+            let connected = c.connect_all(window.max(1), deadline)?;
+            let connect_s = t.elapsed().as_secs_f64();
+            let (answered, wrong, elapsed) = if seconds > 0.0 {
+                c.stun_rounds(window.max(1), Duration::from_secs_f64(seconds))?
+            } else {
+                (0, 0, Duration::ZERO)
+            };
+            println!(
+                "connected={connected} connect_seconds={connect_s:.2} answered={answered} wrong={wrong} rate={:.0}",
+                answered as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        LoadCommand::Stun {
+            server,
+            window,
+            seconds,
+        } => {
+            let (answered, elapsed) =
+                load::plain_stun_rounds(server, window.max(1), Duration::from_secs_f64(seconds))?;
+            println!(
+                "answered={answered} rate={:.0}",
+                answered as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}

@@ -8,6 +8,7 @@
 
 pub mod inner;
 pub mod key;
+pub mod load;
 pub mod peers;
 pub mod responder;
 pub mod server;
