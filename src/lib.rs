@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod coord;
+pub mod ifaddrs;
 pub mod keys;
 pub mod netlink;
 pub mod stun;

@@ -1,7 +1,10 @@
 //! The node agent: keeps WireGuard configured from the coordinator's peer map.
 
+pub mod api;
 pub mod cache;
 pub mod control;
+pub mod paths;
+pub mod run;
 
 #[cfg(test)]
 mod sim_tests;

@@ -1,5 +1,6 @@
 //! Command-line surface: one file per subcommand family.
 
+mod agent;
 mod keys;
 mod server;
 pub mod wg;
@@ -28,6 +29,14 @@ pub enum Command {
     /// Low-level WireGuard interface commands (apply a config file, show, delete).
     #[command(subcommand)]
     Wg(wg::WgCommand),
+    /// Run the node agent in the foreground (what systemd or procd starts).
+    Agent(agent::AgentArgs),
+    /// Start the agent in the background and join the mesh (`--join TOKEN` the first time).
+    Up(agent::AgentArgs),
+    /// Leave: remove the interface and its routes, tell the coordinator, stop the agent.
+    Down(agent::SocketArgs),
+    /// This node and its peers: addresses, endpoints, paths, handshakes, traffic.
+    Status(agent::SocketArgs),
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
     Server(server::ServerArgs),
@@ -44,6 +53,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pubkey => keys::pubkey(),
         Command::Wg(c) => wg::run(c),
         Command::Server(args) => server::run(args),
+        Command::Agent(a) => agent::agent(a),
+        Command::Up(a) => agent::up(a),
+        Command::Down(a) => agent::down(a),
+        Command::Status(a) => agent::status(a),
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -417,33 +417,11 @@ fn default_advertise(listen: SocketAddr) -> Vec<String> {
     if !listen.ip().is_unspecified() {
         return vec![listen.to_string()];
     }
-    let mut out: Vec<String> = local_ipv4_addresses()
+    let mut out: Vec<String> = crate::ifaddrs::ipv4_addresses()
         .into_iter()
-        .filter(|ip| !ip.is_loopback())
-        .map(|ip| SocketAddr::new(ip, listen.port()).to_string())
+        .filter(|(_, ip)| !ip.is_loopback())
+        .map(|(_, ip)| SocketAddr::new(ip.into(), listen.port()).to_string())
         .collect();
     out.dedup();
-    out
-}
-
-fn local_ipv4_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut cur = ifap;
-        while !cur.is_null() {
-            let addr = (*cur).ifa_addr;
-            if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
-                let sin = &*(addr as *const libc::sockaddr_in);
-                out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-            }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
     out
 }

@@ -1,0 +1,83 @@
+//! The agent's local control socket: `warren status` and `warren down` talk
+//! to the running agent through it. Root only: the socket is 0600 in a 0700
+//! directory, and every client's uid is checked.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use super::paths::PathKind;
+use crate::keys::Key;
+
+pub const DEFAULT_SOCKET: &str = "/run/warren/warren.sock";
+/// `warren down` waits for the interface to be deleted, which can take a few seconds in userspace.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+pub const MAX_REQUEST_LEN: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub mesh_addr: Ipv4Addr,
+    pub public_key: Key,
+    pub online: bool,
+    pub endpoint: Option<SocketAddr>,
+    pub path: PathKind,
+    /// Seconds since the last WireGuard handshake.
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: Option<String>,
+    pub mesh_addr: Option<Ipv4Addr>,
+    pub public_key: Key,
+    pub interface: String,
+    pub backend: String,
+    /// connected, connecting, waiting or failed.
+    pub coordinator: String,
+    /// Why the coordinator connection is not up, when it is not.
+    pub coordinator_detail: Option<String>,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status { status: Box<Status> },
+    Done,
+    Error { reason: String },
+}
+
+pub fn request(socket: &Path, req: &Request) -> Result<Response> {
+    let what = || format!("connecting to the agent at {} (is warren up?)", socket.display());
+    let mut stream = UnixStream::connect(socket).with_context(what)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).with_context(what)?;
+    let mut line = serde_json::to_vec(req).context("encoding request")?;
+    line.push(b'\n');
+    stream.write_all(&line).context("sending request to the agent")?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .context("reading the agent's answer")?;
+    if answer.is_empty() {
+        bail!("the agent closed the connection without answering");
+    }
+    match serde_json::from_str(&answer).context("decoding the agent's answer")? {
+        Response::Error { reason } => Err(anyhow!(reason)),
+        ok => Ok(ok),
+    }
+}

@@ -1,0 +1,713 @@
+//! `warren agent`: one thread, one mio loop. It owns the coordinator TCP
+//! connection, the local control socket, the netlink monitor and the timers;
+//! [`ControlConn`] and [`Paths`] decide, the WireGuard driver and rtnetlink act.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use mio::net::{TcpStream, UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use super::api::{self, PeerStatus, Request, Response, Status};
+use super::cache::{self, AgentState};
+use super::control::{ControlConfig, ControlConn, Event, Phase};
+use super::paths::{self, Paths};
+use crate::control::messages::{ErrorCode, PeerInfo};
+use crate::coord::admin::{peer_uid, uid_allowed};
+use crate::coord::invite::JoinToken;
+use crate::keys::Key;
+use crate::netlink::{Monitor, NetEvent, Rtnl};
+use crate::wg::select::{self, BackendChoice};
+use crate::wg::{Backend, reconcile};
+
+const TCP: Token = Token(0);
+const API: Token = Token(1);
+const MONITOR: Token = Token(2);
+const FIRST_CLIENT: usize = 16;
+/// Re-checks WireGuard against the map and rotates untried candidates; also
+/// the agent's only periodic wake-up besides the coordinator ping.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+/// Prefix of the mesh; the interface address carries it so the kernel adds the route.
+pub const MESH_PREFIX_LEN: u8 = 10;
+const LOCK_FILE: &str = "agent.lock";
+
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub ifname: String,
+    pub listen_port: u16,
+    pub join: Option<String>,
+    pub name: Option<String>,
+    pub socket: PathBuf,
+    pub backend: Option<BackendChoice>,
+}
+
+struct Client {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    state: AgentState,
+    ctrl: ControlConn,
+    paths: Paths,
+    backend: Box<dyn Backend>,
+    rtnl: Rtnl,
+    monitor: Monitor,
+    poll: Poll,
+    tcp: Option<TcpStream>,
+    tcp_connected: bool,
+    api: UnixListener,
+    clients: HashMap<usize, Client>,
+    next_client: usize,
+    next_reconcile: Instant,
+    need_apply: bool,
+    stop: Option<Result<()>>,
+    last_error: Option<String>,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Holds the state directory for this agent; a second agent fails here with a clear error.
+fn lock(state_dir: &Path) -> Result<std::fs::File> {
+    let path = state_dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another warren agent is already running with state directory {}",
+            state_dir.display()
+        );
+    }
+    Ok(f)
+}
+
+fn private_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The agent's identity and coordinator: from the cache, or from a join token.
+fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
+    let cached = cache::load(&cfg.state_dir)?;
+    let Some(token) = &cfg.join else {
+        return cached.with_context(|| {
+            format!(
+                "this node has not joined a mesh yet (no {}); use --join TOKEN",
+                cache::path(&cfg.state_dir).display()
+            )
+        });
+    };
+    let token = JoinToken::parse(token)?;
+    if let Some(c) = cached
+        && c.server_key == token.server_key
+        && (c.me.is_some() || c.join_secret.as_deref() == Some(token.secret.as_str()))
+    {
+        // Already a member of (or joining) this mesh: the token changes nothing.
+        return Ok(c);
+    }
+    Ok(AgentState {
+        private_key: Key::generate_private(),
+        server_key: token.server_key,
+        servers: token.servers,
+        join_secret: Some(token.secret),
+        requested_name: cfg.name.clone(),
+        me: None,
+        peers: Vec::new(),
+    })
+}
+
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    private_dir(&cfg.state_dir)?;
+    let _lock = lock(&cfg.state_dir)?;
+    let state = prepare_state(&cfg)?;
+    cache::save(&cfg.state_dir, &state)?;
+    let choice = BackendChoice::resolve(cfg.backend)?;
+    let backend = match select::backend_for_existing(choice, &cfg.ifname)? {
+        Some(b) => b,
+        None => select::open_backend(choice, None)?,
+    };
+    let rtnl = Rtnl::open()?;
+    let mut monitor = Monitor::open()?;
+    let poll = Poll::new().context("creating poll")?;
+    if let Some(parent) = cfg.socket.parent() {
+        private_dir(parent)?;
+    }
+    // We hold the lock, so a socket file left here is from an agent that died.
+    let _ = std::fs::remove_file(&cfg.socket);
+    let mut api =
+        UnixListener::bind(&cfg.socket).with_context(|| format!("creating {}", cfg.socket.display()))?;
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", cfg.socket.display()))?;
+    poll.registry().register(&mut api, API, Interest::READABLE)?;
+    let mon_fd: RawFd = monitor.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&mon_fd), MONITOR, Interest::READABLE)?;
+    let _ = monitor.read_events();
+
+    let now = Instant::now();
+    let seed = u64::from_le_bytes(
+        state.private_key.public_key().0[..8]
+            .try_into()
+            .unwrap_or_default(),
+    ) ^ SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut ctrl = ControlConn::new(
+        ControlConfig {
+            private_key: state.private_key,
+            server_key: state.server_key,
+            servers: state.servers.clone(),
+            join_secret: state.join_secret.clone(),
+            requested_name: state.requested_name.clone(),
+            hostname: hostname(),
+        },
+        now,
+        seed,
+    );
+    if let Some(me) = state.me.clone() {
+        eprintln!(
+            "agent: restoring {} ({}) with {} peers from the cache",
+            me.name,
+            me.mesh_addr,
+            state.peers.len()
+        );
+        ctrl.restore(me, state.peers.clone());
+    }
+    let mut agent = Agent {
+        cfg,
+        state,
+        ctrl,
+        paths: Paths::default(),
+        backend,
+        rtnl,
+        monitor,
+        poll,
+        tcp: None,
+        tcp_connected: false,
+        api,
+        clients: HashMap::new(),
+        next_client: FIRST_CLIENT,
+        next_reconcile: now,
+        need_apply: true,
+        stop: None,
+        last_error: None,
+    };
+    agent.update_candidates();
+    agent.run()
+}
+
+impl Agent {
+    fn run(&mut self) -> Result<()> {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = Instant::now();
+            let wake = [self.ctrl.poll_timeout(), Some(self.next_reconcile)]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = wake.map(|t| t.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != ErrorKind::Interrupted
+            {
+                return Err(e).context("waiting for events");
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    TCP => self.tcp_ready(now),
+                    API => self.accept_clients(),
+                    MONITOR => self.net_changed(),
+                    Token(t) => self.client_io(t),
+                }
+            }
+            self.ctrl.handle_timeout(now);
+            self.drain_control(now);
+            self.write_tcp(now);
+            if self.need_apply || now >= self.next_reconcile {
+                self.need_apply = false;
+                self.next_reconcile = now + RECONCILE_INTERVAL;
+                if let Err(e) = self.reconcile(now) {
+                    let msg = format!("{e:#}");
+                    if self.last_error.as_deref() != Some(&msg) {
+                        eprintln!("agent: {msg}");
+                    }
+                    self.last_error = Some(msg);
+                } else {
+                    self.last_error = None;
+                }
+            }
+            if let Some(result) = self.stop.take() {
+                let _ = std::fs::remove_file(&self.cfg.socket);
+                return result;
+            }
+        }
+    }
+
+    fn drain_control(&mut self, now: Instant) {
+        while let Some(ev) = self.ctrl.poll_event() {
+            match ev {
+                Event::Dial(server) => self.dial(now, &server),
+                Event::HangUp => {
+                    if let Some(mut s) = self.tcp.take() {
+                        let _ = self.poll.registry().deregister(&mut s);
+                    }
+                    self.tcp_connected = false;
+                }
+                Event::Welcome { me, enrolled } => {
+                    if enrolled {
+                        eprintln!("agent: joined the mesh as {} ({})", me.name, me.mesh_addr);
+                    } else {
+                        eprintln!(
+                            "agent: connected to the coordinator as {} ({})",
+                            me.name, me.mesh_addr
+                        );
+                    }
+                    self.state.me = Some(me);
+                    self.state.join_secret = None;
+                    self.save();
+                    self.need_apply = true;
+                }
+                Event::MapChanged => {
+                    self.state.me = self.ctrl.me().cloned();
+                    self.state.peers = self.ctrl.peers().cloned().collect();
+                    self.save();
+                    self.need_apply = true;
+                }
+                Event::Refused {
+                    code,
+                    reason,
+                    permanent,
+                } => {
+                    eprintln!("agent: coordinator refused: {reason}");
+                    if permanent {
+                        self.refused_for_good(code, &reason);
+                    }
+                }
+            }
+        }
+    }
+
+    fn refused_for_good(&mut self, code: ErrorCode, reason: &str) {
+        match code {
+            ErrorCode::Removed | ErrorCode::UnknownNode => {
+                // Out of the mesh: take its interface down and forget the membership.
+                if self.backend.exists(&self.cfg.ifname).unwrap_or(false)
+                    && let Err(e) = self.backend.delete(&self.cfg.ifname)
+                {
+                    eprintln!("agent: removing {}: {e:#}", self.cfg.ifname);
+                }
+                let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                self.stop = Some(Err(anyhow::anyhow!("coordinator: {reason}")));
+            }
+            ErrorCode::InviteUnknown
+            | ErrorCode::InviteExpired
+            | ErrorCode::InviteUsed
+            | ErrorCode::Version => {
+                if self.state.me.is_none() {
+                    let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                }
+                self.stop = Some(Err(anyhow::anyhow!("joining the mesh: {reason}")));
+            }
+            _ => self.stop = Some(Err(anyhow::anyhow!("coordinator: {reason}"))),
+        }
+    }
+
+    fn save(&self) {
+        if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
+            eprintln!("agent: {e:#}");
+        }
+    }
+
+    fn dial(&mut self, now: Instant, server: &str) {
+        let addr = match server.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            Ok(None) | Err(_) => {
+                return self
+                    .ctrl
+                    .handle_disconnected(now, &format!("cannot resolve coordinator address {server}"));
+            }
+        };
+        match TcpStream::connect(addr) {
+            Ok(mut s) => {
+                if let Err(e) =
+                    self.poll
+                        .registry()
+                        .register(&mut s, TCP, Interest::READABLE | Interest::WRITABLE)
+                {
+                    return self
+                        .ctrl
+                        .handle_disconnected(now, &format!("registering socket: {e}"));
+                }
+                self.tcp = Some(s);
+                self.tcp_connected = false;
+            }
+            Err(e) => self
+                .ctrl
+                .handle_disconnected(now, &format!("connecting to {addr}: {e}")),
+        }
+    }
+
+    fn tcp_ready(&mut self, now: Instant) {
+        let Some(s) = self.tcp.as_mut() else { return };
+        if !self.tcp_connected {
+            if let Ok(Some(e)) | Err(e) = s.take_error() {
+                return self.lost_tcp(now, &format!("connecting: {e}"));
+            }
+            match s.peer_addr() {
+                Ok(_) => {
+                    self.tcp_connected = true;
+                    let _ = s.set_nodelay(true);
+                    self.ctrl.handle_connected(now);
+                }
+                Err(e) if e.kind() == ErrorKind::NotConnected => return,
+                Err(e) => return self.lost_tcp(now, &format!("connecting: {e}")),
+            }
+        }
+        let mut buf = [0u8; 65536];
+        loop {
+            let Some(s) = self.tcp.as_mut() else { return };
+            match s.read(&mut buf) {
+                Ok(0) => return self.lost_tcp(now, "coordinator closed the connection"),
+                Ok(n) => self.ctrl.handle_input(now, &buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return self.lost_tcp(now, &format!("reading: {e}")),
+            }
+        }
+    }
+
+    fn lost_tcp(&mut self, now: Instant, why: &str) {
+        if let Some(mut s) = self.tcp.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        self.tcp_connected = false;
+        self.ctrl.handle_disconnected(now, why);
+    }
+
+    fn write_tcp(&mut self, now: Instant) {
+        if !self.tcp_connected {
+            return;
+        }
+        loop {
+            let Some(s) = self.tcp.as_mut() else { return };
+            let out = self.ctrl.outgoing();
+            if out.is_empty() {
+                return;
+            }
+            match s.write(out) {
+                Ok(n) => self.ctrl.consume_outgoing(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return self.lost_tcp(now, &format!("writing: {e}")),
+            }
+        }
+    }
+
+    /// Our endpoint candidates: every local IPv4 address outside the mesh, with the WireGuard port.
+    fn update_candidates(&mut self) {
+        let mut c: Vec<SocketAddr> = crate::ifaddrs::ipv4_addresses()
+            .into_iter()
+            .filter(|(ifname, ip)| {
+                ifname != &self.cfg.ifname && !ip.is_loopback() && !ip.is_link_local() && !in_mesh(*ip)
+            })
+            .map(|(_, ip)| SocketAddr::new(IpAddr::V4(ip), self.cfg.listen_port))
+            .collect();
+        c.sort();
+        c.dedup();
+        c.truncate(crate::control::messages::MAX_CANDIDATES);
+        self.ctrl.set_candidates(c);
+    }
+
+    fn net_changed(&mut self) {
+        match self.monitor.read_events() {
+            Ok(evs) => {
+                let addresses = evs.iter().any(|e| {
+                    matches!(
+                        e,
+                        NetEvent::AddressAdded { .. } | NetEvent::AddressRemoved { .. } | NetEvent::Resync
+                    )
+                });
+                if addresses {
+                    self.update_candidates();
+                }
+            }
+            Err(e) => eprintln!("agent: reading network changes: {e:#}"),
+        }
+    }
+
+    fn reconcile(&mut self, now: Instant) -> Result<()> {
+        let Some(me) = self.ctrl.me().cloned() else {
+            return Ok(());
+        };
+        let ifname = self.cfg.ifname.clone();
+        let wall = SystemTime::now();
+        let current = if self.backend.exists(&ifname)? {
+            Some(self.backend.get(&ifname)?)
+        } else {
+            None
+        };
+        let peers: Vec<PeerInfo> = self.ctrl.peers().cloned().collect();
+        let mut with_endpoints = Vec::with_capacity(peers.len());
+        for p in peers {
+            let st = current
+                .as_ref()
+                .and_then(|c| c.peers.iter().find(|s| s.public_key == p.public_key));
+            let ep = self.paths.choose(now, wall, &p, st);
+            with_endpoints.push((p, ep));
+        }
+        let keys: Vec<Key> = with_endpoints.iter().map(|(p, _)| p.public_key).collect();
+        self.paths.retain(&keys);
+        let desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
+        let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
+            .with_context(|| format!("configuring {ifname}"))?;
+        if report.created {
+            eprintln!("agent: created {ifname} ({} backend)", report.backend);
+        } else if report.peers_added + report.peers_removed > 0 {
+            eprintln!(
+                "agent: {ifname}: {} peers added, {} removed",
+                report.peers_added, report.peers_removed
+            );
+        }
+        self.ensure_address(&ifname, me.mesh_addr)
+    }
+
+    fn ensure_address(&mut self, ifname: &str, addr: Ipv4Addr) -> Result<()> {
+        let index = self
+            .rtnl
+            .link_index(ifname)?
+            .with_context(|| format!("interface {ifname} vanished after configuring it"))?;
+        let have = self.rtnl.addresses(index)?;
+        let want = (IpAddr::V4(addr), MESH_PREFIX_LEN);
+        for (a, p) in &have {
+            // An old mesh address (from another mesh) would route the prefix wrongly.
+            if let IpAddr::V4(v4) = a
+                && in_mesh(*v4)
+                && (*a, *p) != want
+            {
+                self.rtnl.del_address(index, *a, *p)?;
+            }
+        }
+        if !have.contains(&want) {
+            self.rtnl.add_address(index, want.0, want.1)?;
+            eprintln!("agent: {ifname} has address {addr}/{MESH_PREFIX_LEN}");
+        }
+        let up = self.rtnl.link(ifname)?.is_some_and(|l| l.up);
+        if !up {
+            self.rtnl.set_link_up(index, true)?;
+        }
+        Ok(())
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.api.accept() {
+                Ok((mut stream, _)) => {
+                    if !peer_uid(stream.as_raw_fd()).is_ok_and(uid_allowed) {
+                        continue;
+                    }
+                    let id = self.next_client;
+                    self.next_client += 1;
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, Token(id), Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        self.clients.insert(
+                            id,
+                            Client {
+                                stream,
+                                input: Vec::new(),
+                                output: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn client_io(&mut self, id: usize) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        let mut eof = false;
+        if c.output.is_empty() {
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        eof = true;
+                        break;
+                    }
+                }
+                if c.input.len() > api::MAX_REQUEST_LEN {
+                    eof = true;
+                    break;
+                }
+            }
+            let line = c
+                .input
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|end| c.input[..end].to_vec());
+            match line {
+                Some(line) => {
+                    let resp = match serde_json::from_slice::<Request>(&line) {
+                        Ok(req) => self.handle_request(req),
+                        Err(e) => Response::Error {
+                            reason: format!("bad request: {e}"),
+                        },
+                    };
+                    let Some(c) = self.clients.get_mut(&id) else {
+                        return;
+                    };
+                    c.output = serde_json::to_vec(&resp).unwrap_or_default();
+                    c.output.push(b'\n');
+                }
+                None if eof => {
+                    self.clients.remove(&id);
+                    return;
+                }
+                None => return,
+            }
+        }
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        while !c.output.is_empty() {
+            match c.stream.write(&c.output) {
+                Ok(n) if n > 0 => {
+                    c.output.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                _ => break,
+            }
+        }
+        if let Some(mut c) = self.clients.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    fn handle_request(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => match self.status() {
+                Ok(s) => Response::Status { status: Box::new(s) },
+                Err(e) => Response::Error {
+                    reason: format!("{e:#}"),
+                },
+            },
+            Request::Down => {
+                self.ctrl.goodbye();
+                self.write_tcp(Instant::now());
+                let ifname = self.cfg.ifname.clone();
+                let result = match self.backend.exists(&ifname) {
+                    Ok(true) => self.backend.delete(&ifname),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                self.stop = Some(Ok(()));
+                match result {
+                    Ok(()) => {
+                        eprintln!("agent: down: removed {ifname}");
+                        Response::Done
+                    }
+                    Err(e) => Response::Error {
+                        reason: format!("removing {ifname}: {e:#}"),
+                    },
+                }
+            }
+        }
+    }
+
+    fn status(&mut self) -> Result<Status> {
+        let ifname = self.cfg.ifname.clone();
+        let wall = SystemTime::now();
+        let device = if self.backend.exists(&ifname)? {
+            Some(self.backend.get(&ifname)?)
+        } else {
+            None
+        };
+        let me = self.ctrl.me();
+        let (coordinator, detail) = match self.ctrl.phase() {
+            Phase::Connected => ("connected", None),
+            Phase::Connecting { server, .. } => ("connecting", Some(format!("dialling {server}"))),
+            Phase::Waiting { .. } => ("waiting", Some("coordinator unreachable; retrying".to_string())),
+            Phase::Failed { reason, .. } => ("failed", Some(reason.clone())),
+        };
+        let peers = self
+            .ctrl
+            .peers()
+            .map(|p| {
+                let st = device
+                    .as_ref()
+                    .and_then(|d| d.peers.iter().find(|s| s.public_key == p.public_key));
+                PeerStatus {
+                    name: p.name.clone(),
+                    mesh_addr: p.mesh_addr,
+                    public_key: p.public_key,
+                    online: p.online,
+                    endpoint: st.and_then(|s| s.endpoint),
+                    path: paths::path_kind(st, wall),
+                    last_handshake_secs: st
+                        .and_then(|s| s.last_handshake)
+                        .and_then(|t| wall.duration_since(t).ok())
+                        .map(|d| d.as_secs()),
+                    rx_bytes: st.map_or(0, |s| s.rx_bytes),
+                    tx_bytes: st.map_or(0, |s| s.tx_bytes),
+                }
+            })
+            .collect();
+        Ok(Status {
+            name: me.map(|m| m.name.clone()),
+            mesh_addr: me.map(|m| m.mesh_addr),
+            public_key: self.state.private_key.public_key(),
+            interface: ifname,
+            backend: self.backend.kind().to_string(),
+            coordinator: coordinator.to_string(),
+            coordinator_detail: detail.or_else(|| self.last_error.clone()),
+            peers,
+        })
+    }
+}
+
+fn in_mesh(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    o[0] == 100 && (o[1] & 0xc0) == 64
+}

@@ -1,0 +1,185 @@
+//! `warren agent`, `warren up`, `warren down`, `warren status`.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::agent::api::{self, DEFAULT_SOCKET, Request, Response, Status};
+use crate::agent::run::{self, AgentConfig};
+use crate::wg::select::BackendChoice;
+
+/// How long `warren up` waits for the agent to join or reconnect.
+const UP_TIMEOUT: Duration = Duration::from_secs(30);
+const UP_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Join token from `warren server invite` (needed once; remembered after).
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Name to ask for (default: the hostname; an invite's name wins).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the key and the last peer map are kept.
+    #[arg(long, default_value = "/var/lib/warren")]
+    pub state_dir: PathBuf,
+    /// WireGuard interface the agent owns.
+    #[arg(long, default_value = "warren0")]
+    pub interface: String,
+    /// WireGuard listen port.
+    #[arg(long, default_value_t = 51820)]
+    pub port: u16,
+    /// Local control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// WireGuard implementation (default: $WARREN_WG_BACKEND, else auto).
+    #[arg(long)]
+    pub backend: Option<BackendChoice>,
+}
+
+#[derive(Args, Debug)]
+pub struct SocketArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn config(a: AgentArgs) -> AgentConfig {
+    AgentConfig {
+        state_dir: a.state_dir,
+        ifname: a.interface,
+        listen_port: a.port,
+        join: a.join,
+        name: a.name,
+        socket: a.socket,
+        backend: a.backend,
+    }
+}
+
+pub fn agent(a: AgentArgs) -> Result<()> {
+    run::run(config(a))
+}
+
+/// Starts the agent in the background and waits until it is in the mesh.
+pub fn up(a: AgentArgs) -> Result<()> {
+    if api::request(&a.socket, &Request::Status).is_ok() {
+        bail!(
+            "warren is already up (agent answering on {}); see `warren status`",
+            a.socket.display()
+        );
+    }
+    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let log_path = a.state_dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the warren binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("agent")
+        .arg("--state-dir")
+        .arg(&a.state_dir)
+        .arg("--interface")
+        .arg(&a.interface)
+        .arg("--port")
+        .arg(a.port.to_string())
+        .arg("--socket")
+        .arg(&a.socket);
+    if let Some(j) = &a.join {
+        cmd.arg("--join").arg(j);
+    }
+    if let Some(n) = &a.name {
+        cmd.arg("--name").arg(n);
+    }
+    if let Some(b) = a.backend {
+        cmd.arg("--backend").arg(format!("{b:?}").to_lowercase());
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the agent from our terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the agent")?;
+    let deadline = Instant::now() + UP_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim_start_matches("warren: ");
+            bail!("the agent stopped ({status}): {last}");
+        }
+        if let Ok(Response::Status { status }) = api::request(&a.socket, &Request::Status)
+            && status.coordinator == "connected"
+            && let (Some(name), Some(addr)) = (&status.name, status.mesh_addr)
+        {
+            println!("warren is up: {name} ({addr}), {} peers", status.peers.len());
+            return Ok(());
+        }
+        std::thread::sleep(UP_POLL);
+    }
+    bail!(
+        "the agent did not reach the coordinator within {} s; it keeps trying (log: {})",
+        UP_TIMEOUT.as_secs(),
+        log_path.display()
+    )
+}
+
+pub fn down(a: SocketArgs) -> Result<()> {
+    api::request(&a.socket, &Request::Down)?;
+    println!("warren is down");
+    Ok(())
+}
+
+pub fn status(a: SocketArgs) -> Result<()> {
+    let Response::Status { status } = api::request(&a.socket, &Request::Status)? else {
+        bail!("unexpected answer from the agent");
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    let name = s.name.as_deref().unwrap_or("(not joined)");
+    let addr = s.mesh_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "{name} {addr} key {} on {} ({})",
+        s.public_key.short(),
+        s.interface,
+        s.backend
+    );
+    match &s.coordinator_detail {
+        Some(d) => println!("coordinator: {} ({d})", s.coordinator),
+        None => println!("coordinator: {}", s.coordinator),
+    }
+    println!();
+    println!(
+        "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
+        "PEER", "ADDRESS", "STATE", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"
+    );
+    for p in &s.peers {
+        let ep = p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        let hs = p
+            .last_handshake_secs
+            .map(|s| format!("{s}s ago"))
+            .unwrap_or_else(|| "never".into());
+        let state = if p.online { "online" } else { "offline" };
+        let path = format!("{:?}", p.path).to_lowercase();
+        println!(
+            "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
+            p.name, p.mesh_addr, state, ep, path, hs, p.rx_bytes, p.tx_bytes
+        );
+    }
+}
