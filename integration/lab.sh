@@ -23,6 +23,7 @@
 #   cone       masquerade: endpoint-independent mapping, port preserved when free
 #   symmetric  masquerade random,fully-random: a new random port per destination
 #   udpblock   cone, but UDP to or from the WAN is dropped (except DNS)
+# `lab_upnp ROUTER ...` adds miniupnpd (UPnP-IGD, NAT-PMP, PCP) to a NAT router.
 
 LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${WARREN:=$LAB_ROOT/target/debug/warren}"
@@ -269,6 +270,8 @@ table ip lab {
     }
     chain forward {
         type filter hook forward priority filter; policy accept;$udpdrop
+        # Port forwards (lab_upnp's miniupnpd) are openings the owner asked for.
+        ct status dnat accept
         ct state established,related accept
         iifname "eth0" drop
     }
@@ -278,6 +281,62 @@ table ip lab {
     }
 }
 EOF
+}
+
+# lab_upnp ROUTER STUN_IP STUN_ALT_IP
+# Turns a NAT router into a UPnP-IGD / NAT-PMP / PCP router: Debian's miniupnpd
+# (nftables backend) serving its LAN, port forwards in its own table. The
+# documentation prefixes count as reserved to miniupnpd, so it must learn that
+# its WAN address is usable by STUN with CHANGE-REQUEST: STUN_IP and
+# STUN_ALT_IP are an RFC 5780 STUN server (turnserver -L IP -L ALT_IP) that
+# must already be running. The router accepts that server's answers to itself
+# (they come from the other address and port, so they look unsolicited).
+# UPnP clients need to ignore "not connected" (`upnpc -i`), see DESIGN.md.
+lab_upnp() {
+    local router=$1 stun=$2 alt=$3 ns conf log
+    lab_require_cmd miniupnpd
+    ns=$(lab_ns "$router")
+    case "${LAB_KIND[$router]:-}" in cone | symmetric) ;; *) lab_fail "lab_upnp: $router is not a NAT router" ;; esac
+    ip netns exec "$ns" nft insert rule ip lab input iifname eth0 ip saddr "{ $stun, $alt }" \
+        udp sport "{ 3478, 3479 }" accept || lab_fail "lab_upnp: opening $router for STUN answers"
+    ip netns exec "$ns" nft -f - <<EOF || lab_fail "lab_upnp: creating miniupnpd's table in $router"
+table inet miniupnpd {
+    chain forward { type filter hook forward priority filter - 1; policy accept; jump forward_upnp; }
+    chain forward_upnp {}
+    chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump prerouting_upnp; }
+    chain prerouting_upnp {}
+    chain postrouting { type nat hook postrouting priority srcnat - 1; policy accept; jump postrouting_upnp; }
+    chain postrouting_upnp {}
+}
+EOF
+    conf="$LAB_DIR/miniupnpd-$router.conf"
+    log="$LAB_DIR/miniupnpd-$router.log"
+    cat >"$conf" <<EOF
+ext_ifname=eth0
+listening_ip=br0
+port=5000
+enable_upnp=yes
+enable_natpmp=yes
+ext_perform_stun=yes
+ext_stun_host=$stun
+ext_stun_port=3478
+secure_mode=yes
+system_uptime=yes
+lease_file=$LAB_DIR/miniupnpd-$router.leases
+upnp_table_name=miniupnpd
+upnp_nat_table_name=miniupnpd
+upnp_forward_chain=forward_upnp
+upnp_nat_chain=prerouting_upnp
+upnp_nat_postrouting_chain=postrouting_upnp
+uuid=$(cat /proc/sys/kernel/random/uuid)
+allow 1024-65535 ${LAB_LAN_GW[$router]%.*}.0/${LAB_LAN_PREFIX[$router]} 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+EOF
+    lab_bg "$router" "$log" miniupnpd -d -f "$conf" -P "$LAB_DIR/miniupnpd-$router.pid"
+    lab_wait "miniupnpd on $router to start serving" 20 grep -q 'Listening for NAT-PMP' "$log"
+    if grep -q 'Port forwarding is now disabled' "$log"; then
+        lab_fail "miniupnpd on $router disabled port forwarding (STUN check failed): $(grep 'STUN:' "$log" | tail -n 1)"
+    fi
 }
 
 # A host on ROUTER's LAN bridge; several hosts on one router share the LAN.
