@@ -121,7 +121,10 @@ pub fn up(a: AgentArgs) -> Result<()> {
             && status.coordinator == "connected"
             && let (Some(name), Some(addr)) = (&status.name, status.mesh_addr)
         {
-            println!("warren is up: {name} ({addr}), {} peers", status.peers.len());
+            println!(
+                "warren is up: {name} ({addr}), {} peer(s) in the mesh",
+                status.peers.len()
+            );
             return Ok(());
         }
         std::thread::sleep(UP_POLL);
