@@ -108,8 +108,9 @@ impl UserspaceBackend {
                     wait_ready(&stream, libc::POLLOUT, deadline, self.request_deadline)?
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                // The implementation may reject a request half-way, answer and close.
-                Err(e) if e.kind() == ErrorKind::BrokenPipe => break,
+                // The implementation may reject a request half-way, answer and
+                // close; its answer (the errno) is what explains why.
+                Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => break,
                 Err(e) => return Err(e).context("writing the request"),
             }
         }
