@@ -41,6 +41,7 @@ st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
 peer_count() { st "$1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))'; }
 has_peers() { [ "$(peer_count "$1")" = "$2" ]; }
 connected() { st "$1" | grep -q '"coordinator": "connected"'; }
+addr_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])'; }
 
 for n in a b c; do
     IF[$n]=$(lab_ifname "$n")
@@ -48,7 +49,7 @@ for n in a b c; do
 done
 for n in a b c; do
     lab_wait "$n joined with two peers" 20 has_peers "$n" 2
-    ADDR[$n]=$(st "$n" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])')
+    ADDR[$n]=$(addr_of "$n")
 done
 echo "mesh addresses: a=${ADDR[a]} b=${ADDR[b]} c=${ADDR[c]}"
 
@@ -87,6 +88,17 @@ for n in a b c; do connected "$n" || lab_fail "$n lost the coordinator after gar
 lab_exec srv "$WARREN" server rename node-b backup --state-dir "$SRV_DIR" >/dev/null
 a_sees_backup() { st a | grep -q '"name": "backup"'; }
 lab_wait "a sees node-b renamed to backup" 5 a_sees_backup
+
+# Key rotation: b keeps its name and address; a switches to b's new key and still reaches it.
+key_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])'; }
+b_old=$(key_of b)
+lab_exec b "$WARREN" rotate-key --socket "$(sock b)"
+b_new=$(key_of b)
+[ "$b_old" != "$b_new" ] || lab_fail "rotate-key did not change b's key"
+[ "$(addr_of b)" = "${ADDR[b]}" ] || lab_fail "b's address changed with its key"
+a_has_new_b() { lab_exec a wg show "${IF[a]}" peers | grep -qF "$b_new" && ! lab_exec a wg show "${IF[a]}" peers | grep -qF "$b_old"; }
+lab_wait "a's WireGuard switches to b's new key" 5 a_has_new_b
+lab_wait "a -> b with b's new key" 20 lab_exec a ping -c1 -W1 "${ADDR[b]}"
 
 # Coordinator down: traffic continues; back up: nodes reconnect, same names and addresses.
 nodes_before=$(lab_exec srv "$WARREN" server nodes --json --state-dir "$SRV_DIR" | python3 -c 'import json,sys; print(sorted((n["name"], n["mesh_addr"]) for n in json.load(sys.stdin)))')

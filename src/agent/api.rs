@@ -24,6 +24,7 @@ pub const MAX_REQUEST_LEN: usize = 4096;
 pub enum Request {
     Status,
     Down,
+    RotateKey,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,8 @@ pub enum Event {
     Welcome { me: PeerInfo, enrolled: bool },
     /// The peer map changed; read it with [`ControlConn::peers`].
     MapChanged,
+    /// The coordinator recorded our new key; WireGuard must switch to it now.
+    KeyRotated,
     /// The coordinator refused or failed us; `permanent` means no retry.
     Refused {
         code: ErrorCode,
@@ -83,6 +85,8 @@ pub struct ControlConn {
     peers: BTreeMap<u64, PeerInfo>,
     map_version: Option<u64>,
     candidates: Vec<SocketAddr>,
+    /// A new private key announced to the coordinator but not yet confirmed.
+    pending_key: Option<Key>,
     events: VecDeque<Event>,
 }
 
@@ -103,6 +107,7 @@ impl ControlConn {
             peers: BTreeMap::new(),
             map_version: None,
             candidates: Vec::new(),
+            pending_key: None,
             events: VecDeque::new(),
         }
     }
@@ -276,6 +281,15 @@ impl ControlConn {
                     self.events.push_back(Event::MapChanged);
                 }
             }
+            ServerMessage::Error {
+                code: ErrorCode::UnknownNode,
+                ..
+            } if self.pending_key.is_some() => {
+                // The rotation went through but its confirmation was lost with
+                // the connection: our old key is gone, the new one is enrolled.
+                self.adopt_pending_key();
+                self.lost(now, "switched to the rotated key");
+            }
             ServerMessage::Error { code, reason } => {
                 if code.is_permanent() {
                     self.fail(code, reason);
@@ -297,7 +311,32 @@ impl ControlConn {
             && let Some(fresh) = self.peers.get(&me.id)
         {
             self.me = Some(fresh.clone());
+            if let Some(new) = self.pending_key
+                && fresh.public_key == new.public_key()
+            {
+                self.adopt_pending_key();
+            }
         }
+    }
+
+    fn adopt_pending_key(&mut self) {
+        if let Some(new) = self.pending_key.take() {
+            self.cfg.private_key = new;
+            self.events.push_back(Event::KeyRotated);
+        }
+    }
+
+    /// Switches to a new WireGuard key: announced over this connection (the
+    /// old key vouches for it), adopted once the coordinator's map shows it.
+    pub fn rotate_key(&mut self, new_private: Key) -> Result<(), String> {
+        if self.phase != Phase::Connected {
+            return Err("not connected to the coordinator; try again when it is reachable".into());
+        }
+        self.pending_key = Some(new_private);
+        self.send(&ClientMessage::RotateKey {
+            new_public_key: new_private.public_key(),
+        });
+        Ok(())
     }
 
     fn fail(&mut self, code: ErrorCode, reason: String) {

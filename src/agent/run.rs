@@ -299,6 +299,15 @@ impl Agent {
                     self.save();
                     self.need_apply = true;
                 }
+                Event::KeyRotated => {
+                    self.state.private_key = *self.ctrl.private_key();
+                    self.save();
+                    eprintln!(
+                        "agent: now using key {}",
+                        self.state.private_key.public_key().short()
+                    );
+                    self.need_apply = true;
+                }
                 Event::Refused {
                     code,
                     reason,
@@ -631,6 +640,15 @@ impl Agent {
                 Ok(s) => Response::Status { status: Box::new(s) },
                 Err(e) => Response::Error {
                     reason: format!("{e:#}"),
+                },
+            },
+            Request::RotateKey => match self.ctrl.rotate_key(Key::generate_private()) {
+                Ok(()) => {
+                    self.write_tcp(Instant::now());
+                    Response::Done
+                }
+                Err(reason) => Response::Error {
+                    reason: format!("rotating key: {reason}"),
                 },
             },
             Request::Down => {

@@ -116,7 +116,7 @@ impl Sim {
                             reason,
                             permanent,
                         } => a.refused.push((code, reason, permanent)),
-                        Event::Welcome { .. } | Event::MapChanged => {}
+                        Event::Welcome { .. } | Event::MapChanged | Event::KeyRotated => {}
                     }
                 }
                 let (Some(id), Some(hub)) = (a.conn, self.hub.as_mut()) else {
@@ -339,4 +339,32 @@ fn spent_invite_is_a_permanent_refusal() {
             true
         )
     );
+}
+
+#[test]
+fn key_rotation_keeps_identity_and_reconnects_with_the_new_key() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 1);
+    let b = sim.add_agent(&t, "beta", 2);
+    sim.advance(Duration::from_secs(1));
+    let before = sim.agents[a].ctrl.me().unwrap().clone();
+    let new = Key::generate_private();
+    assert!(sim.agents[b].ctrl.rotate_key(Key::generate_private()).is_ok());
+    sim.agents[a].ctrl.rotate_key(new).unwrap();
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.agents[a].ctrl.private_key(), &new);
+    let me = sim.agents[a].ctrl.me().unwrap().clone();
+    assert_eq!(
+        (me.id, &me.name, me.mesh_addr, me.public_key),
+        (before.id, &before.name, before.mesh_addr, new.public_key())
+    );
+    let seen_by_b = sim.agents[b].ctrl.peers().next().unwrap().public_key;
+    assert_eq!(seen_by_b, new.public_key());
+    // After a coordinator restart the node comes back with the new key, same identity.
+    sim.server_down();
+    sim.server_up();
+    sim.advance(BACKOFF_MAX);
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.agents[a].ctrl.me().unwrap().id, before.id);
 }

@@ -146,29 +146,41 @@ pub fn status(a: SocketArgs) -> Result<()> {
     let Response::Status { status } = api::request(&a.socket, &Request::Status)? else {
         bail!("unexpected answer from the agent");
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+    let text = if a.json {
+        format!("{}\n", serde_json::to_string_pretty(&status)?)
     } else {
-        print_status(&status);
+        format_status(&status)
+    };
+    // A reader that stops early (`warren status | grep -q`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing status"),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn print_status(s: &Status) {
+fn format_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let name = s.name.as_deref().unwrap_or("(not joined)");
     let addr = s.mesh_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-    println!(
+    let _ = writeln!(
+        out,
         "{name} {addr} key {} on {} ({})",
         s.public_key.short(),
         s.interface,
         s.backend
     );
     match &s.coordinator_detail {
-        Some(d) => println!("coordinator: {} ({d})", s.coordinator),
-        None => println!("coordinator: {}", s.coordinator),
+        Some(d) => {
+            let _ = writeln!(out, "coordinator: {} ({d})", s.coordinator);
+        }
+        None => {
+            let _ = writeln!(out, "coordinator: {}", s.coordinator);
+        }
     }
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
         "PEER", "ADDRESS", "STATE", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"
     );
@@ -180,9 +192,43 @@ fn print_status(s: &Status) {
             .unwrap_or_else(|| "never".into());
         let state = if p.online { "online" } else { "offline" };
         let path = format!("{:?}", p.path).to_lowercase();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
             p.name, p.mesh_addr, state, ep, path, hs, p.rx_bytes, p.tx_bytes
         );
     }
+    out
+}
+
+/// How long `warren rotate-key` waits for the coordinator to confirm the new key.
+const ROTATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn current_status(socket: &std::path::Path) -> Result<Status> {
+    match api::request(socket, &Request::Status)? {
+        Response::Status { status } => Ok(*status),
+        _ => bail!("unexpected answer from the agent"),
+    }
+}
+
+pub fn rotate_key(a: SocketArgs) -> Result<()> {
+    let old = current_status(&a.socket)?.public_key;
+    api::request(&a.socket, &Request::RotateKey)?;
+    let deadline = Instant::now() + ROTATE_TIMEOUT;
+    while Instant::now() < deadline {
+        let now = current_status(&a.socket)?.public_key;
+        if now != old {
+            println!(
+                "new key {} (was {}); name and address unchanged",
+                now.short(),
+                old.short()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(UP_POLL);
+    }
+    bail!(
+        "the coordinator did not confirm the new key within {} s",
+        ROTATE_TIMEOUT.as_secs()
+    )
 }

@@ -37,6 +37,8 @@ pub enum Command {
     Down(agent::SocketArgs),
     /// This node and its peers: addresses, endpoints, paths, handshakes, traffic.
     Status(agent::SocketArgs),
+    /// Switch this node to a new WireGuard key, keeping its name and address.
+    RotateKey(agent::SocketArgs),
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
     Server(server::ServerArgs),
@@ -57,6 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Up(a) => agent::up(a),
         Command::Down(a) => agent::down(a),
         Command::Status(a) => agent::status(a),
+        Command::RotateKey(a) => agent::rotate_key(a),
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
     }
