@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::message::{Message, binding_success};
+use super::message::{Builder, Class, METHOD_BINDING, Message, attr, binding_success};
 
 /// Default Binding requests answered per source IP per second. A client needs
 /// a handful per minute; anything near this is a scan or a flood.
@@ -59,6 +59,62 @@ impl SourceLimiter {
     }
 }
 
+/// Comprehension-required attributes (type < 0x8000) RFC 8489 defines: a Binding
+/// server understands them by ignoring them (no authentication here). Any other
+/// one, such as RFC 5780's CHANGE-REQUEST, gets 420 Unknown Attribute, so a
+/// client never mistakes a plain answer for one that honoured its request.
+const KNOWN_REQUIRED: [u16; 11] = [
+    attr::MAPPED_ADDRESS,
+    0x0006, // USERNAME
+    attr::MESSAGE_INTEGRITY,
+    0x0009, // ERROR-CODE
+    0x000a, // UNKNOWN-ATTRIBUTES
+    0x0014, // REALM
+    0x0015, // NONCE
+    0x001c, // MESSAGE-INTEGRITY-SHA256
+    0x001d, // PASSWORD-ALGORITHM
+    0x001e, // USERHASH
+    attr::XOR_MAPPED_ADDRESS,
+];
+const ERROR_UNKNOWN_ATTRIBUTE: u16 = 420;
+/// At most this many unknown types are listed back, keeping the error small.
+const MAX_UNKNOWN_LISTED: usize = 8;
+
+/// Writes the answer to a Binding request into `out`: success with
+/// XOR-MAPPED-ADDRESS = `mapped`, or 420 listing the unknown required attributes.
+/// Returns false (and writes nothing) if `msg` is not a Binding request.
+pub fn answer_binding(msg: &Message, mapped: SocketAddr, out: &mut Vec<u8>) -> bool {
+    if !msg.is_binding_request() {
+        return false;
+    }
+    let mut unknown = Vec::new();
+    for (kind, _) in msg.attributes() {
+        if kind < 0x8000 && !KNOWN_REQUIRED.contains(&kind) && unknown.len() < MAX_UNKNOWN_LISTED {
+            unknown.push(kind);
+        }
+    }
+    // A client behind a dual-stack socket shows up as ::ffff:a.b.c.d; it wants a.b.c.d.
+    let mapped = SocketAddr::new(mapped.ip().to_canonical(), mapped.port());
+    if unknown.is_empty() {
+        binding_success(out, &msg.transaction_id, mapped);
+    } else {
+        let reason = b"Unknown Attribute";
+        let mut code = vec![
+            0,
+            0,
+            (ERROR_UNKNOWN_ATTRIBUTE / 100) as u8,
+            (ERROR_UNKNOWN_ATTRIBUTE % 100) as u8,
+        ];
+        code.extend_from_slice(reason);
+        let list: Vec<u8> = unknown.iter().flat_map(|k| k.to_be_bytes()).collect();
+        Builder::new(out, Class::Error, METHOD_BINDING, &msg.transaction_id)
+            .attribute(0x0009, &code)
+            .attribute(0x000a, &list)
+            .finish_with_fingerprint();
+    }
+    true
+}
+
 pub struct StunServer {
     limiter: SourceLimiter,
     response: Vec<u8>,
@@ -102,7 +158,7 @@ impl StunServer {
         }
         self.stats.answered += 1;
         self.response.clear();
-        binding_success(&mut self.response, &msg.transaction_id, from);
+        answer_binding(&msg, from, &mut self.response);
         Some(&self.response)
     }
 
@@ -127,6 +183,29 @@ mod tests {
         assert_eq!(m.transaction_id, [3; 12]);
         assert_eq!(m.xor_mapped_address(), Some(from));
         assert_eq!(s.stats().answered, 1);
+    }
+
+    #[test]
+    fn unknown_required_attribute_gets_420_and_mapped_v4_is_canonical() {
+        let mut s = StunServer::new(0);
+        let mut req = Vec::new();
+        // RFC 5780 CHANGE-REQUEST (0x0003) asking for a changed IP and port.
+        Builder::new(&mut req, Class::Request, METHOD_BINDING, &[5; 12])
+            .attribute(0x0003, &[0, 0, 0, 6])
+            .attribute(attr::SOFTWARE, b"ignored, optional")
+            .finish_with_fingerprint();
+        let from: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+        let resp = s.handle_input(Instant::now(), from, &req).unwrap().to_vec();
+        let m = Message::decode(&resp).unwrap();
+        assert_eq!(m.class, Class::Error);
+        assert_eq!(m.attribute(0x0009).map(|v| (v[2], v[3])), Some((4, 20)));
+        assert_eq!(m.attribute(0x000a), Some(&[0u8, 3][..]));
+
+        let mut req = Vec::new();
+        binding_request(&mut req, &[6; 12], true);
+        let v4_mapped: SocketAddr = "[::ffff:198.51.100.9]:40000".parse().unwrap();
+        let resp = s.handle_input(Instant::now(), v4_mapped, &req).unwrap().to_vec();
+        assert_eq!(Message::decode(&resp).unwrap().xor_mapped_address(), Some(from));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::inner::{self, Inner, STUN_PORT};
 use super::peers::{ClientKey, Sessions};
 use crate::keys::Key;
 use crate::stun::Message;
-use crate::stun::message::binding_success;
+use crate::stun::server::answer_binding;
 
 /// Sessions kept at most by default. About 11 KB each (boringtun keeps eight
 /// key-pair slots per peer inline), measured by integration/bench-wgstun, so
@@ -424,13 +424,16 @@ fn answer_inner(
             payload,
             ..
         }) => match Message::decode(payload) {
-            Ok(m) if m.is_binding_request() => {
+            Ok(m) => {
                 stun.clear();
-                binding_success(stun, &m.transaction_id, outer_from);
-                inner::build_udp(out, STUN_PORT, src, src_port, stun);
-                stats.stun_answered += 1;
+                if answer_binding(&m, outer_from, stun) {
+                    inner::build_udp(out, STUN_PORT, src, src_port, stun);
+                    stats.stun_answered += 1;
+                } else {
+                    stats.inner_not_served += 1;
+                }
             }
-            _ => stats.inner_not_served += 1,
+            Err(_) => stats.inner_not_served += 1,
         },
         Err(inner::Drop::Malformed) => stats.inner_malformed += 1,
         Err(inner::Drop::BadChecksum) => stats.inner_bad_checksum += 1,

@@ -316,3 +316,37 @@ fn idle_sessions_expire() {
     assert!(now >= start + SESSION_IDLE_TIMEOUT);
     assert_eq!(server.stats().sessions_expired, 1);
 }
+
+#[test]
+fn mangled_datagrams_never_panic_and_never_create_sessions() {
+    let mut server = responder(100, 1_000_000);
+    let mut client = Client::new(&server);
+    let now = Instant::now();
+    let from = addr("203.0.113.5:51820");
+    let init = client.initiation();
+    connect(&mut server, &mut client, now, from);
+    let data = client.seal(&stun_request([2; 12]));
+    let mut state = 0x853c_49e6_748f_ea9bu64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for seed in [&init, &data] {
+        for cut in 0..seed.len() {
+            server.handle_input(now, from, &seed[..cut]);
+        }
+        for _ in 0..3000 {
+            let mut m = seed.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % m.len();
+                m[i] = next() as u8;
+            }
+            server.handle_input(now, from, &m);
+        }
+    }
+    while server.poll_transmit().is_some() {}
+    assert_eq!(server.session_count(), 1, "only the genuine client has a session");
+    assert_eq!(ask(&mut server, &mut client, now, from), from);
+}
