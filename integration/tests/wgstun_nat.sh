@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tiers: lab
+# tiers: lab kernel
 # WG-STUN against vanilla WireGuard clients (wireguard-go configured only with
 # `wg` and `ip`) behind an open, a cone and a symmetric router: coturn's
 # turnutils_stunclient sent to 100.64.0.4 inside the tunnel prints the NAT
@@ -7,9 +7,17 @@
 # conntrack has it. Two clients behind one cone get their own mappings; ping
 # answers; other ports get nothing; plain STUN works; roaming (a new listen
 # port, a flushed conntrack entry) shows up in the next answer.
+# Kernel tier (WARREN_WG_BACKEND=kernel, inside the VM): the clients are the
+# kernel's own WireGuard instead of wireguard-go.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
-lab_require_cmd wireguard-go wg turnutils_stunclient conntrack python3
+lab_require_cmd wg turnutils_stunclient conntrack python3
+KERNEL_WG=0
+if [ "${WARREN_WG_BACKEND:-}" = kernel ]; then
+    KERNEL_WG=1
+else
+    lab_require_cmd wireguard-go
+fi
 lab_init
 
 SRV_IP=203.0.113.5
@@ -39,7 +47,8 @@ grep -qx "Endpoint = $SRV_IP:3479" "$LAB_DIR/peer.conf" || lab_fail "stanza endp
 grep -qx "AllowedIPs = 100.64.0.4/32" "$LAB_DIR/peer.conf" || lab_fail "stanza AllowedIPs"
 
 declare -A IFN=()
-# wg_client NODE INNER_IP: wireguard-go with the WG-STUN peer, its address and a route, nothing else.
+# wg_client NODE INNER_IP: a WireGuard interface (wireguard-go, or the kernel's in the
+# kernel tier) with the WG-STUN peer, its address and a route, nothing else.
 wg_client() {
     local node=$1 inner=$2 ifn
     ifn=$(lab_ifname "$node")
@@ -49,8 +58,12 @@ wg_client() {
         printf '[Interface]\nPrivateKey = %s\nListenPort = %s\n\n' "$(cat "$LAB_DIR/$node.key")" "$WG_PORT"
         cat "$LAB_DIR/peer.conf"
     } >"$LAB_DIR/$node.conf"
-    lab_bg "$node" "wg-$node.log" wireguard-go -f "$ifn"
-    lab_wait "wireguard-go $ifn" 10 test -S "/var/run/wireguard/$ifn.sock"
+    if [ "$KERNEL_WG" = 1 ]; then
+        lab_exec "$node" ip link add "$ifn" type wireguard || lab_fail "$node: no kernel WireGuard"
+    else
+        lab_bg "$node" "wg-$node.log" wireguard-go -f "$ifn"
+        lab_wait "wireguard-go $ifn" 10 test -S "/var/run/wireguard/$ifn.sock"
+    fi
     lab_exec "$node" wg setconf "$ifn" "$LAB_DIR/$node.conf"
     lab_exec "$node" ip addr add "$inner/32" dev "$ifn"
     lab_exec "$node" ip link set "$ifn" up
