@@ -44,6 +44,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Server::bind(&config)?.run()
 }
 
+/// For running inside another process (`warren server`): binds now, so a busy
+/// port is the caller's error, then serves on a thread of its own. Returns the
+/// bound WireGuard and STUN addresses and the thread, which only ends on an I/O error.
+pub fn spawn(
+    config: Config,
+) -> anyhow::Result<(
+    SocketAddr,
+    Option<SocketAddr>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+)> {
+    let server = Server::bind(&config)?;
+    let (wg, stun) = (server.wg_addr()?, server.stun_addr());
+    let thread = std::thread::Builder::new()
+        .name("wgstun".into())
+        .spawn(move || server.run())
+        .map_err(|e| anyhow::anyhow!("starting the WG-STUN thread: {e}"))?;
+    Ok((wg, stun, thread))
+}
+
 /// The `[Peer]` stanza a vanilla WireGuard client adds to use this server.
 pub fn peer_stanza(public_key: &Key, endpoint: &str) -> String {
     format!(

@@ -350,3 +350,29 @@ fn mangled_datagrams_never_panic_and_never_create_sessions() {
     assert_eq!(server.session_count(), 1, "only the genuine client has a session");
     assert_eq!(ask(&mut server, &mut client, now, from), from);
 }
+
+/// The mio shell on loopback sockets, in process: plain STUN and STUN through the tunnel.
+#[test]
+fn spawned_server_answers_on_real_sockets() {
+    let key = Key::generate_private();
+    let config = super::Config {
+        listen: addr("127.0.0.1:0"),
+        stun_listen: Some(addr("127.0.0.1:0")),
+        private_key: key,
+        max_sessions: 16,
+        handshakes_per_sec: 100,
+        stun_requests_per_source: 0,
+        stats_interval: None,
+    };
+    let (wg, stun, _thread) = super::spawn(config).unwrap();
+    let (answered, _) = super::load::plain_stun_rounds(stun.unwrap(), 4, Duration::from_millis(200)).unwrap();
+    assert!(answered > 0);
+    let mut clients = super::load::Clients::new(wg, key.public_key(), 2).unwrap();
+    let connected = clients
+        .connect_all(2, Instant::now() + Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(connected, 2);
+    let (answered, wrong, _) = clients.stun_rounds(2, Duration::from_millis(200)).unwrap();
+    assert!(answered > 0);
+    assert_eq!(wrong, 0);
+}
