@@ -162,3 +162,49 @@ impl Sessions {
         self.by_id.iter_mut().map(|(id, b)| (*id, &mut **b))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    fn tunn(id: u32) -> Tunn {
+        let s = StaticSecret::from([1u8; 32]);
+        Tunn::new(s, PublicKey::from([9u8; 32]), None, None, id, None)
+    }
+
+    #[test]
+    fn least_recently_used_is_evicted_and_ids_map_back() {
+        let now = Instant::now();
+        let from: SocketAddr = "203.0.113.1:1".parse().unwrap();
+        let mut t = Sessions::new(2);
+        let (a, _) = t.insert([1; 32], now, from, tunn);
+        let (b, _) = t.insert([2; 32], now, from, tunn);
+        t.touch(a, now, from);
+        let (c, evicted) = t.insert([3; 32], now, from, tunn);
+        assert_eq!(evicted, Some([2; 32]), "b was used least recently");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.id_of(&[1; 32]), Some(a));
+        assert_eq!(t.id_of(&[2; 32]), None);
+        assert!(t.get_mut(b).is_none());
+        assert_eq!(Sessions::id_for_receiver_index((c << 8) | 0x17), c);
+        assert_eq!(t.remove(a), Some([1; 32]));
+        assert_eq!((t.len(), t.id_of(&[1; 32])), (1, None));
+    }
+
+    #[test]
+    fn idle_expiry_takes_only_the_idle() {
+        let start = Instant::now();
+        let from: SocketAddr = "203.0.113.1:1".parse().unwrap();
+        let mut t = Sessions::new(10);
+        let (old, _) = t.insert([1; 32], start, from, tunn);
+        let (fresh, _) = t.insert([2; 32], start, from, tunn);
+        t.touch(fresh, start + Duration::from_secs(100), from);
+        assert_eq!(
+            t.expire_idle(start + Duration::from_secs(150), Duration::from_secs(120)),
+            1
+        );
+        assert!(t.get_mut(old).is_none());
+        assert!(t.get_mut(fresh).is_some());
+    }
+}
