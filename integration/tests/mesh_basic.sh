@@ -78,6 +78,12 @@ if out=$(lab_exec a "$WARREN" agent --state-dir "$LAB_DIR/a" --interface "${IF[a
 fi
 echo "second agent: $out"
 grep -q "another warren agent is already running" <<<"$out" || lab_fail "unclear error: $out"
+if out=$(lab_exec a "$WARREN" agent --state-dir "$LAB_DIR/a2" --interface "${IF[a]}" --socket "$LAB_DIR/x.sock" --join "$token" 2>&1); then
+    lab_fail "a second agent on a's interface started"
+fi
+echo "second agent: $out"
+grep -q "already manages interface ${IF[a]}" <<<"$out" || lab_fail "unclear error: $out"
+connected a || lab_fail "a's agent suffered from the second agent"
 
 # Garbage to the coordinator port closes only that connection.
 lab_exec c bash -c 'exec 3<>/dev/tcp/203.0.113.5/7777; printf "GET / HTTP/1.1\r\n\r\n" >&3; timeout 5 cat <&3 >/dev/null' || true

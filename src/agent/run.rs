@@ -10,7 +10,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use mio::net::{TcpStream, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -80,24 +80,38 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Holds the state directory for this agent; a second agent fails here with a clear error.
-fn lock(state_dir: &Path) -> Result<std::fs::File> {
-    let path = state_dir.join(LOCK_FILE);
+/// Where per-interface locks live: one agent per WireGuard interface, whatever its state directory.
+const INTERFACE_LOCK_DIR: &str = "/run/warren";
+
+fn flock(path: &Path) -> Result<Option<std::fs::File>> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
+        return Ok(None);
+    }
+    Ok(Some(f))
+}
+
+/// Holds the state directory and the interface for this agent; a second
+/// agent on either fails here with a clear error. The kernel drops the locks
+/// when the process dies, so a crash leaves nothing stale.
+fn lock(state_dir: &Path, ifname: &str) -> Result<(std::fs::File, std::fs::File)> {
+    let dir = flock(&state_dir.join(LOCK_FILE))?.with_context(|| {
+        format!(
             "another warren agent is already running with state directory {}",
             state_dir.display()
-        );
-    }
-    Ok(f)
+        )
+    })?;
+    private_dir(Path::new(INTERFACE_LOCK_DIR))?;
+    let iface = flock(&Path::new(INTERFACE_LOCK_DIR).join(format!("{ifname}.lock")))?
+        .with_context(|| format!("another warren agent already manages interface {ifname}"))?;
+    Ok((dir, iface))
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -143,7 +157,8 @@ fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
 
 pub fn run(cfg: AgentConfig) -> Result<()> {
     private_dir(&cfg.state_dir)?;
-    let _lock = lock(&cfg.state_dir)?;
+    crate::netlink::check_name(&cfg.ifname)?;
+    let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     let state = prepare_state(&cfg)?;
     cache::save(&cfg.state_dir, &state)?;
     let choice = BackendChoice::resolve(cfg.backend)?;
