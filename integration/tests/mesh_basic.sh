@@ -90,6 +90,11 @@ lab_exec c bash -c 'exec 3<>/dev/tcp/203.0.113.5/7777; printf "GET / HTTP/1.1\r\
 lab_exec c bash -c 'exec 3<>/dev/tcp/203.0.113.5/7777; printf "\xff\xff\xff\xff\x01\x02" >&3; timeout 5 cat <&3 >/dev/null' || true
 for n in a b c; do connected "$n" || lab_fail "$n lost the coordinator after garbage on its port"; done
 
+# A new local address (netlink event) becomes a candidate the coordinator knows.
+lab_exec c ip addr add 203.0.113.21/24 dev eth0
+cands() { lab_exec srv "$WARREN" server nodes --json --state-dir "$SRV_DIR" | grep -q '"203.0.113.21:51820"'; }
+lab_wait "c reports its new address as a candidate" 5 cands
+
 # Rename propagates to the other nodes.
 lab_exec srv "$WARREN" server rename node-b backup --state-dir "$SRV_DIR" >/dev/null
 a_sees_backup() { st a | grep -q '"name": "backup"'; }
