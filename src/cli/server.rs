@@ -41,6 +41,14 @@ pub enum ServerAction {
     Remove { node: String },
     /// Rename a node.
     Rename { node: String, new_name: String },
+    /// Benchmark: N light nodes join through the admin socket's invite, then one change is timed.
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+    },
     /// Print a join token for `warren up --join TOKEN`.
     Invite {
         /// The token may enroll any number of nodes until it expires.
@@ -88,6 +96,26 @@ pub fn run(args: ServerArgs) -> Result<()> {
             if let AdminResponse::Node { node } = r {
                 println!("renamed to {} ({})", node.name, node.mesh_addr);
             }
+        }
+        ServerAction::Load { server, nodes } => {
+            let r = crate::coord::load::run(&socket, server, nodes)?;
+            println!("coordinator: nodes connected | {} |", r.nodes);
+            println!(
+                "coordinator: time to connect all nodes | {:.1} s |",
+                r.connect_all.as_secs_f64()
+            );
+            println!(
+                "coordinator: one change reaches all, p50 | {} ms |",
+                r.change_p50.as_millis()
+            );
+            println!(
+                "coordinator: one change reaches all, p99 | {} ms | <= 2000 ms",
+                r.change_p99.as_millis()
+            );
+            println!(
+                "coordinator: one change reaches all, max | {} ms |",
+                r.change_max.as_millis()
+            );
         }
         ServerAction::Invite {
             reusable,

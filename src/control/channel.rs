@@ -10,6 +10,9 @@ use super::frame::{self, FrameDecoder, FrameKind};
 use super::noise::{self, Initiating, Session};
 use crate::keys::Key;
 
+/// Buffer capacity a connection may keep between messages.
+const IDLE_BUFFER_CAPACITY: usize = 16 * 1024;
+
 enum State {
     /// Node side: first handshake message sent, waiting for the reply.
     Initiating(Box<Initiating>),
@@ -136,6 +139,10 @@ impl Channel {
     /// Marks `n` bytes of [`Channel::outgoing`] as written.
     pub fn consume_outgoing(&mut self, n: usize) {
         self.outgoing.drain(..n.min(self.outgoing.len()));
+        // A full peer map can be megabytes; do not keep that much per idle connection.
+        if self.outgoing.is_empty() && self.outgoing.capacity() > IDLE_BUFFER_CAPACITY {
+            self.outgoing = Vec::new();
+        }
     }
 }
 

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod conn;
 pub mod hub;
 pub mod invite;
+pub mod load;
 pub mod names;
 pub mod server;
 pub mod store;

@@ -112,6 +112,8 @@ impl Server {
                 .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
         }
         let key = load_or_create_key(&cfg.state_dir.join(KEY_FILE))?;
+        // One descriptor per node connection.
+        super::load::raise_fd_limit();
         let store = Store::open(&cfg.db)?;
         let poll = Poll::new().context("creating poll")?;
         let mut listener =
