@@ -23,6 +23,8 @@ use crate::keys::Key;
 const MAX_IN_FLIGHT: usize = 256;
 /// Each phase of the run must finish within this, or the benchmark fails.
 const PHASE_DEADLINE: Duration = Duration::from_secs(600);
+/// Light nodes ping like agents do, or the coordinator's idle timeout drops them during a long run.
+const PING_EVERY: Duration = Duration::from_secs(20);
 /// The map is considered settled after this long without traffic.
 const QUIET: Duration = Duration::from_secs(2);
 
@@ -75,6 +77,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize) -> Result<Load
     let (mut dialled, mut welcomed) = (0usize, 0usize);
     let mut last_traffic = Instant::now();
     let mut marker: Option<(Vec<u8>, Instant)> = None;
+    let mut next_ping = Instant::now() + PING_EVERY;
 
     loop {
         let now = Instant::now();
@@ -137,7 +140,14 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize) -> Result<Load
                 }
             }
         }
+        let ping = now >= next_ping;
+        if ping {
+            next_ping = now + PING_EVERY;
+        }
         for l in lights.values_mut() {
+            if ping && l.welcomed {
+                l.ch.send(&messages::encode(&ClientMessage::Ping { nonce: 0 }))?;
+            }
             let out = l.ch.outgoing();
             if out.is_empty() {
                 continue;
