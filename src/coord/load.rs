@@ -20,7 +20,7 @@ use crate::control::messages::{self, ClientMessage, PROTOCOL_VERSION};
 use crate::keys::Key;
 
 /// Connections dialled but not yet welcomed, so the listen backlog never overflows.
-const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT: usize = 64;
 /// Each phase of the run must finish within this, or the benchmark fails.
 const PHASE_DEADLINE: Duration = Duration::from_secs(600);
 /// Light nodes ping like agents do, or the coordinator's idle timeout drops them during a long run.
