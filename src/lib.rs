@@ -10,6 +10,8 @@ pub mod coord;
 pub mod ifaddrs;
 pub mod keys;
 pub mod netlink;
+pub mod peer;
+pub mod relay;
 pub mod stun;
 pub mod wg;
 pub mod wgstun;

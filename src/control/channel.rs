@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::frame::{self, FrameDecoder, FrameKind};
-use super::noise::{self, Initiating, Session};
+use super::noise::{self, CONTROL, Initiating, Profile, Session};
 use crate::keys::Key;
 
 /// Buffer capacity a connection may keep between messages.
@@ -17,7 +17,7 @@ enum State {
     /// Node side: first handshake message sent, waiting for the reply.
     Initiating(Box<Initiating>),
     /// Coordinator side: waiting for the node's first handshake message.
-    Responding(Key),
+    Responding(Key, Profile),
     Open(Session),
     Broken,
 }
@@ -35,7 +35,12 @@ pub struct Channel {
 impl Channel {
     /// Node side. The first handshake message is queued for sending at once.
     pub fn client(local_private: &Key, server_public: &Key) -> Result<Channel> {
-        let (init, first) = noise::initiate(local_private, server_public)?;
+        Channel::client_with(&CONTROL, local_private, server_public)
+    }
+
+    /// Node side of another service's channel (its own prologue and message limit).
+    pub fn client_with(profile: &Profile, local_private: &Key, server_public: &Key) -> Result<Channel> {
+        let (init, first) = noise::initiate_with(profile, local_private, server_public)?;
         let mut ch = Channel::with_state(State::Initiating(Box::new(init)));
         ch.peer = Some(*server_public);
         frame::encode(FrameKind::Handshake, &first, &mut ch.outgoing);
@@ -44,7 +49,11 @@ impl Channel {
 
     /// Coordinator side.
     pub fn server(local_private: &Key) -> Channel {
-        Channel::with_state(State::Responding(*local_private))
+        Channel::server_with(&CONTROL, local_private)
+    }
+
+    pub fn server_with(profile: &Profile, local_private: &Key) -> Channel {
+        Channel::with_state(State::Responding(*local_private, *profile))
     }
 
     fn with_state(state: State) -> Channel {
@@ -83,11 +92,11 @@ impl Channel {
     fn drain_frames(&mut self) -> Result<()> {
         while let Some(f) = self.decoder.next_frame().context("reading control frame")? {
             match std::mem::replace(&mut self.state, State::Broken) {
-                State::Responding(local) => {
+                State::Responding(local, profile) => {
                     if f.kind != FrameKind::Handshake {
                         bail!("expected a handshake frame first");
                     }
-                    let (session, peer, reply) = noise::respond(&local, &f.payload)?;
+                    let (session, peer, reply) = noise::respond_with(&profile, &local, &f.payload)?;
                     frame::encode(FrameKind::Handshake, &reply, &mut self.outgoing);
                     self.peer = Some(peer);
                     self.state = State::Open(session);
@@ -122,7 +131,7 @@ impl Channel {
                 self.pending.push(message.to_vec());
                 Ok(())
             }
-            State::Responding(_) => bail!("cannot send before the node's handshake"),
+            State::Responding(..) => bail!("cannot send before the node's handshake"),
             State::Broken => bail!("channel already failed"),
         }
     }

@@ -20,24 +20,47 @@ const MAX_FRAGMENT_LEN: usize = MAX_PAYLOAD_LEN - TAG_LEN;
 /// few MB; anything far beyond that is a peer trying to exhaust memory.
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 
-fn builder<'a>(local_private: &'a Key) -> Result<snow::Builder<'a>> {
+/// What separates one use of this channel from another: the Noise prologue
+/// (so a handshake for one service never completes with another) and the
+/// largest message the receiver will reassemble.
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    pub prologue: &'static [u8],
+    pub max_message: usize,
+}
+
+pub const CONTROL: Profile = Profile {
+    prologue: PROLOGUE,
+    max_message: MAX_MESSAGE_LEN,
+};
+
+fn builder<'a>(local_private: &'a Key, profile: &Profile) -> Result<snow::Builder<'a>> {
     let params = NOISE_PARAMS
         .parse()
         .map_err(|e| anyhow!("noise parameters: {e}"))?;
     snow::Builder::new(params)
         .local_private_key(&local_private.0)
-        .and_then(|b| b.prologue(PROLOGUE))
+        .and_then(|b| b.prologue(profile.prologue))
         .map_err(|e| anyhow!("setting up noise: {e}"))
 }
 
 /// The node's half-done handshake, waiting for the coordinator's answer.
 pub struct Initiating {
     hs: HandshakeState,
+    max_message: usize,
 }
 
 /// Starts a handshake; returns the state and the first handshake message.
 pub fn initiate(local_private: &Key, server_public: &Key) -> Result<(Initiating, Vec<u8>)> {
-    let mut hs = builder(local_private)?
+    initiate_with(&CONTROL, local_private, server_public)
+}
+
+pub fn initiate_with(
+    profile: &Profile,
+    local_private: &Key,
+    server_public: &Key,
+) -> Result<(Initiating, Vec<u8>)> {
+    let mut hs = builder(local_private, profile)?
         .remote_public_key(&server_public.0)
         .and_then(|b| b.build_initiator())
         .map_err(|e| anyhow!("setting up noise initiator: {e}"))?;
@@ -46,7 +69,13 @@ pub fn initiate(local_private: &Key, server_public: &Key) -> Result<(Initiating,
         .write_message(&[], &mut msg)
         .map_err(|e| anyhow!("writing handshake: {e}"))?;
     msg.truncate(n);
-    Ok((Initiating { hs }, msg))
+    Ok((
+        Initiating {
+            hs,
+            max_message: profile.max_message,
+        },
+        msg,
+    ))
 }
 
 impl Initiating {
@@ -59,14 +88,18 @@ impl Initiating {
             .hs
             .into_transport_mode()
             .map_err(|e| anyhow!("finishing handshake: {e}"))?;
-        Ok(Session::new(ts))
+        Ok(Session::new(ts, self.max_message))
     }
 }
 
 /// Answers a node's first handshake message. Returns the session, the node's
 /// proven static public key and the reply to send.
 pub fn respond(local_private: &Key, first: &[u8]) -> Result<(Session, Key, Vec<u8>)> {
-    let mut hs = builder(local_private)?
+    respond_with(&CONTROL, local_private, first)
+}
+
+pub fn respond_with(profile: &Profile, local_private: &Key, first: &[u8]) -> Result<(Session, Key, Vec<u8>)> {
+    let mut hs = builder(local_private, profile)?
         .build_responder()
         .map_err(|e| anyhow!("setting up noise responder: {e}"))?;
     let mut payload = vec![0u8; first.len()];
@@ -86,30 +119,29 @@ pub fn respond(local_private: &Key, first: &[u8]) -> Result<(Session, Key, Vec<u
     let ts = hs
         .into_transport_mode()
         .map_err(|e| anyhow!("finishing handshake: {e}"))?;
-    Ok((Session::new(ts), remote, reply))
+    Ok((Session::new(ts, profile.max_message), remote, reply))
 }
 
 /// An established channel: seals messages into frames, opens frames into messages.
 pub struct Session {
     ts: TransportState,
     partial: Vec<u8>,
+    max_message: usize,
 }
 
 impl Session {
-    fn new(ts: TransportState) -> Session {
+    fn new(ts: TransportState, max_message: usize) -> Session {
         Session {
             ts,
             partial: Vec::new(),
+            max_message,
         }
     }
 
     /// Appends the frames carrying `message` to `out`, fragmenting as needed.
     pub fn seal(&mut self, message: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        if message.len() > MAX_MESSAGE_LEN {
-            bail!(
-                "control message of {} bytes exceeds {MAX_MESSAGE_LEN}",
-                message.len()
-            );
+        if message.len() > self.max_message {
+            bail!("message of {} bytes exceeds {}", message.len(), self.max_message);
         }
         let mut chunks = message.chunks(MAX_FRAGMENT_LEN).peekable();
         let mut buf = vec![0u8; MAX_PAYLOAD_LEN];
@@ -145,8 +177,8 @@ impl Session {
             .ts
             .read_message(&frame.payload, &mut buf)
             .map_err(|e| anyhow!("opening sealed frame: {e}"))?;
-        if self.partial.len() + n > MAX_MESSAGE_LEN {
-            bail!("control message exceeds {MAX_MESSAGE_LEN} bytes");
+        if self.partial.len() + n > self.max_message {
+            bail!("message exceeds {} bytes", self.max_message);
         }
         self.partial.extend_from_slice(&buf[..n]);
         if frame.kind == FrameKind::SealedMore {
