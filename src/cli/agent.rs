@@ -73,6 +73,10 @@ pub fn up(a: AgentArgs) -> Result<()> {
             a.socket.display()
         );
     }
+    if let Some(j) = &a.join {
+        // A mistyped token is reported here, before anything is started.
+        crate::coord::invite::JoinToken::parse(j)?;
+    }
     std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
     let log_path = a.state_dir.join("agent.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
