@@ -24,6 +24,10 @@ pub struct AgentState {
     pub requested_name: Option<String>,
     pub me: Option<PeerInfo>,
     pub peers: Vec<PeerInfo>,
+    /// A new key sent to the coordinator but not yet confirmed; kept so a
+    /// restart in between can still adopt it (the old key may be gone).
+    #[serde(default)]
+    pub pending_private_key: Option<Key>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -91,6 +95,7 @@ mod tests {
                 name: "b".into(),
                 ..me
             }],
+            pending_private_key: Some(Key::generate_private()),
         };
         save(&dir.0, &st).unwrap();
         save(&dir.0, &st).unwrap();

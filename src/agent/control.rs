@@ -326,6 +326,11 @@ impl ControlConn {
         }
     }
 
+    /// A rotation announced before a restart: adopted if the coordinator no longer knows the old key.
+    pub fn restore_pending_key(&mut self, new_private: Key) {
+        self.pending_key = Some(new_private);
+    }
+
     /// Switches to a new WireGuard key: announced over this connection (the
     /// old key vouches for it), adopted once the coordinator's map shows it.
     pub fn rotate_key(&mut self, new_private: Key) -> Result<(), String> {

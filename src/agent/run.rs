@@ -152,6 +152,7 @@ fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
         requested_name: cfg.name.clone(),
         me: None,
         peers: Vec::new(),
+        pending_private_key: None,
     })
 }
 
@@ -213,6 +214,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             state.peers.len()
         );
         ctrl.restore(me, state.peers.clone());
+    }
+    if let Some(pending) = state.pending_private_key {
+        ctrl.restore_pending_key(pending);
     }
     let mut agent = Agent {
         cfg,
@@ -316,6 +320,7 @@ impl Agent {
                 }
                 Event::KeyRotated => {
                     self.state.private_key = *self.ctrl.private_key();
+                    self.state.pending_private_key = None;
                     self.save();
                     eprintln!(
                         "agent: now using key {}",
@@ -657,13 +662,23 @@ impl Agent {
                     reason: format!("{e:#}"),
                 },
             },
-            Request::RotateKey => match self.ctrl.rotate_key(Key::generate_private()) {
-                Ok(()) => {
+            Request::RotateKey => match self.ctrl.phase() {
+                Phase::Connected => {
+                    // On disk before it is announced: see `AgentState::pending_private_key`.
+                    let new = Key::generate_private();
+                    self.state.pending_private_key = Some(new);
+                    if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
+                        return Response::Error {
+                            reason: format!("rotating key: {e:#}"),
+                        };
+                    }
+                    let _ = self.ctrl.rotate_key(new);
                     self.write_tcp(Instant::now());
                     Response::Done
                 }
-                Err(reason) => Response::Error {
-                    reason: format!("rotating key: {reason}"),
+                _ => Response::Error {
+                    reason: "rotating key: not connected to the coordinator; try again when it is reachable"
+                        .into(),
                 },
             },
             Request::Down => {

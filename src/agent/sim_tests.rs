@@ -368,3 +368,28 @@ fn key_rotation_keeps_identity_and_reconnects_with_the_new_key() {
     assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
     assert_eq!(sim.agents[a].ctrl.me().unwrap().id, before.id);
 }
+
+#[test]
+fn lost_rotation_confirmation_adopts_the_new_key_instead_of_giving_up() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 1);
+    sim.advance(Duration::from_secs(1));
+    let id = sim.agents[a].ctrl.me().unwrap().id;
+    let new = Key::generate_private();
+    // The coordinator records the rotation, but its answer never arrives.
+    sim.agents[a].deliver = false;
+    sim.agents[a].ctrl.rotate_key(new).unwrap();
+    sim.advance(PING_INTERVAL + PONG_TIMEOUT + Duration::from_secs(1));
+    sim.agents[a].deliver = true;
+    // Reconnecting with the old key is refused as unknown; the pending key is adopted, not a removal.
+    sim.advance(Duration::from_secs(20));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.agents[a].ctrl.private_key(), &new);
+    assert_eq!(sim.agents[a].ctrl.me().unwrap().id, id);
+    assert!(
+        sim.agents[a].refused.iter().all(|r| !r.2),
+        "{:?}",
+        sim.agents[a].refused
+    );
+}
