@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tiers: lab kernel
-# WG-STUN against vanilla WireGuard clients (wireguard-go configured only with
+# WG-STUN, run by `warren server` as a home user deploys it, against vanilla
+# WireGuard clients (wireguard-go configured only with
 # `wg` and `ip`) behind an open, a cone and a symmetric router: coturn's
 # turnutils_stunclient sent to 100.64.0.4 inside the tunnel prints the NAT
 # mapping of the client's WireGuard listen port, exactly as the router's
@@ -34,7 +35,8 @@ lab_router rsym symmetric 198.51.100.12 10.2.0.1/24
 lab_lan_host hsym rsym 10.2.0.2
 
 mkdir -p "$LAB_DIR/srv"
-lab_bg srv wgstun.log "$WARREN" wgstun --listen "$SRV_IP:3479" --stun-listen "$SRV_IP:3478" \
+# The home-user deployment: one `warren server` runs the coordinator, WG-STUN and plain STUN.
+lab_bg srv server.log "$WARREN" server --listen "$SRV_IP:7777" --wgstun-listen "$SRV_IP:3479" --stun-listen "$SRV_IP:3478" \
     --state-dir "$LAB_DIR/srv"
 SRV_PID=$LAB_LAST_PID
 srv_listening() { lab_exec srv ss -Hlun | grep -q "$SRV_IP:3479" && lab_exec srv ss -Hlun | grep -q "$SRV_IP:3478"; }
@@ -176,11 +178,11 @@ lab_log "roaming (conntrack flushed): $ms -> $(stun_from hsym 100.64.0.4)"
 
 # The counters saw it all, and the server is still up.
 kill -0 "$SRV_PID" || lab_fail "warren wgstun died"
-before=$(grep -c 'warren wgstun: sessions=' "$LAB_DIR/wgstun.log" || true)
+before=$(grep -c 'warren wgstun: sessions=' "$LAB_DIR/server.log" || true)
 kill -USR1 "$SRV_PID"
-stats_line() { [ "$(grep -c 'warren wgstun: sessions=' "$LAB_DIR/wgstun.log")" -gt "$before" ]; }
+stats_line() { [ "$(grep -c 'warren wgstun: sessions=' "$LAB_DIR/server.log")" -gt "$before" ]; }
 lab_wait "stats line after SIGUSR1" 5 stats_line
-line=$(grep 'warren wgstun: sessions=' "$LAB_DIR/wgstun.log" | tail -n1)
+line=$(grep 'warren wgstun: sessions=' "$LAB_DIR/server.log" | tail -n1)
 stat() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$line" | head -n1; }
 [ "$(stat sessions)" -ge 4 ] || lab_fail "sessions: $line"
 [ "$(stat echo_answered)" -ge 1 ] || lab_fail "echo_answered: $line"

@@ -1,9 +1,9 @@
 //! `warren server` (alias `warren coord`): run the coordinator, or administer a running one.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
 use crate::coord::admin::{self, AdminRequest, AdminResponse, NodeView};
@@ -26,6 +26,18 @@ pub struct ServerArgs {
     /// the listen address, or every local IPv4 address when listening on all.
     #[arg(long = "advertise", value_name = "HOST:PORT")]
     pub advertise: Vec<String>,
+    /// WG-STUN (WireGuard peer 100.64.0.4 answering STUN inside the tunnel) address.
+    #[arg(long, default_value = crate::wgstun::DEFAULT_LISTEN)]
+    pub wgstun_listen: SocketAddr,
+    /// Plain STUN address (outside any tunnel).
+    #[arg(long, default_value = crate::wgstun::DEFAULT_STUN_LISTEN)]
+    pub stun_listen: SocketAddr,
+    /// Do not run WG-STUN (nor plain STUN) in this process.
+    #[arg(long)]
+    pub no_wgstun: bool,
+    /// Do not answer plain STUN (WG-STUN still runs).
+    #[arg(long)]
+    pub no_stun: bool,
     #[command(subcommand)]
     pub action: Option<ServerAction>,
 }
@@ -72,7 +84,16 @@ pub fn run(args: ServerArgs) -> Result<()> {
             state_dir: args.state_dir,
             advertise: args.advertise,
         };
-        return Server::bind(&cfg)?.run();
+        // Bind the coordinator first: a busy coordinator port fails before any thread starts.
+        let mut server = Server::bind(&cfg)?;
+        if !args.no_wgstun {
+            start_wgstun(
+                &cfg.state_dir,
+                args.wgstun_listen,
+                (!args.no_stun).then_some(args.stun_listen),
+            )?;
+        }
+        return server.run();
     };
     match action {
         ServerAction::Nodes { json } => {
@@ -136,6 +157,35 @@ pub fn run(args: ServerArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Runs WG-STUN beside the coordinator, as `warren wgstun` would with its defaults.
+/// If it stops on an I/O error the coordinator keeps serving; the error is logged.
+fn start_wgstun(state_dir: &Path, listen: SocketAddr, stun_listen: Option<SocketAddr>) -> Result<()> {
+    let private_key = crate::wgstun::key::load_or_create(state_dir)?;
+    let (wg, stun, thread) = crate::wgstun::spawn(crate::wgstun::Config {
+        listen,
+        stun_listen,
+        private_key,
+        max_sessions: crate::wgstun::responder::DEFAULT_MAX_SESSIONS,
+        handshakes_per_sec: crate::wgstun::responder::DEFAULT_HANDSHAKES_PER_SEC,
+        stun_requests_per_source: crate::stun::server::DEFAULT_REQUESTS_PER_SOURCE,
+        stats_interval: None,
+    })
+    .context("starting WG-STUN beside the coordinator (or pass --no-wgstun)")?;
+    match stun {
+        Some(stun) => eprintln!("warren: WG-STUN on {wg}, plain STUN on {stun}"),
+        None => eprintln!("warren: WG-STUN on {wg}"),
+    }
+    std::thread::Builder::new()
+        .name("wgstun-watch".into())
+        .spawn(move || match thread.join() {
+            Ok(Ok(())) => eprintln!("warren: WG-STUN stopped"),
+            Ok(Err(e)) => eprintln!("warren: WG-STUN stopped: {e:#}"),
+            Err(_) => eprintln!("warren: WG-STUN stopped: its thread panicked"),
+        })
+        .context("starting the WG-STUN watcher thread")?;
     Ok(())
 }
 

@@ -47,7 +47,9 @@ impl NlError {
 /// The text for an errno, without Rust's " (os error N)" suffix; EPERM says
 /// what is actually missing.
 pub fn errno_text(errno: i32) -> String {
-    if errno == libc::EPERM || errno == libc::EACCES {
+    // Only EPERM means a missing capability; EACCES also comes from e.g. IPv6
+    // being disabled on the interface, where "needs root" would mislead.
+    if errno == libc::EPERM {
         return "needs root (CAP_NET_ADMIN)".to_string();
     }
     let text = io::Error::from_raw_os_error(errno).to_string();
