@@ -2,6 +2,7 @@
 
 mod agent;
 mod keys;
+mod relay;
 mod server;
 pub mod wg;
 mod wgstun;
@@ -44,6 +45,8 @@ pub enum Command {
     Server(server::ServerArgs),
     /// Run the WG-STUN server (a WireGuard peer at 100.64.0.4 answering STUN), or print its [Peer].
     Wgstun(wgstun::WgstunArgs),
+    /// Run the relay (forwards sealed datagrams between nodes that cannot reach each other).
+    Relay(relay::RelayArgs),
     /// Load generator for WG-STUN tests and benchmarks.
     #[command(subcommand, hide = true)]
     WgstunLoad(wgstun::LoadCommand),
@@ -62,5 +65,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RotateKey(a) => agent::rotate_key(a),
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
+        Command::Relay(args) => relay::run(args),
     }
 }

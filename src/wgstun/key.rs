@@ -20,8 +20,13 @@ pub fn key_path(state_dir: &Path) -> PathBuf {
 /// file, then hard-linked into place, which fails instead of overwriting if
 /// another process won the race (its key is then loaded).
 pub fn load_or_create(state_dir: &Path) -> Result<Key> {
-    let path = key_path(state_dir);
-    match load(&path) {
+    load_or_create_file(state_dir, KEY_FILE, "WG-STUN key")
+}
+
+/// The same for another server role's key (`what` names it in errors, e.g. "relay key").
+pub fn load_or_create_file(state_dir: &Path, file: &str, what: &str) -> Result<Key> {
+    let path = state_dir.join(file);
+    match load(&path, what) {
         Ok(k) => return Ok(k),
         Err(e) if is_not_found(&e) => {}
         Err(e) => return Err(e),
@@ -32,7 +37,7 @@ pub fn load_or_create(state_dir: &Path) -> Result<Key> {
         .create(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let key = Key::generate_private();
-    let tmp = state_dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
+    let tmp = state_dir.join(format!(".{file}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -46,8 +51,8 @@ pub fn load_or_create(state_dir: &Path) -> Result<Key> {
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(key),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => load(&path),
-        Err(e) => Err(e).with_context(|| format!("creating WG-STUN key {}", path.display())),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => load(&path, what),
+        Err(e) => Err(e).with_context(|| format!("creating {what} {}", path.display())),
     }
 }
 
@@ -56,22 +61,22 @@ fn is_not_found(e: &anyhow::Error) -> bool {
         .is_some_and(|io| io.kind() == ErrorKind::NotFound)
 }
 
-fn load(path: &Path) -> Result<Key> {
+fn load(path: &Path, what: &str) -> Result<Key> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(e.into()),
-        Err(e) => return Err(e).with_context(|| format!("reading WG-STUN key {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("reading {what} {}", path.display())),
     };
     if meta.permissions().mode() & 0o077 != 0 {
         bail!(
-            "reading WG-STUN key {}: readable by group or others (mode {:o}); chmod 600 it",
+            "reading {what} {}: readable by group or others (mode {:o}); chmod 600 it",
             path.display(),
             meta.permissions().mode() & 0o777
         );
     }
-    let text = fs::read_to_string(path).with_context(|| format!("reading WG-STUN key {}", path.display()))?;
+    let text = fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))?;
     text.parse()
-        .with_context(|| format!("reading WG-STUN key {}", path.display()))
+        .with_context(|| format!("reading {what} {}", path.display()))
 }
 
 #[cfg(test)]
