@@ -12,9 +12,6 @@ mod monitor;
 mod route;
 pub mod socket;
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-
 use anyhow::{Context, Result};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -76,33 +73,7 @@ impl Rtnl {
     }
 }
 
-impl AsRawFd for Rtnl {
-    fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-}
-
-impl mio::event::Source for Rtnl {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.sock.register(registry, token, interests)
-    }
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.sock.reregister(registry, token, interests)
-    }
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        self.sock.deregister(registry)
-    }
-}
+socket::delegate_to_nl_socket!(Rtnl, sock);
 
 #[cfg(test)]
 mod tests;

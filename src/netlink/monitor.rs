@@ -1,9 +1,7 @@
 //! Network change events (links, addresses, routes) for a mio loop: the
 //! agent re-checks paths after every change.
 
-use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
 
 use anyhow::{Context, Result};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
@@ -128,30 +126,4 @@ fn event_of(msg: RouteNetlinkMessage) -> Option<NetEvent> {
     })
 }
 
-impl AsRawFd for Monitor {
-    fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-}
-
-impl mio::event::Source for Monitor {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.sock.register(registry, token, interests)
-    }
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.sock.reregister(registry, token, interests)
-    }
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        self.sock.deregister(registry)
-    }
-}
+super::socket::delegate_to_nl_socket!(Monitor, sock);

@@ -314,6 +314,40 @@ impl mio::event::Source for NlSocket {
     }
 }
 
+/// Lets a type that owns an [`NlSocket`] be polled by mio as that socket.
+macro_rules! delegate_to_nl_socket {
+    ($ty:ty, $field:ident) => {
+        impl std::os::fd::AsRawFd for $ty {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                std::os::fd::AsRawFd::as_raw_fd(&self.$field)
+            }
+        }
+
+        impl mio::event::Source for $ty {
+            fn register(
+                &mut self,
+                registry: &mio::Registry,
+                token: mio::Token,
+                interests: mio::Interest,
+            ) -> std::io::Result<()> {
+                mio::event::Source::register(&mut self.$field, registry, token, interests)
+            }
+            fn reregister(
+                &mut self,
+                registry: &mio::Registry,
+                token: mio::Token,
+                interests: mio::Interest,
+            ) -> std::io::Result<()> {
+                mio::event::Source::reregister(&mut self.$field, registry, token, interests)
+            }
+            fn deregister(&mut self, registry: &mio::Registry) -> std::io::Result<()> {
+                mio::event::Source::deregister(&mut self.$field, registry)
+            }
+        }
+    };
+}
+pub(crate) use delegate_to_nl_socket;
+
 #[cfg(test)]
 mod tests {
     use super::*;

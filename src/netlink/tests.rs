@@ -2,6 +2,7 @@
 //! namespace of its own thread: the namespace (and every link in it) goes
 //! away when the thread ends, also when an assertion fails.
 
+use std::io;
 use std::net::IpAddr;
 
 use super::*;
