@@ -136,6 +136,11 @@ impl Channel {
         }
     }
 
+    /// Bytes of messages queued until the handshake finishes (not yet in [`Channel::outgoing`]).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.iter().map(Vec::len).sum()
+    }
+
     pub fn next_message(&mut self) -> Option<Vec<u8>> {
         self.received.pop_front()
     }
