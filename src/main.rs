@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     let args = warren::cli::Cli::parse();
     match warren::cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if warren::cli::out::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then each cause.
             eprintln!("warren: {e:#}");

@@ -2,7 +2,8 @@
 # tiers: lab
 # `warren up` with a reused single-use token, a forged token and an expired
 # token: each refused with a one-line reason, nothing enrolled, nothing left
-# running, and the coordinator keeps serving the node that joined properly.
+# running; a token whose server key was swapped gets its likely cause named in
+# one line. The coordinator keeps serving the node that joined properly.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_init
@@ -48,6 +49,21 @@ short=$(invite --expires 1s)
 expires_at=$(($(date +%s) + 2))
 lab_wait "the short token's lifetime to pass" 5 bash -c "[ \$(date +%s) -ge $expires_at ]"
 expect_refused "expired token" y "$short" "invite expired"
+
+# Right address and secret, another server's key: the coordinator cannot
+# decrypt the handshake and hangs up. The agent keeps retrying (it may be a
+# restart), and `warren up` names the likely cause when it gives up.
+swapped=$(python3 - "$(invite)" "$(wg genkey | wg pubkey)" <<'PY'
+import base64, json, sys
+body = sys.argv[1].removeprefix("warren1-")
+t = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+t["k"] = sys.argv[2]
+print("warren1-" + base64.urlsafe_b64encode(json.dumps(t).encode()).rstrip(b"=").decode())
+PY
+)
+expect_refused "swapped server key" y "$swapped" \
+    "closed the connection during the handshake: the token's server key may be wrong"
+lab_exec y "$WARREN" down --socket "$LAB_DIR/y/warren.sock" >/dev/null
 
 nodes=$(lab_exec srv "$WARREN" server nodes --json --state-dir "$SRV_DIR" | python3 -c 'import json,sys; print(" ".join(n["name"] for n in json.load(sys.stdin)))')
 [ "$nodes" = "x" ] || lab_fail "enrolled nodes: '$nodes', expected only x"

@@ -52,6 +52,9 @@ pub struct Status {
     pub coordinator: String,
     /// Why the coordinator connection is not up, when it is not.
     pub coordinator_detail: Option<String>,
+    /// Why the last coordinator connection ended or failed, until one succeeds.
+    #[serde(default)]
+    pub coordinator_error: Option<String>,
     pub peers: Vec<PeerStatus>,
 }
 

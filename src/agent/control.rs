@@ -87,6 +87,8 @@ pub struct ControlConn {
     candidates: Vec<SocketAddr>,
     /// A new private key announced to the coordinator but not yet confirmed.
     pending_key: Option<Key>,
+    /// Why the last connection ended or failed, for `warren status` and `warren up`.
+    last_error: Option<String>,
     events: VecDeque<Event>,
 }
 
@@ -108,6 +110,7 @@ impl ControlConn {
             map_version: None,
             candidates: Vec::new(),
             pending_key: None,
+            last_error: None,
             events: VecDeque::new(),
         }
     }
@@ -121,6 +124,11 @@ impl ControlConn {
 
     pub fn phase(&self) -> &Phase {
         &self.phase
+    }
+
+    /// Why the last connection attempt ended, until one succeeds.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
     }
 
     pub fn me(&self) -> Option<&PeerInfo> {
@@ -214,6 +222,25 @@ impl ControlConn {
     /// TCP is up. Nothing to do but note it: the first handshake message is already queued.
     pub fn handle_connected(&mut self, _now: Instant) {}
 
+    /// The coordinator closed the TCP connection (EOF or reset). During the
+    /// handshake that is how a coordinator answers a node that pinned the wrong
+    /// server key: the IK responder cannot decrypt the first message and hangs up.
+    pub fn handle_closed(&mut self, now: Instant) {
+        let reason = match &self.phase {
+            Phase::Connecting { server, .. } if !self.channel.as_ref().is_some_and(Channel::is_open) => {
+                format!(
+                    "coordinator {server} closed the connection during the handshake: \
+                     the token's server key may be wrong, or it is not a warren coordinator"
+                )
+            }
+            Phase::Connecting { server, .. } => {
+                format!("coordinator {server} closed the connection before welcoming this node")
+            }
+            _ => "coordinator closed the connection".to_string(),
+        };
+        self.handle_disconnected(now, &reason);
+    }
+
     /// TCP failed or closed.
     pub fn handle_disconnected(&mut self, now: Instant, reason: &str) {
         if matches!(self.phase, Phase::Connecting { .. } | Phase::Connected) {
@@ -243,6 +270,7 @@ impl ControlConn {
             ServerMessage::Welcome { node, .. } => {
                 let enrolled = self.cfg.join_secret.take().is_some();
                 self.failures = 0;
+                self.last_error = None;
                 // Stick with the server that worked.
                 self.next_server = self.next_server.saturating_sub(1);
                 self.phase = Phase::Connected;
@@ -366,6 +394,7 @@ impl ControlConn {
         self.channel = None;
         self.map_version = None;
         self.ping_due_since = None;
+        self.last_error = Some(reason.to_string());
         let delay = self.backoff();
         self.failures = self.failures.saturating_add(1);
         eprintln!(

@@ -422,13 +422,22 @@ impl Agent {
         loop {
             let Some(s) = self.tcp.as_mut() else { return };
             match s.read(&mut buf) {
-                Ok(0) => return self.lost_tcp(now, "coordinator closed the connection"),
+                Ok(0) => return self.closed_tcp(now),
                 Ok(n) => self.ctrl.handle_input(now, &buf[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return self.closed_tcp(now),
                 Err(e) => return self.lost_tcp(now, &format!("reading: {e}")),
             }
         }
+    }
+
+    fn closed_tcp(&mut self, now: Instant) {
+        if let Some(mut s) = self.tcp.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        self.tcp_connected = false;
+        self.ctrl.handle_closed(now);
     }
 
     fn lost_tcp(&mut self, now: Instant, why: &str) {
@@ -713,10 +722,25 @@ impl Agent {
             None
         };
         let me = self.ctrl.me();
+        let last = self.ctrl.last_error().map(str::to_string);
+        let last = last.as_deref();
         let (coordinator, detail) = match self.ctrl.phase() {
             Phase::Connected => ("connected", None),
-            Phase::Connecting { server, .. } => ("connecting", Some(format!("dialling {server}"))),
-            Phase::Waiting { .. } => ("waiting", Some("coordinator unreachable; retrying".to_string())),
+            Phase::Connecting { server, .. } => (
+                "connecting",
+                Some(match last {
+                    Some(e) => format!("dialling {server}; last attempt: {e}"),
+                    None => format!("dialling {server}"),
+                }),
+            ),
+            Phase::Waiting { retry_at } => (
+                "waiting",
+                Some(format!(
+                    "{}; retrying in {} s",
+                    last.unwrap_or("coordinator unreachable"),
+                    retry_at.saturating_duration_since(Instant::now()).as_secs()
+                )),
+            ),
             Phase::Failed { reason, .. } => ("failed", Some(reason.clone())),
         };
         let peers = self
@@ -750,6 +774,7 @@ impl Agent {
             backend: self.backend.kind().to_string(),
             coordinator: coordinator.to_string(),
             coordinator_detail: detail.or_else(|| self.last_error.clone()),
+            coordinator_error: last.map(str::to_string),
             peers,
         })
     }

@@ -144,7 +144,7 @@ impl Sim {
                     if hub.finished(id, now) {
                         hub.closed(id);
                         a.conn = None;
-                        a.ctrl.handle_disconnected(now, "closed by coordinator");
+                        a.ctrl.handle_closed(now);
                         busy = true;
                     }
                 }
@@ -392,4 +392,41 @@ fn lost_rotation_confirmation_adopts_the_new_key_instead_of_giving_up() {
         "{:?}",
         sim.agents[a].refused
     );
+}
+
+#[test]
+fn wrong_server_key_is_named_and_retried_with_backoff() {
+    let mut sim = Sim::new();
+    let good = sim.token();
+    let mut bad = good.clone();
+    bad.server_key = Key::generate_private().public_key();
+    let a = sim.add_agent(&bad, "alpha", 11);
+    sim.advance(Duration::from_secs(1));
+    let err = sim.agents[a]
+        .ctrl
+        .last_error()
+        .expect("an error is kept")
+        .to_string();
+    assert_eq!(
+        err,
+        "coordinator coord:7777 closed the connection during the handshake: \
+         the token's server key may be wrong, or it is not a warren coordinator"
+    );
+    assert!(matches!(sim.agents[a].ctrl.phase(), Phase::Waiting { .. }));
+
+    // Not permanent: the coordinator may be restarting. Attempts keep coming, backing off.
+    sim.advance(Duration::from_secs(60));
+    let dials = sim.agents[a].dials.clone();
+    assert!(dials.len() >= 4, "{dials:?}");
+    let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.last() > gaps.first(), "{gaps:?}");
+    assert!(sim.agents[a].refused.is_empty());
+    assert_eq!(sim.agents[a].ctrl.last_error(), Some(err.as_str()));
+
+    // The coordinator keeps serving a node with the right key, and the error clears on success.
+    let b = sim.add_agent(&good, "beta", 12);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.agents[b].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.agents[b].ctrl.last_error(), None);
+    assert!(sim.peer_names(b).is_empty(), "the wrong-key node never enrolled");
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::out::outln;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -125,24 +126,29 @@ pub fn up(a: AgentArgs) -> Result<()> {
             && status.coordinator == "connected"
             && let (Some(name), Some(addr)) = (&status.name, status.mesh_addr)
         {
-            println!(
+            outln!(
                 "warren is up: {name} ({addr}), {} peer(s) in the mesh",
                 status.peers.len()
-            );
+            )?;
             return Ok(());
         }
         std::thread::sleep(UP_POLL);
     }
+    let why = match api::request(&a.socket, &Request::Status) {
+        Ok(Response::Status { status }) => status.coordinator_error.map(|e| format!(": {e}")),
+        _ => None,
+    };
     bail!(
-        "the agent did not reach the coordinator within {} s; it keeps trying (log: {})",
+        "the agent did not reach the coordinator within {} s{}; it keeps trying (log: {})",
         UP_TIMEOUT.as_secs(),
+        why.unwrap_or_default(),
         log_path.display()
     )
 }
 
 pub fn down(a: SocketArgs) -> Result<()> {
     api::request(&a.socket, &Request::Down)?;
-    println!("warren is down");
+    outln!("warren is down")?;
     Ok(())
 }
 
@@ -155,11 +161,7 @@ pub fn status(a: SocketArgs) -> Result<()> {
     } else {
         format_status(&status)
     };
-    // A reader that stops early (`warren status | grep -q`) is not an error.
-    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing status"),
-        _ => Ok(()),
-    }
+    super::out::write(&text)
 }
 
 fn format_status(s: &Status) -> String {
@@ -222,11 +224,11 @@ pub fn rotate_key(a: SocketArgs) -> Result<()> {
     while Instant::now() < deadline {
         let now = current_status(&a.socket)?.public_key;
         if now != old {
-            println!(
+            outln!(
                 "new key {} (was {}); name and address unchanged",
                 now.short(),
                 old.short()
-            );
+            )?;
             return Ok(());
         }
         std::thread::sleep(UP_POLL);

@@ -1,6 +1,6 @@
 //! `warren genkey`, `warren pubkey`: byte-compatible with `wg genkey` / `wg pubkey`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use anyhow::{Context, Result};
 
@@ -11,7 +11,7 @@ const MAX_KEY_INPUT: u64 = 1024;
 
 pub fn genkey() -> Result<()> {
     let key = Key::generate_private();
-    writeln!(std::io::stdout(), "{key}").context("writing the key to stdout")
+    super::out::write(&format!("{key}\n"))
 }
 
 pub fn pubkey() -> Result<()> {
@@ -21,5 +21,5 @@ pub fn pubkey() -> Result<()> {
         .read_to_string(&mut input)
         .context("reading a private key from stdin")?;
     let private: Key = input.parse().context("reading a private key from stdin")?;
-    writeln!(std::io::stdout(), "{}", private.public_key()).context("writing the public key to stdout")
+    super::out::write(&format!("{}\n", private.public_key()))
 }

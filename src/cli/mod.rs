@@ -2,6 +2,7 @@
 
 mod agent;
 mod keys;
+pub mod out;
 mod relay;
 mod server;
 pub mod wg;

@@ -30,8 +30,7 @@ pub struct RelayArgs {
 pub fn run(args: RelayArgs) -> Result<()> {
     let private_key = key::load_or_create_file(&args.state_dir, KEY_FILE, "relay key")?;
     if args.show_key {
-        println!("{}", private_key.public_key());
-        return Ok(());
+        return super::out::write(&format!("{}\n", private_key.public_key()));
     }
     RelayServer::bind(RelayConfig {
         listen: args.listen,

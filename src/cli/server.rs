@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::out::outln;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
@@ -101,42 +102,42 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 bail!("unexpected answer from the coordinator");
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                outln!("{}", serde_json::to_string_pretty(&nodes)?)?;
             } else {
-                print_nodes(&nodes);
+                print_nodes(&nodes)?;
             }
         }
         ServerAction::Remove { node } => {
             let r = admin::request(&socket, &AdminRequest::Remove { node })?;
             if let AdminResponse::Node { node } = r {
-                println!("removed {} ({})", node.name, node.mesh_addr);
+                outln!("removed {} ({})", node.name, node.mesh_addr)?;
             }
         }
         ServerAction::Rename { node, new_name } => {
             let r = admin::request(&socket, &AdminRequest::Rename { node, new_name })?;
             if let AdminResponse::Node { node } = r {
-                println!("renamed to {} ({})", node.name, node.mesh_addr);
+                outln!("renamed to {} ({})", node.name, node.mesh_addr)?;
             }
         }
         ServerAction::Load { server, nodes } => {
             let r = crate::coord::load::run(&socket, server, nodes)?;
-            println!("coordinator: nodes connected | {} |", r.nodes);
-            println!(
+            outln!("coordinator: nodes connected | {} |", r.nodes)?;
+            outln!(
                 "coordinator: time to connect all nodes | {:.1} s |",
                 r.connect_all.as_secs_f64()
-            );
-            println!(
+            )?;
+            outln!(
                 "coordinator: one change reaches all, p50 | {} ms |",
                 r.change_p50.as_millis()
-            );
-            println!(
+            )?;
+            outln!(
                 "coordinator: one change reaches all, p99 | {} ms | <= 2000 ms",
                 r.change_p99.as_millis()
-            );
-            println!(
+            )?;
+            outln!(
                 "coordinator: one change reaches all, max | {} ms |",
                 r.change_max.as_millis()
-            );
+            )?;
         }
         ServerAction::Invite {
             reusable,
@@ -153,7 +154,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 },
             )?;
             if let AdminResponse::Invite { token, .. } = r {
-                println!("{token}");
+                outln!("{token}")?;
             }
         }
     }
@@ -189,12 +190,15 @@ fn start_wgstun(state_dir: &Path, listen: SocketAddr, stun_listen: Option<Socket
     Ok(())
 }
 
-fn print_nodes(nodes: &[NodeView]) {
+fn print_nodes(nodes: &[NodeView]) -> Result<()> {
     let now = crate::coord::hub::unix_now();
-    println!(
+    outln!(
         "{:<20} {:<15} {:<10} {:<8} LAST SEEN",
-        "NAME", "ADDRESS", "KEY", "STATE"
-    );
+        "NAME",
+        "ADDRESS",
+        "KEY",
+        "STATE"
+    )?;
     for n in nodes {
         let seen = match (n.online, n.last_seen) {
             (true, _) => "now".to_string(),
@@ -202,12 +206,13 @@ fn print_nodes(nodes: &[NodeView]) {
             (false, None) => "never".to_string(),
         };
         let state = if n.online { "online" } else { "offline" };
-        println!(
+        outln!(
             "{:<20} {:<15} {:<10} {:<8} {seen}",
             n.name,
             n.mesh_addr,
             n.public_key.short(),
             state
-        );
+        )?;
     }
+    Ok(())
 }

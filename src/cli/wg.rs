@@ -2,10 +2,10 @@
 //! operators and tests. `apply` is declarative: the interface ends up exactly
 //! as the file says, and re-applying changes nothing.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use super::out::outln;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
@@ -121,7 +121,7 @@ fn apply(args: ApplyArgs) -> Result<()> {
             return Err(e.context(format!("applying {}", args.config.display())));
         }
     };
-    println!("{}", summary(ifname, &report, &link));
+    outln!("{}", summary(ifname, &report, &link))?;
     Ok(())
 }
 
@@ -215,14 +215,12 @@ fn show(args: ShowArgs) -> Result<()> {
     let mut backend = select::backend_for_existing(choice, ifname)?.ok_or_else(|| no_such(ifname))?;
     let state = backend.get(ifname)?;
     let view = ShowView::new(ifname, backend.as_ref(), &state, SystemTime::now());
-    let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &view).context("writing JSON")?;
-        writeln!(out)?;
+        let json = serde_json::to_string_pretty(&view).context("encoding JSON")?;
+        outln!("{json}")
     } else {
-        out.write_all(view.text().as_bytes())?;
+        super::out::write(&view.text())
     }
-    Ok(())
 }
 
 fn delete(args: DeleteArgs) -> Result<()> {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::out::outln;
 use anyhow::{Context, Result};
 use clap::Args;
 
@@ -55,7 +56,7 @@ pub fn run(args: WgstunArgs) -> Result<()> {
                 format!("{}:{}", host.trim(), args.listen.port())
             }
         };
-        print!("{}", wgstun::peer_stanza(&private_key.public_key(), &endpoint));
+        super::out::write(&wgstun::peer_stanza(&private_key.public_key(), &endpoint))?;
         return Ok(());
     }
     wgstun::run(wgstun::Config {
@@ -117,10 +118,12 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             ports,
         } => {
             let r = load::flood(server, key, count, ports)?;
-            println!(
+            outln!(
                 "sent={} handshake_responses={} cookie_replies={}",
-                r.sent, r.handshake_responses, r.cookie_replies
-            );
+                r.sent,
+                r.handshake_responses,
+                r.cookie_replies
+            )?;
         }
         LoadCommand::Tunnel {
             server,
@@ -139,10 +142,10 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             } else {
                 (0, 0, Duration::ZERO)
             };
-            println!(
+            outln!(
                 "connected={connected} connect_seconds={connect_s:.2} answered={answered} wrong={wrong} rate={:.0}",
                 answered as f64 / elapsed.as_secs_f64().max(1e-9)
-            );
+            )?;
         }
         LoadCommand::Stun {
             server,
@@ -151,10 +154,10 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
         } => {
             let (answered, elapsed) =
                 load::plain_stun_rounds(server, window.max(1), Duration::from_secs_f64(seconds))?;
-            println!(
+            outln!(
                 "answered={answered} rate={:.0}",
                 answered as f64 / elapsed.as_secs_f64().max(1e-9)
-            );
+            )?;
         }
     }
     Ok(())
