@@ -48,6 +48,9 @@ pub enum Command {
     Wgstun(wgstun::WgstunArgs),
     /// Run the relay (forwards sealed datagrams between nodes that cannot reach each other).
     Relay(relay::RelayArgs),
+    /// Load generator for relay benchmarks.
+    #[command(subcommand, hide = true)]
+    RelayLoad(relay::LoadCommand),
     /// Load generator for WG-STUN tests and benchmarks.
     #[command(subcommand, hide = true)]
     WgstunLoad(wgstun::LoadCommand),
@@ -67,5 +70,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
         Command::Relay(args) => relay::run(args),
+        Command::RelayLoad(cmd) => relay::load(cmd),
     }
 }

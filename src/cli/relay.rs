@@ -22,6 +22,9 @@ pub struct RelayArgs {
     /// Most clients connected at once; further connections are refused.
     #[arg(long, default_value_t = 20_000)]
     pub max_clients: usize,
+    /// Sustained rate one client may send through the relay, in MiB/s.
+    #[arg(long, default_value_t = 64)]
+    pub client_rate_mib: u64,
     /// Print the relay's public key and exit.
     #[arg(long)]
     pub show_key: bool,
@@ -35,8 +38,75 @@ pub fn run(args: RelayArgs) -> Result<()> {
     RelayServer::bind(RelayConfig {
         listen: args.listen,
         private_key,
-        limits: Limits::default(),
+        limits: Limits {
+            rate_bytes_per_sec: args.client_rate_mib.saturating_mul(1024 * 1024),
+            ..Limits::default()
+        },
         max_clients: args.max_clients,
     })?
     .run()
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LoadCommand {
+    /// Connect N idle registered clients and hold them for --hold seconds.
+    Idle {
+        #[arg(long)]
+        relay: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 60)]
+        hold: u64,
+    },
+    /// One pair forwards datagrams as fast as it can; prints sent, received and packets/s.
+    Forward {
+        #[arg(long)]
+        relay: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long, default_value_t = 1200)]
+        payload: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+pub fn load(cmd: LoadCommand) -> Result<()> {
+    use crate::relay::load;
+    match cmd {
+        LoadCommand::Idle {
+            relay,
+            key,
+            clients,
+            hold,
+        } => {
+            let started = std::time::Instant::now();
+            let held = load::idle(relay, &key, clients)?;
+            println!(
+                "connected={} seconds={:.2}",
+                held.len(),
+                started.elapsed().as_secs_f64()
+            );
+            std::thread::sleep(std::time::Duration::from_secs(hold));
+            drop(held);
+        }
+        LoadCommand::Forward {
+            relay,
+            key,
+            payload,
+            seconds,
+        } => {
+            let r = load::forward(relay, &key, payload, seconds)?;
+            println!(
+                "sent={} received={} seconds={:.2} pps={:.0}",
+                r.sent,
+                r.received,
+                r.seconds,
+                r.received as f64 / r.seconds
+            );
+        }
+    }
+    Ok(())
 }

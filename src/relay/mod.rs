@@ -5,6 +5,7 @@
 pub mod client;
 pub mod client_conn;
 pub mod frame;
+pub mod load;
 pub mod server;
 
 use crate::control::noise::Profile;

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::RELAY_PROFILE;
+use super::client::{Event, RelayClient};
 use super::client_conn::Limits;
 use super::frame::RelayFrame;
 use super::server::{RelayConfig, RelayHandle, RelayServer, RelayStats};
@@ -27,10 +28,14 @@ struct Relay {
 
 impl Relay {
     fn start(limits: Limits) -> Relay {
+        Relay::start_at("127.0.0.1:0".parse().unwrap(), Key::generate_private(), limits)
+    }
+
+    fn start_at(listen: SocketAddr, private_key: Key, limits: Limits) -> Relay {
         Relay::from_server(
             RelayServer::bind(RelayConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                private_key: Key::generate_private(),
+                listen,
+                private_key,
                 limits,
                 max_clients: 100,
             })
@@ -391,4 +396,116 @@ fn max_clients_refuses_more() {
         "third client closed at once"
     );
     relay.wait_stats("refusal", |s| s.rejected_full == 1 && s.clients == 2);
+}
+
+/// The I/O shell for a [`RelayClient`] over a real socket, polled with a short sleep.
+struct Shell {
+    client: RelayClient,
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+}
+
+impl Shell {
+    fn new(addr: SocketAddr, relay_key: Key, key: Key) -> Shell {
+        Shell {
+            client: RelayClient::new(key, relay_key, Instant::now()),
+            addr,
+            stream: None,
+        }
+    }
+
+    /// Runs until `want` matches an event (true) or the deadline passes (false).
+    fn run_until(&mut self, want: impl FnMut(&Event) -> bool) -> bool {
+        self.run_for(DEADLINE, want)
+    }
+
+    fn run_for(&mut self, limit: Duration, mut want: impl FnMut(&Event) -> bool) -> bool {
+        let end = Instant::now() + limit;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < end {
+            let now = Instant::now();
+            if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                self.client.handle_timeout(now);
+            }
+            while let Some(ev) = self.client.poll_event() {
+                match &ev {
+                    Event::Connect => match TcpStream::connect(self.addr) {
+                        Ok(s) => {
+                            s.set_nonblocking(true).unwrap();
+                            self.stream = Some(s);
+                            self.client.on_tcp_connected(now);
+                        }
+                        Err(e) => self.client.on_tcp_closed(now, &e.to_string()),
+                    },
+                    Event::Close(_) => self.stream = None,
+                    _ => {}
+                }
+                if want(&ev) {
+                    return true;
+                }
+            }
+            let Some(s) = &mut self.stream else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let out = self.client.outgoing().to_vec();
+            match s.write(&out) {
+                Ok(n) => self.client.consume_outgoing(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.stream = None;
+                    self.client.on_tcp_closed(now, &e.to_string());
+                    continue;
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    self.stream = None;
+                    self.client.on_tcp_closed(now, "closed by the relay");
+                }
+                Ok(n) => self.client.on_bytes(now, &buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => {
+                    self.stream = None;
+                    self.client.on_tcp_closed(now, &e.to_string());
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Two relay clients over real sockets; the relay restarts (same key, same
+/// port) and both reconnect by themselves and traffic flows again.
+#[test]
+fn clients_reconnect_after_a_relay_restart_and_traffic_resumes() {
+    let relay_key = Key::generate_private();
+    let relay = Relay::start_at("127.0.0.1:0".parse().unwrap(), relay_key, Limits::default());
+    let addr = relay.addr;
+    let (ka, kb) = (Key::generate_private(), Key::generate_private());
+    let mut a = Shell::new(addr, relay.public, ka);
+    let mut b = Shell::new(addr, relay.public, kb);
+    assert!(a.run_until(|e| *e == Event::Open));
+    assert!(b.run_until(|e| *e == Event::Open));
+    let exchange = |a: &mut Shell, b: &mut Shell, what: &[u8]| {
+        // Datagram semantics: resend until one arrives, as WireGuard would retransmit.
+        for _ in 0..20 {
+            a.client.send_to(Instant::now(), kb.public_key(), what);
+            a.run_for(Duration::from_millis(50), |_| false);
+            if b.run_for(Duration::from_millis(500), |e| {
+                matches!(e, Event::Received { from, payload } if *from == ka.public_key() && payload == what)
+            }) {
+                return;
+            }
+        }
+        panic!("no delivery of {what:?}");
+    };
+    exchange(&mut a, &mut b, b"before restart");
+
+    drop(relay);
+    let relay = Relay::start_at(addr, relay_key, Limits::default());
+    assert!(a.run_until(|e| *e == Event::Open), "a reconnected");
+    assert!(b.run_until(|e| *e == Event::Open), "b reconnected");
+    exchange(&mut a, &mut b, b"after restart");
+    relay.wait_stats("both back", |s| s.registered == 2 && s.forwarded >= 1);
 }
