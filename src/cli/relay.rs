@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::out::outln;
 use crate::relay::client_conn::Limits;
 use crate::relay::server::{RelayConfig, RelayServer};
 use crate::relay::{DEFAULT_PORT, KEY_FILE};
@@ -60,6 +61,26 @@ pub enum LoadCommand {
         #[arg(long, default_value_t = 60)]
         hold: u64,
     },
+    /// Echo every datagram back to its sender; prints `key=PUBLIC` once registered.
+    Echo {
+        #[arg(long)]
+        relay: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Send numbered datagrams to an echoing key; prints sent, received and the worst round trip.
+    Ping {
+        #[arg(long)]
+        relay: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        #[arg(long)]
+        to: crate::keys::Key,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+    },
     /// One pair forwards datagrams as fast as it can; prints sent, received and packets/s.
     Forward {
         #[arg(long)]
@@ -84,13 +105,31 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
         } => {
             let started = std::time::Instant::now();
             let held = load::idle(relay, &key, clients)?;
-            println!(
+            outln!(
                 "connected={} seconds={:.2}",
                 held.len(),
                 started.elapsed().as_secs_f64()
-            );
+            )?;
             std::thread::sleep(std::time::Duration::from_secs(hold));
             drop(held);
+        }
+        LoadCommand::Echo { relay, key, seconds } => {
+            let echoed = load::echo(relay, &key, seconds, |me| outln!("key={me}"))?;
+            outln!("echoed={echoed}")?;
+        }
+        LoadCommand::Ping {
+            relay,
+            key,
+            to,
+            count,
+        } => {
+            let r = load::ping(relay, &key, to, count)?;
+            outln!(
+                "sent={} received={} max_rtt_ms={:.1}",
+                r.sent,
+                r.received,
+                r.max_rtt.as_secs_f64() * 1000.0
+            )?;
         }
         LoadCommand::Forward {
             relay,
@@ -99,13 +138,13 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             seconds,
         } => {
             let r = load::forward(relay, &key, payload, seconds)?;
-            println!(
+            outln!(
                 "sent={} received={} seconds={:.2} pps={:.0}",
                 r.sent,
                 r.received,
                 r.seconds,
                 r.received as f64 / r.seconds
-            );
+            )?;
         }
     }
     Ok(())

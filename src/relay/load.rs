@@ -130,3 +130,99 @@ pub fn forward(
         seconds: elapsed,
     })
 }
+
+impl LoadClient {
+    /// Next relay frame other than a keepalive, or None when the read times out.
+    fn next_frame(&mut self, buf: &mut [u8]) -> Result<Option<RelayFrame>> {
+        loop {
+            while let Some(m) = self.ch.next_message() {
+                match RelayFrame::decode(&m)? {
+                    RelayFrame::KeepAlive => {}
+                    f => return Ok(Some(f)),
+                }
+            }
+            let n = match self.stream.read(buf) {
+                Ok(0) => bail!("relay closed the connection"),
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e).context("reading from relay"),
+            };
+            self.ch.receive(&buf[..n])?;
+        }
+    }
+
+    fn send_to(&mut self, to: Key, payload: &[u8]) -> Result<()> {
+        let f = RelayFrame::SendTo {
+            key: to,
+            payload: payload.to_vec(),
+        };
+        self.ch.send(&f.encode()?)?;
+        self.flush()
+    }
+}
+
+/// Echoes every datagram back to its sender for `seconds`; calls `ready`
+/// with its public key once registered. Returns how many it echoed.
+pub fn echo(
+    relay: SocketAddr,
+    relay_key: &Key,
+    seconds: u64,
+    ready: impl FnOnce(Key) -> Result<()>,
+) -> Result<u64> {
+    let mut c = LoadClient::connect(relay, relay_key)?;
+    c.stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    ready(c.key.public_key())?;
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut buf = vec![0u8; 65536];
+    let mut echoed = 0;
+    while Instant::now() < end {
+        if let Some(RelayFrame::RecvFrom { key, payload }) = c.next_frame(&mut buf)? {
+            c.send_to(key, &payload)?;
+            echoed += 1;
+        }
+    }
+    Ok(echoed)
+}
+
+#[derive(Debug)]
+pub struct PingReport {
+    pub sent: u32,
+    pub received: u32,
+    pub max_rtt: Duration,
+}
+
+/// Sends `count` numbered datagrams to `to`, each awaiting its echo for up to a second.
+pub fn ping(relay: SocketAddr, relay_key: &Key, to: Key, count: u32) -> Result<PingReport> {
+    let mut c = LoadClient::connect(relay, relay_key)?;
+    c.stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = vec![0u8; 65536];
+    let mut report = PingReport {
+        sent: 0,
+        received: 0,
+        max_rtt: Duration::ZERO,
+    };
+    for i in 0..count {
+        let payload = format!("warren relay ping {i}");
+        let t = Instant::now();
+        c.send_to(to, payload.as_bytes())?;
+        report.sent += 1;
+        while t.elapsed() < Duration::from_secs(1) {
+            match c.next_frame(&mut buf)? {
+                Some(RelayFrame::RecvFrom { key, payload: p }) if key == to && p == payload.as_bytes() => {
+                    report.received += 1;
+                    report.max_rtt = report.max_rtt.max(t.elapsed());
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(report)
+}
