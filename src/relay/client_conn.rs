@@ -48,6 +48,11 @@ impl Default for Limits {
     }
 }
 
+/// Bytes a connection may send before it is registered. A Noise IK first
+/// message is 96 bytes; without this cap every unauthenticated connection could
+/// make the relay buffer a whole 64 KiB frame.
+const MAX_BYTES_BEFORE_REGISTERED: usize = 1024;
+
 /// What a client asked for, in order. Clients send a keepalive right after
 /// the handshake so they are registered without waiting for traffic.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +80,7 @@ pub struct ClientConn {
     last_received: Instant,
     last_sent: Instant,
     bucket: Bucket,
+    unregistered_bytes: usize,
     /// Datagrams for this client dropped because its queue was full.
     pub dropped_queue_full: u64,
     /// Datagrams from this client dropped by its rate limit.
@@ -94,6 +100,7 @@ impl ClientConn {
                 tokens: limits.burst_bytes,
                 refilled: now,
             },
+            unregistered_bytes: 0,
             dropped_queue_full: 0,
             dropped_rate: 0,
         }
@@ -130,6 +137,15 @@ impl ClientConn {
                 }
                 RelayFrame::KeepAlive => {}
                 other => bail!("client sent a relay-to-client frame ({other:?})"),
+            }
+        }
+        if self.key.is_none() {
+            self.unregistered_bytes += bytes.len();
+            if self.unregistered_bytes > MAX_BYTES_BEFORE_REGISTERED {
+                bail!(
+                    "{} bytes without completing the handshake",
+                    self.unregistered_bytes
+                );
             }
         }
         Ok(())
@@ -262,6 +278,24 @@ mod tests {
             }]
         );
         assert!(send(&mut p, now, &RelayFrame::KeepAlive).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unregistered_connection_cannot_make_the_relay_buffer_a_frame() {
+        let now = Instant::now();
+        let mut c = ClientConn::new(&Key::generate_private(), Limits::default(), now);
+        // A valid-looking header announcing a 60 KB handshake, then the body trickling in.
+        let mut reqs = Vec::new();
+        c.receive(now, &[0, 0, 0xea, 0x62, 1, 1], &mut reqs).unwrap();
+        let mut closed = false;
+        for _ in 0..100 {
+            if c.receive(now, &[0u8; 100], &mut reqs).is_err() {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "closed after about {MAX_BYTES_BEFORE_REGISTERED} bytes");
+        assert!(reqs.is_empty());
     }
 
     #[test]
