@@ -61,6 +61,9 @@ pub enum ServerAction {
         server: SocketAddr,
         #[arg(long, default_value_t = 10_000)]
         nodes: usize,
+        /// Keep the nodes connected until killed instead of timing a change.
+        #[arg(long)]
+        hold: bool,
     },
     /// Print a join token for `warren up --join TOKEN`.
     Invite {
@@ -119,8 +122,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 outln!("renamed to {} ({})", node.name, node.mesh_addr)?;
             }
         }
-        ServerAction::Load { server, nodes } => {
-            let r = crate::coord::load::run(&socket, server, nodes)?;
+        ServerAction::Load { server, nodes, hold } => {
+            let r = crate::coord::load::run(&socket, server, nodes, hold)?;
             outln!("coordinator: nodes connected | {} |", r.nodes)?;
             outln!(
                 "coordinator: time to connect all nodes | {:.1} s |",

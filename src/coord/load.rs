@@ -58,7 +58,9 @@ pub fn raise_fd_limit() {
     }
 }
 
-pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize) -> Result<LoadReport> {
+/// With `hold`, the nodes stay connected (pinging) until the process is killed
+/// and nothing is timed: a populated mesh for measuring an agent against.
+pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) -> Result<LoadReport> {
     raise_fd_limit();
     let req = AdminRequest::Invite {
         reusable: true,
@@ -78,6 +80,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize) -> Result<Load
     let mut last_traffic = Instant::now();
     let mut marker: Option<(Vec<u8>, Instant)> = None;
     let mut next_ping = Instant::now() + PING_EVERY;
+    let mut announced = false;
 
     loop {
         let now = Instant::now();
@@ -159,6 +162,11 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize) -> Result<Load
             }
         }
         match &marker {
+            None if hold && welcomed == nodes && !announced => {
+                announced = true;
+                eprintln!("load: {nodes} nodes connected; holding them until killed");
+            }
+            None if hold && welcomed == nodes => {}
             None if welcomed == nodes && now.duration_since(last_traffic) >= QUIET => {
                 // Everyone is in and the joins' deltas have settled: time one change.
                 let t0 = Instant::now();
