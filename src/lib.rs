@@ -11,6 +11,7 @@ pub mod ifaddrs;
 pub mod keys;
 pub mod netlink;
 pub mod peer;
+pub mod peercred;
 pub mod relay;
 pub mod stun;
 pub mod wg;

@@ -97,25 +97,7 @@ pub fn request(socket: &Path, req: &AdminRequest) -> Result<AdminResponse> {
 
 /// The uid of the process at the other end of a unix socket.
 pub fn peer_uid(fd: std::os::fd::RawFd) -> Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes and sized for SO_PEERCRED.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading admin client credentials");
-    }
+    let cred = crate::peercred::peer_credentials(fd).context("reading admin client credentials")?;
     Ok(cred.uid)
 }
 

@@ -141,25 +141,8 @@ impl UserspaceBackend {
     /// connection are those of the process that created the listening socket.
     fn server_pid(&self, ifname: &str) -> Result<libc::pid_t> {
         let stream = self.connect(ifname)?;
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: `cred` and `len` are valid for writes of the sizes given.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("reading the socket's owner (SO_PEERCRED)");
-        }
+        let cred = crate::peercred::peer_credentials(stream.as_raw_fd())
+            .context("reading the socket's owner (SO_PEERCRED)")?;
         if cred.pid <= 0 {
             bail!(
                 "the process serving {} is not visible here",
