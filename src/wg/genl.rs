@@ -352,16 +352,7 @@ fn allowed_ip(buf: &[u8]) -> Result<AllowedIp, String> {
 
 fn peer(buf: &[u8]) -> Result<PeerState, String> {
     let mut public_key = None;
-    let mut p = PeerState {
-        public_key: Key([0; 32]),
-        preshared_key: None,
-        endpoint: None,
-        allowed_ips: Vec::new(),
-        persistent_keepalive: None,
-        last_handshake: None,
-        rx_bytes: 0,
-        tx_bytes: 0,
-    };
+    let mut p = PeerState::new(Key([0; 32]));
     for nla in nlas(buf) {
         let nla = nla?;
         let v = nla.value();

@@ -139,6 +139,22 @@ pub struct PeerState {
     pub tx_bytes: u64,
 }
 
+impl PeerState {
+    /// A peer as a decoder starts it: nothing known but its key.
+    pub fn new(public_key: Key) -> PeerState {
+        PeerState {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+}
+
 /// A device as WireGuard reports it. The private key is read only to compare
 /// it with the desired one; it is never serialised.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

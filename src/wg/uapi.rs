@@ -156,16 +156,7 @@ struct PeerBuilder {
 impl PeerBuilder {
     fn new(public_key: Key) -> PeerBuilder {
         PeerBuilder {
-            state: PeerState {
-                public_key,
-                preshared_key: None,
-                endpoint: None,
-                allowed_ips: Vec::new(),
-                persistent_keepalive: None,
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-            },
+            state: PeerState::new(public_key),
             handshake_sec: 0,
             handshake_nsec: 0,
         }

@@ -176,32 +176,27 @@ pub fn build_echo_reply(out: &mut Vec<u8>, dst: Ipv4Addr, rest: &[u8]) {
 
 /// UDP datagram from 100.64.0.4:`src_port` to `dst`:`dst_port`.
 pub fn build_udp(out: &mut Vec<u8>, src_port: u16, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) {
-    let udp_len = UDP_HEADER_LEN + payload.len();
-    push_ipv4_header(out, PROTO_UDP, WGSTUN_ADDR, dst, udp_len);
-    let udp = out.len();
-    out.extend_from_slice(&src_port.to_be_bytes());
-    out.extend_from_slice(&dst_port.to_be_bytes());
-    out.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(payload);
-    let mut c = fold(sum_words(udp_pseudo_sum(WGSTUN_ADDR, dst, udp_len), &out[udp..]));
-    if c == 0 {
-        c = 0xffff; // zero would mean "no checksum"
-    }
-    out[udp + 6..udp + 8].copy_from_slice(&c.to_be_bytes());
+    push_udp(out, WGSTUN_ADDR, src_port, dst, dst_port, payload);
 }
 
 /// Builds a packet *to* 100.64.0.4, as a client would: for tests and benches.
 pub fn build_udp_to_server(out: &mut Vec<u8>, src: Ipv4Addr, src_port: u16, dst_port: u16, payload: &[u8]) {
+    push_udp(out, src, src_port, WGSTUN_ADDR, dst_port, payload);
+}
+
+fn push_udp(out: &mut Vec<u8>, src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) {
     let udp_len = UDP_HEADER_LEN + payload.len();
-    push_ipv4_header(out, PROTO_UDP, src, WGSTUN_ADDR, udp_len);
+    push_ipv4_header(out, PROTO_UDP, src, dst, udp_len);
     let udp = out.len();
     out.extend_from_slice(&src_port.to_be_bytes());
     out.extend_from_slice(&dst_port.to_be_bytes());
     out.extend_from_slice(&(udp_len as u16).to_be_bytes());
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(payload);
-    let c = fold(sum_words(udp_pseudo_sum(src, WGSTUN_ADDR, udp_len), &out[udp..]));
+    let mut c = fold(sum_words(udp_pseudo_sum(src, dst, udp_len), &out[udp..]));
+    if c == 0 {
+        c = 0xffff; // zero would mean "no checksum"
+    }
     out[udp + 6..udp + 8].copy_from_slice(&c.to_be_bytes());
 }
 
