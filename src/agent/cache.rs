@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::control::messages::PeerInfo;
+use crate::control::messages::{PeerInfo, RelayInfo};
 use crate::keys::Key;
 
 pub const STATE_FILE: &str = "agent.json";
@@ -28,6 +28,10 @@ pub struct AgentState {
     /// restart in between can still adopt it (the old key may be gone).
     #[serde(default)]
     pub pending_private_key: Option<Key>,
+    /// The mesh's relays as last published, so a restart without the
+    /// coordinator still reaches peers that are only reachable through one.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -82,6 +86,7 @@ mod tests {
             public_key: Key::generate_private().public_key(),
             candidates: vec![],
             online: true,
+            home_relay: Some(Key([9; 32])),
         };
         let st = AgentState {
             private_key: Key::generate_private(),
@@ -96,6 +101,10 @@ mod tests {
                 ..me
             }],
             pending_private_key: Some(Key::generate_private()),
+            relays: vec![RelayInfo {
+                public_key: Key([9; 32]),
+                addrs: vec!["203.0.113.1:7778".into()],
+            }],
         };
         save(&dir.0, &st).unwrap();
         save(&dir.0, &st).unwrap();

@@ -141,6 +141,7 @@ mod tests {
             public_key: Key([1; 32]),
             candidates: cands.iter().map(|c| c.parse().unwrap()).collect(),
             online: true,
+            home_relay: None,
         }
     }
 

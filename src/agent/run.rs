@@ -153,6 +153,7 @@ fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
         me: None,
         peers: Vec::new(),
         pending_private_key: None,
+        relays: Vec::new(),
     })
 }
 

@@ -64,6 +64,18 @@ pub struct PeerInfo {
     pub public_key: Key,
     pub candidates: Vec<SocketAddr>,
     pub online: bool,
+    /// The relay this node listens on; others send to it through this relay
+    /// when no direct path exists. `None` when the mesh has no relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<Key>,
+}
+
+/// A relay the coordinator publishes: nodes dial it and prove their key to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub public_key: Key,
+    /// `host:port` addresses to dial, tried in order.
+    pub addrs: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +115,9 @@ pub enum ServerMessage {
     Welcome {
         version: u32,
         node: PeerInfo,
+        /// Every relay of the mesh; each node's `home_relay` names one of them.
+        #[serde(default)]
+        relays: Vec<RelayInfo>,
     },
     /// Every node of the mesh, the receiver included (it finds itself by id).
     PeerMap {
@@ -192,6 +207,7 @@ mod tests {
             public_key: Key::generate_private().public_key(),
             candidates: vec!["192.168.1.5:51820".parse().unwrap()],
             online: true,
+            home_relay: Some(Key([7; 32])),
         }
     }
 
@@ -201,6 +217,10 @@ mod tests {
             ServerMessage::Welcome {
                 version: PROTOCOL_VERSION,
                 node: peer(),
+                relays: vec![RelayInfo {
+                    public_key: Key([7; 32]),
+                    addrs: vec!["relay.example:7778".into()],
+                }],
             },
             ServerMessage::PeerMap {
                 version: 1,

@@ -12,7 +12,9 @@ use super::admin::{AdminRequest, AdminResponse, NodeView};
 use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
 use super::store::{JoinRequest, Node, Store};
-use crate::control::messages::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, ServerMessage};
+use crate::control::messages::{
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+};
 use crate::keys::Key;
 
 pub type ConnId = usize;
@@ -40,6 +42,8 @@ pub struct Hub {
     removed: BTreeSet<u64>,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
+    /// Relays published to nodes; each node's home is picked from these by its id.
+    relays: Vec<RelayInfo>,
 }
 
 impl Hub {
@@ -55,7 +59,27 @@ impl Hub {
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            relays: Vec::new(),
         }
+    }
+
+    /// Sets the relays nodes use; call before nodes connect (they learn them on connect).
+    pub fn set_relays(&mut self, relays: Vec<RelayInfo>) {
+        self.relays = relays;
+    }
+
+    pub fn advertise(&self) -> &[String] {
+        &self.advertise
+    }
+
+    /// A node's home relay: spread over the relays by node id, so it stays
+    /// the same for as long as the set of relays does.
+    fn home_relay(&self, node: u64) -> Option<Key> {
+        if self.relays.is_empty() {
+            return None;
+        }
+        let i = (node % self.relays.len() as u64) as usize;
+        Some(self.relays[i].public_key)
     }
 
     pub fn public_key(&self) -> Key {
@@ -239,6 +263,7 @@ impl Hub {
         conn.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
             node: me,
+            relays: self.relays.clone(),
         });
         conn.send(&ServerMessage::PeerMap {
             version: self.map_version,
@@ -256,6 +281,7 @@ impl Hub {
             public_key: n.public_key,
             candidates: self.candidates.get(&n.id).cloned().unwrap_or_default(),
             online: self.online.contains_key(&n.id),
+            home_relay: self.home_relay(n.id),
         }
     }
 

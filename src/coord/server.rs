@@ -155,6 +155,16 @@ impl Server {
         self.hub.public_key()
     }
 
+    /// The `host:port` addresses nodes dial (as in join tokens).
+    pub fn advertise(&self) -> &[String] {
+        self.hub.advertise()
+    }
+
+    /// Relays to publish in the peer map.
+    pub fn set_relays(&mut self, relays: Vec<crate::control::messages::RelayInfo>) {
+        self.hub.set_relays(relays);
+    }
+
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
     }

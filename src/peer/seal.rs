@@ -45,7 +45,9 @@ use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 
 use crate::keys::{KEY_LEN, Key};
 
-pub const SEAL_VERSION: u8 = 1;
+/// Version byte, first on the wire. It has the high bit set so it can never be
+/// a WireGuard message type (1–4): a relay payload is one or the other by its first byte.
+pub const SEAL_VERSION: u8 = 0x81;
 /// Domain label: this is the only place a node's WireGuard key seals peer messages.
 const LABEL: &[u8] = b"warren sealed peer message v1";
 pub const HEADER_LEN: usize = 1 + KEY_LEN + 8 + 8;
@@ -390,8 +392,8 @@ mod tests {
     // Pinned output of this implementation (sender key(1), receiver key(2), epoch
     // 0x0102030405060708, counters 0 and 1): any change to the wire format or the
     // KDF breaks compatibility between versions and must show up here.
-    const VECTOR_0: &str = "01a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a20901020304050607080000000000000000ba5aa0176183454c69c47d645ae739a24e0fe92408";
-    const VECTOR_1: &str = "01a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a2090102030405060708000000000000000170feb9bb24dadc92a0baaac82e27945c";
+    const VECTOR_0: &str = "81a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a20901020304050607080000000000000000ba5aa01761db29f1d005df21fb5b17479142ffbcbb";
+    const VECTOR_1: &str = "81a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a20901020304050607080000000000000001b2eeec60b74e7d12b28ffbc676abfd26";
 
     #[test]
     fn round_trip_both_directions() {
