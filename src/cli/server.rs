@@ -7,10 +7,14 @@ use super::out::outln;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
+use crate::control::messages::RelayInfo;
 use crate::coord::admin::{self, AdminRequest, AdminResponse, NodeView};
 use crate::coord::invite;
 use crate::coord::server::{ADMIN_SOCKET, DB_FILE, DEFAULT_PORT, Server, ServerConfig};
 use crate::coord::store::human_duration;
+use crate::keys::Key;
+use crate::relay::client_conn::Limits;
+use crate::relay::server::{RelayConfig, RelayServer};
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -39,6 +43,20 @@ pub struct ServerArgs {
     /// Do not answer plain STUN (WG-STUN still runs).
     #[arg(long)]
     pub no_stun: bool,
+    /// Relay address (TCP) for nodes that cannot reach each other directly.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], crate::relay::DEFAULT_PORT)))]
+    pub relay_listen: SocketAddr,
+    /// Address nodes should dial for this server's relay (repeatable). Default:
+    /// the relay listen address, or each advertised coordinator host with the relay port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub relay_advertise: Vec<String>,
+    /// Do not run a relay in this process (nodes then use only the --relay ones, if any).
+    #[arg(long)]
+    pub no_relay: bool,
+    /// Another relay to publish to nodes, as KEY@HOST:PORT (repeatable); its
+    /// key is what `warren relay --show-key` prints there.
+    #[arg(long = "relay", value_name = "KEY@HOST:PORT")]
+    pub relays: Vec<String>,
     #[command(subcommand)]
     pub action: Option<ServerAction>,
 }
@@ -88,8 +106,32 @@ pub fn run(args: ServerArgs) -> Result<()> {
             state_dir: args.state_dir,
             advertise: args.advertise,
         };
+        let mut relays = args
+            .relays
+            .iter()
+            .map(|r| parse_relay(r))
+            .collect::<Result<Vec<_>>>()?;
         // Bind the coordinator first: a busy coordinator port fails before any thread starts.
         let mut server = Server::bind(&cfg)?;
+        if !args.no_relay {
+            let addrs = if !args.relay_advertise.is_empty() {
+                args.relay_advertise.clone()
+            } else {
+                relay_addrs(args.relay_listen, server.advertise())
+            };
+            let key = start_relay(&cfg.state_dir, args.relay_listen)?;
+            relays.insert(
+                0,
+                RelayInfo {
+                    public_key: key,
+                    addrs,
+                },
+            );
+        }
+        if relays.is_empty() {
+            eprintln!("warren: no relay: nodes that cannot reach each other directly stay apart");
+        }
+        server.set_relays(relays);
         if !args.no_wgstun {
             start_wgstun(
                 &cfg.state_dir,
@@ -162,6 +204,65 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `KEY@HOST:PORT` of a relay running elsewhere.
+fn parse_relay(s: &str) -> Result<RelayInfo> {
+    let (key, addr) = s
+        .split_once('@')
+        .with_context(|| format!("--relay {s:?}: expected KEY@HOST:PORT"))?;
+    let public_key: Key = key
+        .parse()
+        .with_context(|| format!("--relay {s:?}: bad relay key"))?;
+    match addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {}
+        _ => bail!("--relay {s:?}: expected KEY@HOST:PORT"),
+    }
+    Ok(RelayInfo {
+        public_key,
+        addrs: vec![addr.to_string()],
+    })
+}
+
+/// Where nodes dial this server's relay: its listen address if specific,
+/// else each host nodes already dial for the coordinator, with the relay port.
+fn relay_addrs(listen: SocketAddr, coordinator: &[String]) -> Vec<String> {
+    if !listen.ip().is_unspecified() {
+        return vec![listen.to_string()];
+    }
+    coordinator
+        .iter()
+        .filter_map(|a| a.rsplit_once(':'))
+        .map(|(host, _)| format!("{host}:{}", listen.port()))
+        .collect()
+}
+
+/// Clients of the relay inside `warren server`: a home mesh's nodes with
+/// plenty of room; a larger mesh runs `warren relay` on its own and sizes it.
+const EMBEDDED_RELAY_MAX_CLIENTS: usize = 4096;
+
+/// Runs the relay beside the coordinator, as `warren relay` would with its
+/// defaults; returns its public key. If it stops on an I/O error the
+/// coordinator keeps serving; the error is logged.
+fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
+    let private_key =
+        crate::wgstun::key::load_or_create_file(state_dir, crate::relay::KEY_FILE, "relay key")?;
+    let relay = RelayServer::bind(RelayConfig {
+        listen,
+        private_key,
+        limits: Limits::default(),
+        max_clients: EMBEDDED_RELAY_MAX_CLIENTS,
+    })
+    .context("starting the relay beside the coordinator (or pass --no-relay)")?;
+    let key = relay.public_key();
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || match relay.run() {
+            Ok(()) => eprintln!("warren: relay stopped"),
+            Err(e) => eprintln!("warren: relay stopped: {e:#}"),
+        })
+        .context("starting the relay thread")?;
+    Ok(key)
 }
 
 /// Runs WG-STUN beside the coordinator, as `warren wgstun` would with its defaults.
