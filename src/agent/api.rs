@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use super::paths::PathKind;
+use super::relay_path::RelayStatus;
 use crate::keys::Key;
 
 pub const DEFAULT_SOCKET: &str = "/run/warren/warren.sock";
@@ -35,6 +36,9 @@ pub struct PeerStatus {
     pub online: bool,
     pub endpoint: Option<SocketAddr>,
     pub path: PathKind,
+    /// The relay carrying this peer's traffic, when the path is the relay.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// Seconds since the last WireGuard handshake.
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
@@ -55,6 +59,9 @@ pub struct Status {
     /// Why the last coordinator connection ended or failed, until one succeeds.
     #[serde(default)]
     pub coordinator_error: Option<String>,
+    /// Relay connections: the home relay first.
+    #[serde(default)]
+    pub relays: Vec<RelayStatus>,
     pub peers: Vec<PeerStatus>,
 }
 

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::control::channel::Channel;
-use crate::control::messages::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, ServerMessage};
+use crate::control::messages::{
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+};
 use crate::keys::Key;
 
 /// Keeps NAT and firewall state for the TCP connection alive and notices a dead coordinator.
@@ -48,7 +50,11 @@ pub enum Event {
     /// Close the TCP connection (the state machine already moved on).
     HangUp,
     /// The coordinator accepted the node; `enrolled` is true the first time (a join).
-    Welcome { me: PeerInfo, enrolled: bool },
+    Welcome {
+        me: PeerInfo,
+        enrolled: bool,
+        relays: Vec<RelayInfo>,
+    },
     /// The peer map changed; read it with [`ControlConn::peers`].
     MapChanged,
     /// The coordinator recorded our new key; WireGuard must switch to it now.
@@ -267,7 +273,7 @@ impl ControlConn {
         self.ping_due_since = None;
         self.next_ping = now + PING_INTERVAL;
         match msg {
-            ServerMessage::Welcome { node, .. } => {
+            ServerMessage::Welcome { node, relays, .. } => {
                 let enrolled = self.cfg.join_secret.take().is_some();
                 self.failures = 0;
                 self.last_error = None;
@@ -275,7 +281,11 @@ impl ControlConn {
                 self.next_server = self.next_server.saturating_sub(1);
                 self.phase = Phase::Connected;
                 self.me = Some(node.clone());
-                self.events.push_back(Event::Welcome { me: node, enrolled });
+                self.events.push_back(Event::Welcome {
+                    me: node,
+                    enrolled,
+                    relays,
+                });
             }
             ServerMessage::PeerMap { version, nodes } => {
                 self.map_version = Some(version);

@@ -19,6 +19,7 @@ use super::api::{self, PeerStatus, Request, Response, Status};
 use super::cache::{self, AgentState};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::paths::{self, Paths};
+use super::relay_path::RelayPath;
 use crate::control::messages::{ErrorCode, PeerInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
@@ -59,6 +60,7 @@ struct Agent {
     state: AgentState,
     ctrl: ControlConn,
     paths: Paths,
+    relay: RelayPath,
     backend: Box<dyn Backend>,
     rtnl: Rtnl,
     monitor: Monitor,
@@ -219,7 +221,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     if let Some(pending) = state.pending_private_key {
         ctrl.restore_pending_key(pending);
     }
+    let relay = RelayPath::new(state.private_key, cfg.listen_port);
     let mut agent = Agent {
+        relay,
         cfg,
         state,
         ctrl,
@@ -247,10 +251,14 @@ impl Agent {
         let mut events = Events::with_capacity(64);
         loop {
             let now = Instant::now();
-            let wake = [self.ctrl.poll_timeout(), Some(self.next_reconcile)]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake = [
+                self.ctrl.poll_timeout(),
+                Some(self.next_reconcile),
+                self.relay.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = wake.map(|t| t.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != ErrorKind::Interrupted
@@ -263,12 +271,19 @@ impl Agent {
                     TCP => self.tcp_ready(now),
                     API => self.accept_clients(),
                     MONITOR => self.net_changed(),
+                    t if self.relay.owns(t) => self.relay.ready(self.poll.registry(), now, t),
                     Token(t) => self.client_io(t),
                 }
             }
             self.ctrl.handle_timeout(now);
             self.drain_control(now);
             self.write_tcp(now);
+            self.relay.handle_timeout(self.poll.registry(), now);
+            if self.relay.take_changed() {
+                self.need_apply = true;
+            }
+            // Nothing sends sealed messages yet (NAT traversal will); drop what a newer peer sends.
+            while self.relay.take_sealed().is_some() {}
             if self.need_apply || now >= self.next_reconcile {
                 self.need_apply = false;
                 self.next_reconcile = now + RECONCILE_INTERVAL;
@@ -299,7 +314,7 @@ impl Agent {
                     }
                     self.tcp_connected = false;
                 }
-                Event::Welcome { me, enrolled } => {
+                Event::Welcome { me, enrolled, relays } => {
                     if enrolled {
                         eprintln!("agent: joined the mesh as {} ({})", me.name, me.mesh_addr);
                     } else {
@@ -309,6 +324,7 @@ impl Agent {
                         );
                     }
                     self.state.me = Some(me);
+                    self.state.relays = relays;
                     self.state.join_secret = None;
                     self.save();
                     self.need_apply = true;
@@ -512,12 +528,22 @@ impl Agent {
             None
         };
         let peers: Vec<PeerInfo> = self.ctrl.peers().cloned().collect();
+        let homes: Vec<(Key, Option<Key>)> = peers.iter().map(|p| (p.public_key, p.home_relay)).collect();
+        self.relay.configure(
+            self.poll.registry(),
+            now,
+            self.state.private_key,
+            &self.state.relays,
+            me.home_relay,
+            &homes,
+        );
         let mut with_endpoints = Vec::with_capacity(peers.len());
         for p in peers {
             let st = current
                 .as_ref()
                 .and_then(|c| c.peers.iter().find(|s| s.public_key == p.public_key));
-            let ep = self.paths.choose(now, wall, &p, st);
+            let relayed = self.relay.endpoint(&p.public_key);
+            let ep = self.paths.choose(now, wall, &p, st, relayed);
             with_endpoints.push((p, ep));
         }
         let keys: Vec<Key> = with_endpoints.iter().map(|(p, _)| p.public_key).collect();
@@ -751,13 +777,17 @@ impl Agent {
                 let st = device
                     .as_ref()
                     .and_then(|d| d.peers.iter().find(|s| s.public_key == p.public_key));
+                let relay = st
+                    .and_then(|s| s.endpoint)
+                    .and_then(|ep| self.relay.relay_of_endpoint(&p.public_key, ep));
                 PeerStatus {
                     name: p.name.clone(),
                     mesh_addr: p.mesh_addr,
                     public_key: p.public_key,
                     online: p.online,
                     endpoint: st.and_then(|s| s.endpoint),
-                    path: paths::path_kind(st, wall),
+                    path: paths::path_kind(st, wall, relay.is_some()),
+                    relay: relay.and_then(|r| r.addrs.first().cloned()),
                     last_handshake_secs: st
                         .and_then(|s| s.last_handshake)
                         .and_then(|t| wall.duration_since(t).ok())
@@ -776,6 +806,7 @@ impl Agent {
             coordinator: coordinator.to_string(),
             coordinator_detail: detail.or_else(|| self.last_error.clone()),
             coordinator_error: last.map(str::to_string),
+            relays: self.relay.status(),
             peers,
         })
     }

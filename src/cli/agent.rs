@@ -184,6 +184,14 @@ fn format_status(s: &Status) -> String {
             let _ = writeln!(out, "coordinator: {}", s.coordinator);
         }
     }
+    for r in &s.relays {
+        let addr = r.addr.as_deref().unwrap_or("-");
+        let home = if r.home { " (home)" } else { "" };
+        let _ = match &r.detail {
+            Some(d) if r.state != "connected" => writeln!(out, "relay: {addr}{home} {} ({d})", r.state),
+            _ => writeln!(out, "relay: {addr}{home} {}", r.state),
+        };
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -191,7 +199,12 @@ fn format_status(s: &Status) -> String {
         "PEER", "ADDRESS", "STATE", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in &s.peers {
-        let ep = p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        // A relayed peer's WireGuard endpoint is our loopback socket; the relay says more.
+        let ep = match (&p.relay, p.endpoint) {
+            (Some(relay), _) => relay.clone(),
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "-".into(),
+        };
         let hs = p
             .last_handshake_secs
             .map(|s| format!("{s}s ago"))

@@ -1,0 +1,467 @@
+//! The relayed data path, shell side: one TCP connection per relay we need
+//! (our home relay, where peers send to us, and each peer's home relay, where
+//! we send to them) and one loopback UDP socket per peer. A peer on the relay
+//! path has that socket as its WireGuard endpoint, so WireGuard — kernel or
+//! userspace alike — sends the peer's datagrams to us; we forward them over the
+//! relay, and write what the relay delivers from that peer back to WireGuard
+//! from the same socket, so WireGuard sees one stable endpoint per peer.
+//!
+//! Connection state, keepalives and reconnects are [`RelayClient`]'s; this
+//! module only moves bytes between it and the sockets.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Instant;
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::{Interest, Registry, Token};
+use serde::{Deserialize, Serialize};
+
+use crate::control::messages::RelayInfo;
+use crate::keys::Key;
+use crate::peer::seal::SEAL_VERSION;
+use crate::relay::client::{Event, RelayClient};
+
+/// Tokens of relay connections and peer sockets start here, far above the
+/// agent's own and its control clients' tokens (which count up from 16).
+pub const FIRST_TOKEN: usize = usize::MAX / 2;
+/// Largest datagram WireGuard sends (MTU 1420 plus headers, with room for jumbo links).
+const MAX_DATAGRAM: usize = 65535;
+
+/// What a relay connection looks like to `warren status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    pub public_key: Key,
+    /// The address dialled last.
+    pub addr: Option<String>,
+    /// connected, connecting or waiting.
+    pub state: String,
+    /// Our home relay: where peers reach us.
+    pub home: bool,
+    /// Why the last connection ended, until one succeeds.
+    pub detail: Option<String>,
+    /// Datagrams to peers dropped because this relay was unreachable or congested.
+    pub dropped: u64,
+}
+
+struct Link {
+    info: RelayInfo,
+    client: RelayClient,
+    token: Token,
+    stream: Option<TcpStream>,
+    connected: bool,
+    /// Index into `info.addrs` of the next address to dial.
+    next_addr: usize,
+    dialled: Option<String>,
+    last_error: Option<String>,
+    /// Whether the client was open when [`RelayPath::drive`] last looked.
+    was_open: bool,
+}
+
+struct Proxy {
+    socket: UdpSocket,
+    token: Token,
+    addr: SocketAddr,
+    /// The peer's home relay, through which we send to it.
+    relay: Key,
+}
+
+#[derive(Clone, Copy)]
+enum Owner {
+    Link(Key),
+    Proxy(Key),
+}
+
+pub struct RelayPath {
+    private_key: Key,
+    /// Where WireGuard listens; relayed datagrams are delivered here.
+    wg_addr: SocketAddr,
+    home: Option<Key>,
+    links: HashMap<Key, Link>,
+    proxies: HashMap<Key, Proxy>,
+    owners: HashMap<Token, Owner>,
+    next_token: usize,
+    /// A relay connection opened or closed since the last [`RelayPath::take_changed`].
+    changed: bool,
+    /// Sealed messages received through a relay: (claimed sender, message).
+    sealed: VecDeque<(Key, Vec<u8>)>,
+    buf: Vec<u8>,
+}
+
+impl RelayPath {
+    pub fn new(private_key: Key, wg_port: u16) -> RelayPath {
+        RelayPath {
+            private_key,
+            wg_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, wg_port)),
+            home: None,
+            links: HashMap::new(),
+            proxies: HashMap::new(),
+            owners: HashMap::new(),
+            next_token: FIRST_TOKEN,
+            changed: false,
+            sealed: VecDeque::new(),
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    pub fn owns(&self, token: Token) -> bool {
+        self.owners.contains_key(&token)
+    }
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token = self.next_token.wrapping_add(1).max(FIRST_TOKEN);
+        t
+    }
+
+    /// Brings connections and sockets in line with the peer map: a connection
+    /// to our home relay and to every peer's, a loopback socket per peer that
+    /// has a home relay. A new private key (rotation) reconnects everything.
+    pub fn configure(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        private_key: Key,
+        relays: &[RelayInfo],
+        home: Option<Key>,
+        peers: &[(Key, Option<Key>)],
+    ) {
+        if private_key != self.private_key {
+            self.private_key = private_key;
+            for key in self.links.keys().copied().collect::<Vec<_>>() {
+                self.drop_link(registry, &key);
+            }
+        }
+        let published: HashMap<Key, &RelayInfo> = relays.iter().map(|r| (r.public_key, r)).collect();
+        self.home = home.filter(|h| published.contains_key(h));
+        let mut wanted: HashSet<Key> = self.home.into_iter().collect();
+        wanted.extend(
+            peers
+                .iter()
+                .filter_map(|(_, r)| *r)
+                .filter(|r| published.contains_key(r)),
+        );
+        for key in self.links.keys().copied().collect::<Vec<_>>() {
+            let moved = published
+                .get(&key)
+                .is_some_and(|r| r.addrs != self.links[&key].info.addrs);
+            if !wanted.contains(&key) || moved {
+                self.drop_link(registry, &key);
+            }
+        }
+        for key in &wanted {
+            if !self.links.contains_key(key) {
+                let token = self.token();
+                self.owners.insert(token, Owner::Link(*key));
+                self.links.insert(
+                    *key,
+                    Link {
+                        info: published[key].clone(),
+                        client: RelayClient::new(self.private_key, *key, now),
+                        token,
+                        stream: None,
+                        connected: false,
+                        next_addr: 0,
+                        dialled: None,
+                        last_error: None,
+                        was_open: false,
+                    },
+                );
+            }
+        }
+
+        let want_proxy: HashMap<Key, Key> = peers
+            .iter()
+            .filter_map(|(p, r)| r.filter(|r| wanted.contains(r)).map(|r| (*p, r)))
+            .collect();
+        for key in self.proxies.keys().copied().collect::<Vec<_>>() {
+            if !want_proxy.contains_key(&key)
+                && let Some(mut p) = self.proxies.remove(&key)
+            {
+                let _ = registry.deregister(&mut p.socket);
+                self.owners.remove(&p.token);
+            }
+        }
+        for (peer, relay) in want_proxy {
+            if let Some(p) = self.proxies.get_mut(&peer) {
+                p.relay = relay;
+                continue;
+            }
+            match self.open_proxy(registry, peer, relay) {
+                Ok(()) => {}
+                Err(e) => eprintln!("agent: relay path for peer {}: {e:#}", peer.short()),
+            }
+        }
+    }
+
+    fn open_proxy(&mut self, registry: &Registry, peer: Key, relay: Key) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let mut socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .context("opening a loopback UDP socket")?;
+        let addr = socket
+            .local_addr()
+            .context("reading the loopback socket's address")?;
+        let token = self.token();
+        registry
+            .register(&mut socket, token, Interest::READABLE)
+            .context("registering the loopback socket")?;
+        self.owners.insert(token, Owner::Proxy(peer));
+        self.proxies.insert(
+            peer,
+            Proxy {
+                socket,
+                token,
+                addr,
+                relay,
+            },
+        );
+        Ok(())
+    }
+
+    fn drop_link(&mut self, registry: &Registry, key: &Key) {
+        if let Some(mut l) = self.links.remove(key) {
+            if let Some(mut s) = l.stream.take() {
+                let _ = registry.deregister(&mut s);
+            }
+            self.owners.remove(&l.token);
+            if l.client.is_open() {
+                self.changed = true;
+            }
+        }
+    }
+
+    /// The WireGuard endpoint that sends `peer`'s traffic over the relay, if
+    /// its home relay is connected now.
+    pub fn endpoint(&self, peer: &Key) -> Option<SocketAddr> {
+        let p = self.proxies.get(peer)?;
+        self.links
+            .get(&p.relay)
+            .filter(|l| l.client.is_open())
+            .map(|_| p.addr)
+    }
+
+    /// Whether `addr` is one of our loopback sockets, and for which peer's relay.
+    pub fn relay_of_endpoint(&self, peer: &Key, addr: SocketAddr) -> Option<&RelayInfo> {
+        let p = self.proxies.get(peer).filter(|p| p.addr == addr)?;
+        self.links.get(&p.relay).map(|l| &l.info)
+    }
+
+    /// A relay connection opened or closed: paths need choosing again.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    pub fn take_sealed(&mut self) -> Option<(Key, Vec<u8>)> {
+        self.sealed.pop_front()
+    }
+
+    /// Sends a sealed message to `peer` through its home relay.
+    pub fn send_sealed(&mut self, now: Instant, peer: &Key, msg: &[u8]) -> bool {
+        let Some(relay) = self.proxies.get(peer).map(|p| p.relay) else {
+            return false;
+        };
+        self.links
+            .get_mut(&relay)
+            .is_some_and(|l| l.client.send_to(now, *peer, msg))
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.links.values().filter_map(|l| l.client.poll_timeout()).min()
+    }
+
+    pub fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
+        for l in self.links.values_mut() {
+            if l.client.poll_timeout().is_some_and(|t| t <= now) {
+                l.client.handle_timeout(now);
+            }
+        }
+        self.drive(registry, now);
+    }
+
+    /// A socket of ours is ready.
+    pub fn ready(&mut self, registry: &Registry, now: Instant, token: Token) {
+        match self.owners.get(&token).copied() {
+            Some(Owner::Link(key)) => self.link_ready(now, &key),
+            Some(Owner::Proxy(peer)) => self.proxy_ready(now, &peer),
+            None => {}
+        }
+        self.drive(registry, now);
+    }
+
+    fn link_ready(&mut self, now: Instant, key: &Key) {
+        let Some(l) = self.links.get_mut(key) else { return };
+        let Some(s) = l.stream.as_mut() else { return };
+        if !l.connected {
+            if let Ok(Some(e)) | Err(e) = s.take_error() {
+                return close(l, now, format!("connecting: {e}"));
+            }
+            match s.peer_addr() {
+                Ok(_) => {
+                    l.connected = true;
+                    let _ = s.set_nodelay(true);
+                    l.client.on_tcp_connected(now);
+                }
+                Err(e) if e.kind() == ErrorKind::NotConnected => return,
+                Err(e) => return close(l, now, format!("connecting: {e}")),
+            }
+        }
+        loop {
+            let Some(s) = l.stream.as_mut() else { return };
+            match s.read(&mut self.buf) {
+                Ok(0) => return close(l, now, "the relay closed the connection".into()),
+                Ok(n) => l.client.on_bytes(now, &self.buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return close(l, now, format!("reading: {e}")),
+            }
+        }
+    }
+
+    /// WireGuard sent datagrams to a peer on the relay path.
+    fn proxy_ready(&mut self, now: Instant, peer: &Key) {
+        let Some(p) = self.proxies.get(peer) else { return };
+        let mut link = self.links.get_mut(&p.relay);
+        loop {
+            match p.socket.recv_from(&mut self.buf) {
+                // Only WireGuard itself may use the relay path; anything else
+                // on the loopback (another local process) is ignored.
+                Ok((n, from)) if from == self.wg_addr => {
+                    if let Some(l) = link.as_mut() {
+                        l.client.send_to(now, *peer, &self.buf[..n]);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // ICMP errors from a WireGuard that is being recreated: keep reading.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Acts on what the relay clients decided and writes what they queued.
+    fn drive(&mut self, registry: &Registry, now: Instant) {
+        for l in self.links.values_mut() {
+            while let Some(ev) = l.client.poll_event() {
+                match ev {
+                    Event::Connect => dial(registry, now, l),
+                    Event::Close(why) => {
+                        if let Some(mut s) = l.stream.take() {
+                            let _ = registry.deregister(&mut s);
+                        }
+                        l.connected = false;
+                        if l.last_error.as_deref() != Some(&why) {
+                            eprintln!("agent: relay {}: {why}", describe(l));
+                        }
+                        l.last_error = Some(why);
+                        l.next_addr += 1;
+                    }
+                    Event::Open => {
+                        eprintln!("agent: relay {} connected", describe(l));
+                        l.last_error = None;
+                    }
+                    Event::Received { from, payload } => {
+                        if payload.first() == Some(&SEAL_VERSION) {
+                            self.sealed.push_back((from, payload));
+                        } else if let Some(p) = self.proxies.get(&from) {
+                            // WireGuard drops anything that is not a valid message from this peer.
+                            let _ = p.socket.send_to(&payload, self.wg_addr);
+                        }
+                    }
+                    Event::PeerPresent(_) | Event::PeerGone(_) => {}
+                }
+            }
+            write_link(now, l);
+            if l.client.is_open() != l.was_open {
+                l.was_open = l.client.is_open();
+                self.changed = true;
+            }
+        }
+    }
+
+    pub fn status(&self) -> Vec<RelayStatus> {
+        let mut out: Vec<RelayStatus> = self
+            .links
+            .values()
+            .map(|l| RelayStatus {
+                public_key: l.info.public_key,
+                addr: l.dialled.clone().or_else(|| l.info.addrs.first().cloned()),
+                state: if l.client.is_open() {
+                    "connected"
+                } else if l.stream.is_some() {
+                    "connecting"
+                } else {
+                    "waiting"
+                }
+                .to_string(),
+                home: self.home == Some(l.info.public_key),
+                detail: l.last_error.clone(),
+                dropped: l.client.dropped,
+            })
+            .collect();
+        out.sort_by(|a, b| b.home.cmp(&a.home).then(a.addr.cmp(&b.addr)));
+        out
+    }
+}
+
+fn describe(l: &Link) -> String {
+    let addr = l.dialled.as_deref().or(l.info.addrs.first().map(String::as_str));
+    format!("{} ({})", addr.unwrap_or("no address"), l.info.public_key.short())
+}
+
+/// The TCP connection failed or closed under us.
+fn close(l: &mut Link, now: Instant, why: String) {
+    // Deregistration happens when the stream is dropped.
+    l.stream = None;
+    l.connected = false;
+    if l.last_error.as_deref() != Some(&why) {
+        eprintln!("agent: relay {}: {why}", describe(l));
+    }
+    l.last_error = Some(why.clone());
+    l.next_addr += 1;
+    l.client.on_tcp_closed(now, &why);
+}
+
+fn dial(registry: &Registry, now: Instant, l: &mut Link) {
+    if l.info.addrs.is_empty() {
+        return close(l, now, "the coordinator published no address for it".into());
+    }
+    let text = l.info.addrs[l.next_addr % l.info.addrs.len()].clone();
+    l.dialled = Some(text.clone());
+    // Published addresses are IP literals unless an operator gave a host
+    // name; resolving one blocks briefly, as the coordinator dial does.
+    let addr = match text.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => return close(l, now, format!("cannot resolve relay address {text}")),
+    };
+    match TcpStream::connect(addr) {
+        Ok(mut s) => {
+            if let Err(e) = registry.register(&mut s, l.token, Interest::READABLE | Interest::WRITABLE) {
+                return close(l, now, format!("registering the relay socket: {e}"));
+            }
+            l.stream = Some(s);
+            l.connected = false;
+        }
+        Err(e) => close(l, now, format!("connecting to {addr}: {e}")),
+    }
+}
+
+fn write_link(now: Instant, l: &mut Link) {
+    if !l.connected {
+        return;
+    }
+    loop {
+        let Some(s) = l.stream.as_mut() else { return };
+        let out = l.client.outgoing();
+        if out.is_empty() {
+            return;
+        }
+        match s.write(out) {
+            Ok(n) => l.client.consume_outgoing(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return close(l, now, format!("writing: {e}")),
+        }
+    }
+}
