@@ -2,7 +2,8 @@
 # tiers: lab kernel
 # Two nodes behind routers that drop all UDP (only TCP leaves) reach each
 # other through the relay inside `warren server`: ping both ways, `warren
-# status` shows the relay path and which relay, iperf3 runs across. The
+# status` shows the relay path and which relay, `warren ping` (sealed
+# messages agent to agent) answers, iperf3 runs across. The
 # server (coordinator and relay) restarts in the middle of an iperf3 transfer:
 # the agents reconnect on their own and the transfer finishes.
 set -euo pipefail
@@ -53,6 +54,13 @@ sys.exit(0 if ok else 1)'
 }
 for n in a b; do lab_wait "$n shows the relay path through 203.0.113.5:7778" 20 on_relay "$n"; done
 lab_exec a "$WARREN" status --socket "$(sock a)"
+
+# warren ping: a sealed round trip between the two agents through the relay.
+out=$(lab_exec a "$WARREN" ping node-b --count 2 --socket "$(sock a)") || lab_fail "warren ping node-b failed: $out"
+echo "$out"
+[ "$(grep -c "^pong from node-b (${ADDR[b]}) through relay 203.0.113.5:7778" <<<"$out")" = 2 ] || lab_fail "unexpected ping output: $out"
+if out=$(lab_exec a "$WARREN" ping nosuch --socket "$(sock a)" 2>&1); then lab_fail "pinging an unknown peer succeeded"; fi
+[ "$out" = 'warren: no peer named "nosuch" in the mesh' ] || lab_fail "unclear error for an unknown peer: $out"
 
 # Nothing ever went direct: the routers drop UDP, so every WireGuard packet took the relay.
 lab_exec a wg show "${IF[a]}" endpoints | grep -q "127.0.0.1:" || lab_fail "a's WireGuard endpoint for b is not the relay socket"

@@ -26,6 +26,10 @@ pub enum Request {
     Status,
     Down,
     RotateKey,
+    /// A sealed round trip to a peer through its relay: name, mesh address or key.
+    Ping {
+        peer: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,9 +72,20 @@ pub struct Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status { status: Box<Status> },
+    Status {
+        status: Box<Status>,
+    },
+    Pong {
+        name: String,
+        mesh_addr: Ipv4Addr,
+        /// The relay the ping went through.
+        relay: String,
+        rtt_us: u64,
+    },
     Done,
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }
 
 pub fn request(socket: &Path, req: &Request) -> Result<Response> {

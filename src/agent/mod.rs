@@ -4,6 +4,7 @@ pub mod api;
 pub mod cache;
 pub mod control;
 pub mod paths;
+pub mod peer_msg;
 pub mod relay_path;
 pub mod run;
 

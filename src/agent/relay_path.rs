@@ -266,6 +266,19 @@ impl RelayPath {
             .is_some_and(|l| l.client.send_to(now, *peer, msg))
     }
 
+    /// The address of the relay through which we reach `peer`.
+    pub fn relay_for_peer(&self, peer: &Key) -> Option<String> {
+        let l = self.links.get(&self.proxies.get(peer)?.relay)?;
+        l.dialled.clone().or_else(|| l.info.addrs.first().cloned())
+    }
+
+    /// Writes what was queued toward the relays since the last turn.
+    pub fn flush(&mut self, now: Instant) {
+        for l in self.links.values_mut() {
+            write_link(now, l);
+        }
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.links.values().filter_map(|l| l.client.poll_timeout()).min()
     }

@@ -19,6 +19,7 @@ use super::api::{self, PeerStatus, Request, Response, Status};
 use super::cache::{self, AgentState};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::paths::{self, Paths};
+use super::peer_msg::PeerMessages;
 use super::relay_path::RelayPath;
 use crate::control::messages::{ErrorCode, PeerInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
@@ -53,7 +54,18 @@ struct Client {
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// Its request is answered later (a ping in flight).
+    waiting: Option<PingWait>,
 }
+
+struct PingWait {
+    name: String,
+    mesh_addr: Ipv4Addr,
+    relay: String,
+}
+
+/// A peer sending sealed messages that fail to open is logged at most this often.
+const SEALED_DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 struct Agent {
     cfg: AgentConfig,
@@ -61,6 +73,8 @@ struct Agent {
     ctrl: ControlConn,
     paths: Paths,
     relay: RelayPath,
+    msgs: PeerMessages,
+    last_sealed_drop_log: Option<Instant>,
     backend: Box<dyn Backend>,
     rtnl: Rtnl,
     monitor: Monitor,
@@ -222,8 +236,11 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         ctrl.restore_pending_key(pending);
     }
     let relay = RelayPath::new(state.private_key, cfg.listen_port);
+    let msgs = PeerMessages::new(state.private_key, crate::peer::seal::epoch_from_clock());
     let mut agent = Agent {
         relay,
+        msgs,
+        last_sealed_drop_log: None,
         cfg,
         state,
         ctrl,
@@ -255,6 +272,7 @@ impl Agent {
                 self.ctrl.poll_timeout(),
                 Some(self.next_reconcile),
                 self.relay.poll_timeout(),
+                self.msgs.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -282,8 +300,7 @@ impl Agent {
             if self.relay.take_changed() {
                 self.need_apply = true;
             }
-            // Nothing sends sealed messages yet (NAT traversal will); drop what a newer peer sends.
-            while self.relay.take_sealed().is_some() {}
+            self.peer_messages(now);
             if self.need_apply || now >= self.next_reconcile {
                 self.need_apply = false;
                 self.next_reconcile = now + RECONCILE_INTERVAL;
@@ -357,6 +374,86 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Sealed messages in (through the relays) and out, and pings answered.
+    fn peer_messages(&mut self, now: Instant) {
+        while let Some((from, msg)) = self.relay.take_sealed() {
+            if let Err(why) = self.msgs.handle_sealed(now, from, &msg)
+                && self
+                    .last_sealed_drop_log
+                    .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
+            {
+                self.last_sealed_drop_log = Some(now);
+                eprintln!(
+                    "agent: dropped a peer message from {}: {why}",
+                    self.peer_label(&from)
+                );
+            }
+        }
+        self.msgs.handle_timeout(now);
+        while let Some((peer, msg)) = self.msgs.poll_transmit() {
+            if !self.relay.send_sealed(now, &peer, &msg) {
+                self.msgs
+                    .unsent(&peer, "no connection to the relay that reaches it");
+            }
+        }
+        self.relay.flush(now);
+        while let Some((id, result)) = self.msgs.poll_answer() {
+            let Some(wait) = self.clients.get_mut(&id).and_then(|c| c.waiting.take()) else {
+                continue;
+            };
+            let resp = match result {
+                Ok(rtt) => Response::Pong {
+                    name: wait.name,
+                    mesh_addr: wait.mesh_addr,
+                    relay: wait.relay,
+                    rtt_us: rtt.as_micros() as u64,
+                },
+                Err(why) => Response::Error {
+                    reason: format!("pinging {} ({}): {why}", wait.name, wait.mesh_addr),
+                },
+            };
+            self.answer(id, &resp);
+        }
+    }
+
+    fn peer_label(&self, key: &Key) -> String {
+        match self.ctrl.peers().find(|p| p.public_key == *key) {
+            Some(p) => format!("{} ({})", p.name, key.short()),
+            None => format!("unknown key {}", key.short()),
+        }
+    }
+
+    fn start_ping(&mut self, id: usize, peer: &str) -> Result<()> {
+        let p = self
+            .ctrl
+            .peers()
+            .find(|p| p.name == peer || p.mesh_addr.to_string() == peer || p.public_key.to_base64() == peer)
+            .cloned()
+            .with_context(|| format!("no peer named {peer:?} in the mesh"))?;
+        let relay = self
+            .relay
+            .relay_for_peer(&p.public_key)
+            .with_context(|| format!("pinging {}: the mesh publishes no relay for it", p.name))?;
+        self.msgs.ping(Instant::now(), p.public_key, id)?;
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.waiting = Some(PingWait {
+                name: p.name,
+                mesh_addr: p.mesh_addr,
+                relay,
+            });
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, id: usize, resp: &Response) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        c.output = serde_json::to_vec(resp).unwrap_or_default();
+        c.output.push(b'\n');
+        self.client_io(id);
     }
 
     fn refused_for_good(&mut self, code: ErrorCode, reason: &str) {
@@ -548,6 +645,15 @@ impl Agent {
         }
         let keys: Vec<Key> = with_endpoints.iter().map(|(p, _)| p.public_key).collect();
         self.paths.retain(&keys);
+        if self.msgs.public_key() != self.state.private_key.public_key() {
+            self.msgs.rekey(
+                self.state.private_key,
+                crate::peer::seal::epoch_from_clock(),
+                &keys,
+            );
+        } else {
+            self.msgs.set_peers(&keys);
+        }
         let desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
         let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
             .with_context(|| format!("configuring {ifname}"))?;
@@ -610,6 +716,7 @@ impl Agent {
                                 stream,
                                 input: Vec::new(),
                                 output: Vec::new(),
+                                waiting: None,
                             },
                         );
                     }
@@ -624,6 +731,10 @@ impl Agent {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        if c.waiting.is_some() && c.output.is_empty() {
+            // Already asked; the answer comes with the pong or the timeout.
+            return;
+        }
         let mut buf = [0u8; 1024];
         let mut eof = false;
         if c.output.is_empty() {
@@ -654,6 +765,12 @@ impl Agent {
             match line {
                 Some(line) => {
                     let resp = match serde_json::from_slice::<Request>(&line) {
+                        Ok(Request::Ping { peer }) => match self.start_ping(id, &peer) {
+                            Ok(()) => return,
+                            Err(e) => Response::Error {
+                                reason: format!("{e:#}"),
+                            },
+                        },
                         Ok(req) => self.handle_request(req),
                         Err(e) => Response::Error {
                             reason: format!("bad request: {e}"),
@@ -697,6 +814,9 @@ impl Agent {
                 Err(e) => Response::Error {
                     reason: format!("{e:#}"),
                 },
+            },
+            Request::Ping { .. } => Response::Error {
+                reason: "ping: answered by the caller of start_ping".into(),
             },
             Request::RotateKey => match self.ctrl.phase() {
                 Phase::Connected => {

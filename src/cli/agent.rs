@@ -146,6 +146,59 @@ pub fn up(a: AgentArgs) -> Result<()> {
     )
 }
 
+#[derive(Args, Debug)]
+pub struct PingArgs {
+    /// The peer: its name, mesh address or public key.
+    pub peer: String,
+    /// How many pings, one per second.
+    #[arg(short, long, default_value_t = 3)]
+    pub count: u32,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Time between two pings of `warren ping`.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One line per ping; fails if none came back. A wrong peer name or a
+/// missing agent fails at once instead of repeating the same error.
+pub fn ping(a: PingArgs) -> Result<()> {
+    let mut answered = 0;
+    let mut lost = None;
+    for i in 0..a.count {
+        if i > 0 {
+            std::thread::sleep(PING_INTERVAL);
+        }
+        match api::request(&a.socket, &Request::Ping { peer: a.peer.clone() }) {
+            Ok(Response::Pong {
+                name,
+                mesh_addr,
+                relay,
+                rtt_us,
+            }) => {
+                answered += 1;
+                outln!(
+                    "pong from {name} ({mesh_addr}) through relay {relay}: {:.1} ms",
+                    rtt_us as f64 / 1000.0
+                )?;
+            }
+            Ok(_) => bail!("unexpected answer from the agent"),
+            Err(e) if format!("{e:#}").contains(PING_LOST) => {
+                outln!("{e:#}")?;
+                lost = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match lost {
+        Some(e) if answered == 0 => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// How the agent words a ping that got no answer in time.
+const PING_LOST: &str = "no answer within";
+
 pub fn down(a: SocketArgs) -> Result<()> {
     api::request(&a.socket, &Request::Down)?;
     outln!("warren is down")?;

@@ -39,6 +39,8 @@ pub enum Command {
     Down(agent::SocketArgs),
     /// This node and its peers: addresses, endpoints, paths, handshakes, traffic.
     Status(agent::SocketArgs),
+    /// Round trip to a peer's agent through its relay, sealed end to end.
+    Ping(agent::PingArgs),
     /// Switch this node to a new WireGuard key, keeping its name and address.
     RotateKey(agent::SocketArgs),
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
@@ -67,6 +69,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Down(a) => agent::down(a),
         Command::Status(a) => agent::status(a),
         Command::RotateKey(a) => agent::rotate_key(a),
+        Command::Ping(a) => agent::ping(a),
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
         Command::Relay(args) => relay::run(args),

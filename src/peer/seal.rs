@@ -261,6 +261,11 @@ impl Sealer {
         self.peers.remove(peer);
     }
 
+    /// Forgets every peer not in `keep`.
+    pub fn retain_peers(&mut self, keep: &std::collections::HashSet<Key>) {
+        self.peers.retain(|k, _| keep.contains(k));
+    }
+
     /// Seals `payload` for `to`, which must have been added with [`Sealer::add_peer`].
     pub fn seal(&mut self, to: &Key, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
         if payload.len() > MAX_PAYLOAD_LEN {
