@@ -180,3 +180,40 @@ fn unknown_interface() {
         "warren: wg delete: no WireGuard interface \"wgnosuch0\"",
     );
 }
+
+#[test]
+fn agent_refuses_port_zero_and_server_refuses_a_malformed_relay() {
+    let d = dir("agent-port");
+    let state = d.0.join("state");
+    let (code, err) = warren(&[
+        "agent",
+        "--port",
+        "0",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--socket",
+        d.0.join("s").to_str().unwrap(),
+    ]);
+    assert_one_line_error(code, &err, "the agent needs a fixed port (e.g. --port 51820)");
+    assert!(!state.exists(), "a refused agent created its state directory");
+    for (relay, why) in [
+        ("203.0.113.7:7778", "expected KEY@HOST:PORT"),
+        ("nokey@203.0.113.7:7778", "bad relay key"),
+        (&format!("{PEER1}@203.0.113.7"), "expected KEY@HOST:PORT"),
+    ] {
+        let (code, err) = warren(&[
+            "server",
+            "--state-dir",
+            d.0.join("srv").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            relay,
+        ]);
+        assert_one_line_error(code, &err, why);
+    }
+    assert!(
+        !d.0.join("srv").exists(),
+        "a refused server created its state directory"
+    );
+}

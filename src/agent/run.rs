@@ -174,6 +174,10 @@ fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
 }
 
 pub fn run(cfg: AgentConfig) -> Result<()> {
+    if cfg.listen_port == 0 {
+        // Peers dial it as a candidate and the relay path delivers to it.
+        anyhow::bail!("WireGuard listen port 0: the agent needs a fixed port (e.g. --port 51820)");
+    }
     private_dir(&cfg.state_dir)?;
     crate::netlink::check_name(&cfg.ifname)?;
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
