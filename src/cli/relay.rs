@@ -7,8 +7,9 @@ use anyhow::Result;
 use clap::Args;
 
 use super::out::outln;
+use crate::relay::admission::SourceLimits;
 use crate::relay::client_conn::Limits;
-use crate::relay::server::{RelayConfig, RelayServer};
+use crate::relay::server::{DEFAULT_MAX_CLIENTS, RelayConfig, RelayGuards, RelayServer};
 use crate::relay::{DEFAULT_PORT, KEY_FILE};
 use crate::wgstun::key;
 
@@ -20,12 +21,37 @@ pub struct RelayArgs {
     /// Directory holding the relay key (relay.key, mode 0600).
     #[arg(long, default_value = "/var/lib/warren")]
     pub state_dir: PathBuf,
-    /// Most clients connected at once; further connections are refused.
-    #[arg(long, default_value_t = 20_000)]
+    /// Most clients connected at once; further connections are refused. Each
+    /// client can make the relay hold up to about 254 KiB besides its queue
+    /// (partial frames, presence keys; an idle one a few KiB), so the default
+    /// 700 clients plus --max-queue-mib 64 stay near 256 MiB in the worst case.
+    /// Raise both by that arithmetic on a bigger machine.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, verbatim_doc_comment)]
     pub max_clients: usize,
     /// Sustained rate one client may send through the relay, in MiB/s.
     #[arg(long, default_value_t = 64)]
     pub client_rate_mib: u64,
+    /// Memory for datagrams waiting to be sent, all clients together, in MiB.
+    /// Each client also has its own 256 KiB queue limit; once the total is
+    /// half used, clients with long queues (slow readers) get less room, so
+    /// clients that keep up still get through, and at the total new
+    /// datagrams are dropped (counted) instead of memory growing.
+    #[arg(long, default_value_t = 64, verbatim_doc_comment)]
+    pub max_queue_mib: usize,
+    /// New connections per second one source address (IPv4 address, IPv6 /64)
+    /// may open, sustained; more are closed at once. 0: no limit.
+    #[arg(long, default_value_t = SourceLimits::for_relay(DEFAULT_MAX_CLIENTS).connects_per_sec)]
+    pub source_connect_rate: u32,
+    /// New connections one source may open at once above that rate.
+    #[arg(long, default_value_t = SourceLimits::for_relay(DEFAULT_MAX_CLIENTS).connect_burst)]
+    pub source_connect_burst: u32,
+    /// Connections from one source still in the handshake. 0: no limit.
+    #[arg(long, default_value_t = SourceLimits::for_relay(DEFAULT_MAX_CLIENTS).max_pending)]
+    pub source_max_pending: usize,
+    /// Connections from one source in total (default: a quarter of --max-clients,
+    /// at least 64). 0: no limit.
+    #[arg(long)]
+    pub source_max_clients: Option<usize>,
     /// Print the relay's public key and exit.
     #[arg(long)]
     pub show_key: bool,
@@ -36,15 +62,27 @@ pub fn run(args: RelayArgs) -> Result<()> {
     if args.show_key {
         return super::out::write(&format!("{}\n", private_key.public_key()));
     }
-    RelayServer::bind(RelayConfig {
-        listen: args.listen,
-        private_key,
-        limits: Limits {
-            rate_bytes_per_sec: args.client_rate_mib.saturating_mul(1024 * 1024),
-            ..Limits::default()
+    let defaults = SourceLimits::for_relay(args.max_clients);
+    let guards = RelayGuards {
+        total_queue_bytes: args.max_queue_mib.saturating_mul(1024 * 1024),
+        per_source: SourceLimits {
+            connects_per_sec: args.source_connect_rate,
+            connect_burst: args.source_connect_burst,
+            max_pending: args.source_max_pending,
+            max_clients: args.source_max_clients.unwrap_or(defaults.max_clients),
         },
-        max_clients: args.max_clients,
-    })?
+    };
+    RelayServer::bind_guarded(
+        RelayConfig {
+            limits: Limits {
+                rate_bytes_per_sec: args.client_rate_mib.saturating_mul(1024 * 1024),
+                ..Limits::default()
+            },
+            max_clients: args.max_clients,
+            ..RelayConfig::new(args.listen, private_key)
+        },
+        guards,
+    )?
     .run()
 }
 

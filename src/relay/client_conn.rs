@@ -165,12 +165,26 @@ impl ClientConn {
         true
     }
 
+    /// Bytes `frame` adds to the queue once sealed: the frame, plus a Noise
+    /// frame header and tag per fragment (a frame over one Noise message is
+    /// split), so the bounds are on real bytes.
+    pub fn cost(frame: &RelayFrame) -> usize {
+        const NOISE_TAG: usize = 16;
+        const FRAGMENT: usize = crate::control::frame::MAX_PAYLOAD_LEN - NOISE_TAG;
+        let len = frame.encoded_len();
+        len + len.div_ceil(FRAGMENT).max(1) * (crate::control::frame::HEADER_LEN + NOISE_TAG)
+    }
+
     /// Queues a frame for the client. Returns false if it was dropped because
     /// the queue is full (see [`Limits::queue_bytes`]).
     pub fn queue(&mut self, now: Instant, frame: &RelayFrame) -> Result<bool> {
-        // Sealing adds a frame header and a tag; count them so the bound is on real bytes.
-        const SEAL_OVERHEAD: usize = 6 + 16;
-        if self.queued_bytes() + frame.encoded_len() + SEAL_OVERHEAD > self.limits.queue_bytes {
+        self.queue_within(now, frame, self.limits.queue_bytes)
+    }
+
+    /// Like [`ClientConn::queue`] with the queue limited to `cap` bytes, when
+    /// the relay as a whole is short of room (see `budget.rs`).
+    pub fn queue_within(&mut self, now: Instant, frame: &RelayFrame, cap: usize) -> Result<bool> {
+        if self.queued_bytes() + ClientConn::cost(frame) > cap.min(self.limits.queue_bytes) {
             self.dropped_queue_full += 1;
             return Ok(false);
         }
@@ -195,6 +209,11 @@ impl ClientConn {
 
     /// Runs timers. An error means close the connection (it timed out).
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
+        self.handle_timeout_within(now, self.limits.queue_bytes)
+    }
+
+    /// Like [`ClientConn::handle_timeout`], queueing a keepalive only within `queue_cap` bytes.
+    pub fn handle_timeout_within(&mut self, now: Instant, queue_cap: usize) -> Result<()> {
         if self.key.is_none() && now.saturating_duration_since(self.opened) >= self.limits.handshake_timeout {
             bail!("no handshake within {:?}", self.limits.handshake_timeout);
         }
@@ -204,7 +223,7 @@ impl ClientConn {
         if self.key.is_some()
             && now.saturating_duration_since(self.last_sent) >= self.limits.keepalive_interval
         {
-            self.queue(now, &RelayFrame::KeepAlive)?;
+            self.queue_within(now, &RelayFrame::KeepAlive, queue_cap)?;
         }
         Ok(())
     }

@@ -2,6 +2,8 @@
 //! nodes, addressed by WireGuard public key, over TCP + Noise IK. The client's
 //! Noise static key is its WireGuard key, so registering proves ownership.
 
+pub mod admission;
+pub mod budget;
 pub mod client;
 pub mod client_conn;
 pub mod frame;

@@ -17,6 +17,8 @@ use anyhow::{Context, Result};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::admission::{Admission, Refusal, Source, SourceLimits};
+use super::budget::{DEFAULT_TOTAL_QUEUE_BYTES, QueueBudget};
 use super::client_conn::{ClientConn, Limits, Request};
 use super::frame::RelayFrame;
 use crate::keys::Key;
@@ -36,8 +38,30 @@ const READ_BUF_LEN: usize = 64 * 1024;
 /// share of a client's memory next to `Limits::queue_bytes`. 512 KiB still
 /// carries about 5 MB/s per client at 100 ms round trip.
 const SOCKET_SEND_BUFFER: libc::c_int = 512 * 1024;
-/// Keys one client may follow for presence; past it, sends still work.
-const MAX_WATCHED_PER_CLIENT: usize = 4096;
+/// Keys one client may follow for presence; past it, sends still work. Each
+/// followed key costs about 220 bytes (measured: the client's set plus the
+/// relay's watcher map), and a client can name any keys, so this is part of a
+/// client's fixed cost: 256 keys, about 60 KiB (4096 would be 900 KiB). A
+/// node sends through one relay to far fewer peers at once.
+const MAX_WATCHED_PER_CLIENT: usize = 256;
+
+/// Clients a relay accepts by default, sized so the worst case stays under
+/// 256 MiB. A client can make the relay hold, besides its queue:
+///   - a partial frame plus one read in the frame decoder:  128 KiB
+///   - a partial Noise message (a frame over two fragments): 64 KiB
+///   - the presence keys it follows:                          60 KiB
+///   - connection state (Noise, structs, socket):              2 KiB
+///
+/// about 254 KiB; 700 clients x 254 KiB = 174 MiB, plus the 64 MiB all
+/// queues together may hold (`budget.rs`): 238 MiB. An idle client costs a
+/// few KiB (bench-relay), so a relay with more memory can raise
+/// `--max-clients` by that arithmetic. Kernel socket buffers (up to twice
+/// `SOCKET_SEND_BUFFER` per slow reader) are the kernel's and bounded by its
+/// own `tcp_mem` pressure limits.
+pub const DEFAULT_MAX_CLIENTS: usize = 700;
+/// Refused connections are summed up in one log line at most this often, so a
+/// flood does not become a flood of log lines.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -45,6 +69,37 @@ pub struct RelayConfig {
     pub private_key: Key,
     pub limits: Limits,
     pub max_clients: usize,
+}
+
+impl RelayConfig {
+    /// A relay on `listen` with the default limits and [`DEFAULT_MAX_CLIENTS`].
+    pub fn new(listen: SocketAddr, private_key: Key) -> RelayConfig {
+        RelayConfig {
+            listen,
+            private_key,
+            limits: Limits::default(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+        }
+    }
+}
+
+/// Relay-wide limits beside the per-client [`Limits`]: the memory all queues
+/// together may take, and what one source address may open.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayGuards {
+    /// Bytes queued for all clients together (see `budget.rs`).
+    pub total_queue_bytes: usize,
+    pub per_source: SourceLimits,
+}
+
+impl RelayGuards {
+    /// The defaults for a relay of `max_clients` clients.
+    pub fn for_relay(max_clients: usize) -> RelayGuards {
+        RelayGuards {
+            total_queue_bytes: DEFAULT_TOTAL_QUEUE_BYTES,
+            per_source: SourceLimits::for_relay(max_clients),
+        }
+    }
 }
 
 /// Counters for tests, benchmarks and the periodic log line.
@@ -56,17 +111,36 @@ pub struct RelayStats {
     pub dropped_queue_full: u64,
     pub dropped_rate: u64,
     pub dropped_no_peer: u64,
+    /// Datagrams dropped because all queues together reached the budget.
+    pub dropped_budget: u64,
     /// Largest number of bytes ever queued for one client.
     pub max_queued_bytes: usize,
+    /// Bytes queued for all clients now, the most ever, and the budget.
+    pub total_queued_bytes: usize,
+    pub max_total_queued_bytes: usize,
+    pub queue_budget_bytes: usize,
     pub closed_bad_input: u64,
+    /// Handshakes refused because the relay had no queue room left to answer.
+    pub closed_budget: u64,
+    /// Connections refused because the relay had `max_clients`.
     pub rejected_full: u64,
+    /// Connections refused by the per-source limits: too fast, too many
+    /// handshakes in progress, too many connections.
+    pub refused_rate: u64,
+    pub refused_pending: u64,
+    pub refused_source_full: u64,
     pub replaced: u64,
 }
 
 struct Conn {
     stream: TcpStream,
     addr: SocketAddr,
+    source: Source,
     state: ClientConn,
+    /// This client's queued bytes as last counted in the budget.
+    charged: usize,
+    /// Told to the admission as registered (no longer a pending handshake).
+    registered: bool,
     /// Keys this client sent to, and so hears presence changes of.
     watching: HashSet<Key>,
     in_ready: bool,
@@ -81,6 +155,11 @@ pub struct RelayServer {
     shared_stats: Arc<Mutex<RelayStats>>,
     stats: RelayStats,
     cfg: RelayConfig,
+    budget: QueueBudget,
+    admission: Admission,
+    /// Refusals counted when the last summary was logged, and when.
+    refusals_logged: u64,
+    next_refusal_log: Instant,
     conns: HashMap<Token, Conn>,
     by_key: HashMap<Key, Token>,
     watchers: HashMap<Key, HashSet<Token>>,
@@ -112,7 +191,21 @@ impl RelayHandle {
 }
 
 impl RelayServer {
+    /// A relay with the default [`RelayGuards`] for its `max_clients`.
     pub fn bind(cfg: RelayConfig) -> Result<RelayServer> {
+        let guards = RelayGuards::for_relay(cfg.max_clients);
+        RelayServer::bind_guarded(cfg, guards)
+    }
+
+    pub fn bind_guarded(cfg: RelayConfig, guards: RelayGuards) -> Result<RelayServer> {
+        // Below that, one slow reader alone could take the whole budget.
+        if guards.total_queue_bytes < 2 * cfg.limits.queue_bytes {
+            anyhow::bail!(
+                "relay: the queue budget ({} KiB) must be at least twice one client's queue ({} KiB)",
+                guards.total_queue_bytes >> 10,
+                cfg.limits.queue_bytes >> 10
+            );
+        }
         crate::coord::load::raise_fd_limit();
         let poll = Poll::new().context("creating relay poll")?;
         let mut listener =
@@ -127,8 +220,15 @@ impl RelayServer {
             waker,
             stop: Arc::new(AtomicBool::new(false)),
             shared_stats: Arc::new(Mutex::new(RelayStats::default())),
-            stats: RelayStats::default(),
+            stats: RelayStats {
+                queue_budget_bytes: guards.total_queue_bytes,
+                ..RelayStats::default()
+            },
             cfg,
+            budget: QueueBudget::new(guards.total_queue_bytes),
+            admission: Admission::new(guards.per_source),
+            refusals_logged: 0,
+            next_refusal_log: Instant::now(),
             conns: HashMap::new(),
             by_key: HashMap::new(),
             watchers: HashMap::new(),
@@ -157,10 +257,11 @@ impl RelayServer {
 
     pub fn run(mut self) -> Result<()> {
         eprintln!(
-            "warren relay: listening on {} (key {}), max {} clients",
+            "warren relay: listening on {} (key {}), max {} clients, {} MiB for queues",
             self.local_addr()?,
             self.public_key().to_base64(),
-            self.cfg.max_clients
+            self.cfg.max_clients,
+            self.budget.limit() >> 20
         );
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
@@ -206,6 +307,8 @@ impl RelayServer {
             }
             self.stats.clients = self.conns.len();
             self.stats.registered = self.by_key.len();
+            self.stats.total_queued_bytes = self.budget.used();
+            self.stats.max_total_queued_bytes = self.budget.peak();
             if let Ok(mut s) = self.shared_stats.lock() {
                 *s = self.stats.clone();
             }
@@ -243,9 +346,27 @@ impl RelayServer {
                     return;
                 }
             };
+            // Dropping the stream closes it at once: a refused connection costs
+            // neither a slot nor a handshake.
             if self.conns.len() >= self.cfg.max_clients {
                 self.stats.rejected_full += 1;
                 continue;
+            }
+            let source = Source::of(addr.ip());
+            match self.admission.admit(now, source) {
+                Ok(()) => {}
+                Err(Refusal::Rate) => {
+                    self.stats.refused_rate += 1;
+                    continue;
+                }
+                Err(Refusal::Pending) => {
+                    self.stats.refused_pending += 1;
+                    continue;
+                }
+                Err(Refusal::Clients) => {
+                    self.stats.refused_source_full += 1;
+                    continue;
+                }
             }
             let _ = stream.set_nodelay(true);
             set_send_buffer(&stream, SOCKET_SEND_BUFFER);
@@ -257,6 +378,7 @@ impl RelayServer {
                     .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             {
                 eprintln!("warren relay: registering connection from {addr}: {e}");
+                self.admission.closed(source, false);
                 continue;
             }
             self.conns.insert(
@@ -264,7 +386,10 @@ impl RelayServer {
                 Conn {
                     stream,
                     addr,
+                    source,
                     state: ClientConn::new(&self.cfg.private_key, self.cfg.limits, now),
+                    charged: 0,
+                    registered: false,
                     watching: HashSet::new(),
                     in_ready: false,
                     in_dirty: false,
@@ -286,6 +411,16 @@ impl RelayServer {
                     if let Err(e) = received {
                         self.stats.closed_bad_input += 1;
                         return self.close(t, &format!("{e:#}"));
+                    }
+                    // The handshake reply is the only output a read makes.
+                    let grown = c.state.queued_bytes().saturating_sub(c.charged);
+                    if grown > 0 {
+                        if !self.budget.admits(c.charged, grown, self.cfg.limits.queue_bytes) {
+                            self.stats.closed_budget += 1;
+                            return self.close(t, "no queue room left to answer the handshake");
+                        }
+                        settle(&mut self.budget, c);
+                        self.mark_dirty(t);
                     }
                     for r in requests.drain(..) {
                         self.route(now, t, r);
@@ -309,7 +444,9 @@ impl RelayServer {
                     self.stats.replaced += 1;
                     self.close(old, "replaced by a new connection with the same key");
                 }
-                if let Some(c) = self.conns.get(&from) {
+                if let Some(c) = self.conns.get_mut(&from) {
+                    c.registered = true;
+                    self.admission.registered(c.source);
                     eprintln!("warren relay: {} connected from {}", key.short(), c.addr);
                 }
                 self.tell_watchers(now, key, RelayFrame::PeerPresent { key });
@@ -344,14 +481,25 @@ impl RelayServer {
         }
     }
 
-    /// Queues a frame for a client; false if it was dropped (queue full) or the client is gone.
+    /// Queues a frame for a client; false if it was dropped (its queue full,
+    /// or the relay's budget) or the client is gone.
     fn queue(&mut self, now: Instant, t: Token, frame: &RelayFrame) -> bool {
         let Some(c) = self.conns.get_mut(&t) else {
             return false;
         };
-        match c.state.queue(now, frame) {
+        let per_client = self.cfg.limits.queue_bytes;
+        let cap = self.budget.cap_for(c.charged, per_client);
+        let cost = ClientConn::cost(frame);
+        // The client's own limit first: a slow reader is its own problem
+        // before it is everyone's.
+        if c.charged + cost <= per_client && c.charged + cost > cap {
+            self.stats.dropped_budget += 1;
+            return false;
+        }
+        match c.state.queue_within(now, frame, cap) {
             Ok(true) => {
-                self.stats.max_queued_bytes = self.stats.max_queued_bytes.max(c.state.queued_bytes());
+                settle(&mut self.budget, c);
+                self.stats.max_queued_bytes = self.stats.max_queued_bytes.max(c.charged);
                 self.mark_dirty(t);
                 true
             }
@@ -381,7 +529,10 @@ impl RelayServer {
         while !c.state.outgoing().is_empty() {
             match c.stream.write(c.state.outgoing()) {
                 Ok(0) => return self.close(t, "connection closed while writing"),
-                Ok(n) => c.state.consume_outgoing(n),
+                Ok(n) => {
+                    c.state.consume_outgoing(n);
+                    settle(&mut self.budget, c);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return self.close(t, &format!("writing: {e}")),
@@ -392,10 +543,14 @@ impl RelayServer {
     fn sweep(&mut self, now: Instant) {
         let mut expired = Vec::new();
         let mut wrote = Vec::new();
+        let per_client = self.cfg.limits.queue_bytes;
         for (&t, c) in self.conns.iter_mut() {
-            let before = c.state.queued_bytes();
-            match c.state.handle_timeout(now) {
-                Ok(()) if c.state.queued_bytes() > before => wrote.push(t),
+            let cap = self.budget.cap_for(c.charged, per_client);
+            match c.state.handle_timeout_within(now, cap) {
+                Ok(()) if c.state.queued_bytes() > c.charged => {
+                    settle(&mut self.budget, c);
+                    wrote.push(t);
+                }
                 Ok(()) => {}
                 Err(e) => expired.push((t, format!("{e:#}"))),
             }
@@ -406,6 +561,22 @@ impl RelayServer {
         for (t, why) in expired {
             self.close(t, &why);
         }
+        self.log_refusals(now);
+    }
+
+    fn log_refusals(&mut self, now: Instant) {
+        let s = &self.stats;
+        let refused = s.rejected_full + s.refused_rate + s.refused_pending + s.refused_source_full;
+        if refused == self.refusals_logged || now < self.next_refusal_log {
+            return;
+        }
+        eprintln!(
+            "warren relay: refused {} connections (relay full {}, source too fast {}, too many handshakes {}, \
+             too many connections {}) in total",
+            refused, s.rejected_full, s.refused_rate, s.refused_pending, s.refused_source_full
+        );
+        self.refusals_logged = refused;
+        self.next_refusal_log = now + REFUSAL_LOG_INTERVAL;
     }
 
     fn close(&mut self, t: Token, why: &str) {
@@ -413,6 +584,8 @@ impl RelayServer {
             return;
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
+        self.budget.adjust(c.charged, 0);
+        self.admission.closed(c.source, c.registered);
         for k in &c.watching {
             if let Some(w) = self.watchers.get_mut(k) {
                 w.remove(&t);
@@ -434,6 +607,13 @@ impl RelayServer {
             self.tell_watchers(Instant::now(), key, RelayFrame::PeerGone { key });
         }
     }
+}
+
+/// Brings the budget in line with what `c` has queued now.
+fn settle(budget: &mut QueueBudget, c: &mut Conn) {
+    let queued = c.state.queued_bytes();
+    budget.adjust(c.charged, queued);
+    c.charged = queued;
 }
 
 /// Best effort: a socket that keeps the default buffer still works.

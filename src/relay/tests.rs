@@ -2,17 +2,18 @@
 //! the protocol over blocking sockets.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::RELAY_PROFILE;
+use super::admission::SourceLimits;
 use super::client::{Event, RelayClient};
 use super::client_conn::Limits;
 use super::frame::RelayFrame;
-use super::server::{RelayConfig, RelayHandle, RelayServer, RelayStats};
+use super::server::{RelayConfig, RelayGuards, RelayHandle, RelayServer, RelayStats};
 use crate::control::channel::Channel;
 use crate::control::noise::Profile;
 use crate::keys::Key;
@@ -41,6 +42,15 @@ impl Relay {
             })
             .unwrap(),
         )
+    }
+
+    fn start_guarded(limits: Limits, max_clients: usize, guards: RelayGuards) -> Relay {
+        let cfg = RelayConfig {
+            limits,
+            max_clients,
+            ..RelayConfig::new("127.0.0.1:0".parse().unwrap(), Key::generate_private())
+        };
+        Relay::from_server(RelayServer::bind_guarded(cfg, guards).unwrap())
     }
 
     fn from_server(server: RelayServer) -> Relay {
@@ -91,7 +101,17 @@ impl Client {
     }
 
     fn connect_with(relay: &Relay, key: Key, profile: &Profile) -> Client {
-        let stream = TcpStream::connect(relay.addr).unwrap();
+        Client::handshake(relay, TcpStream::connect(relay.addr).unwrap(), key, profile)
+    }
+
+    /// A client from another loopback address (all of 127/8 is local), so
+    /// the relay sees another source.
+    fn connect_from(relay: &Relay, local: Ipv4Addr, key: Key) -> Client {
+        let stream = connect_from(local, relay.addr).unwrap();
+        Client::handshake(relay, stream, key, &RELAY_PROFILE)
+    }
+
+    fn handshake(relay: &Relay, stream: TcpStream, key: Key, profile: &Profile) -> Client {
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         stream.set_nodelay(true).unwrap();
         let mut ch = Channel::client_with(profile, &key, &relay.public).unwrap();
@@ -168,6 +188,48 @@ impl Client {
             }
         }
         false
+    }
+}
+
+/// A TCP connection from `local` (port chosen by the kernel) to `to`; std
+/// cannot bind before connecting.
+fn connect_from(local: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh descriptor that the TcpStream takes over (and closes)
+    // at once; bind and connect get pointers to live sockaddr_in values of
+    // the stated length.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let from = sockaddr(SocketAddrV4::new(local, 0));
+        if libc::bind(
+            fd,
+            &from as *const libc::sockaddr_in as *const libc::sockaddr,
+            len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let to = sockaddr(to);
+        if libc::connect(fd, &to as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
     }
 }
 
@@ -508,4 +570,203 @@ fn clients_reconnect_after_a_relay_restart_and_traffic_resumes() {
     assert!(b.run_until(|e| *e == Event::Open), "b reconnected");
     exchange(&mut a, &mut b, b"after restart");
     relay.wait_stats("both back", |s| s.registered == 2 && s.forwarded >= 1);
+}
+
+/// One address opens connections as fast as it can (never finishing a
+/// handshake) and then registers as many keys as it may: the relay refuses
+/// the excess at once, and clients from other addresses still register and
+/// forward while the flood goes on.
+#[test]
+fn a_flooding_source_does_not_crowd_out_other_clients() {
+    let guards = RelayGuards {
+        per_source: SourceLimits {
+            connects_per_sec: 20,
+            connect_burst: 10,
+            max_pending: 4,
+            max_clients: 6,
+        },
+        ..RelayGuards::for_relay(20)
+    };
+    let relay = Relay::start_guarded(Limits::default(), 20, guards);
+    let flooder_ip = Ipv4Addr::new(127, 0, 0, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flood = stop.clone();
+    let addr = relay.addr;
+    let flooder = std::thread::spawn(move || {
+        let mut held = std::collections::VecDeque::new();
+        let mut attempts = 0u32;
+        // Bounded: at most 5,000 attempts, holding the last 64 open.
+        while !stop_flood.load(Ordering::SeqCst) && attempts < 5000 {
+            attempts += 1;
+            if let Ok(s) = connect_from(flooder_ip, addr) {
+                held.push_back(s);
+                if held.len() > 64 {
+                    held.pop_front();
+                }
+            }
+        }
+        attempts
+    });
+    relay.wait_stats("the flood to be refused", |s| {
+        s.refused_rate + s.refused_pending > 200
+    });
+
+    let mut a = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 2), Key::generate_private());
+    let mut b = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 3), Key::generate_private());
+    for i in 0..10u32 {
+        a.send_to(b.public(), &i.to_be_bytes());
+        assert_eq!(b.recv().unwrap(), recv_from(a.public(), &i.to_be_bytes()));
+        b.send_to(a.public(), &i.to_be_bytes());
+        assert_eq!(a.recv().unwrap(), recv_from(b.public(), &i.to_be_bytes()));
+    }
+    let during = relay.wait_stats("both registered during the flood", |s| s.registered == 2);
+    stop.store(true, Ordering::SeqCst);
+    let attempts = flooder.join().unwrap();
+    eprintln!("flood: {attempts} connection attempts; relay: {during:?}");
+    assert!(
+        during.clients <= 2 + 4,
+        "the flooder holds at most its pending cap: {during:?}"
+    );
+    assert_eq!(during.rejected_full, 0, "the relay never filled up: {during:?}");
+
+    // The same address registering made-up keys gets at most its share of the
+    // relay (the rate limit lets it try again after the flood stopped).
+    let mut extra = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    while relay.handle.stats().refused_source_full == 0 {
+        assert!(
+            Instant::now() < end,
+            "no per-source cap: {:?}",
+            relay.handle.stats()
+        );
+        let Ok(stream) = connect_from(flooder_ip, relay.addr) else {
+            continue;
+        };
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut ch = Channel::client_with(&RELAY_PROFILE, &Key::generate_private(), &relay.public).unwrap();
+        ch.send(&RelayFrame::KeepAlive.encode().unwrap()).unwrap();
+        let mut c = Client {
+            stream,
+            ch,
+            key: Key::generate_private(),
+        };
+        c.flush();
+        // A refused connection is closed before it is answered.
+        let mut opened = true;
+        while !c.ch.is_open() {
+            if c.read_some().is_err() {
+                opened = false;
+                break;
+            }
+        }
+        if opened {
+            c.flush();
+            extra.push(c);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = relay.wait_stats("the extra clients registered", |s| {
+        s.registered == 2 + extra.len()
+    });
+    assert!(extra.len() <= 6, "{} clients from one source: {s:?}", extra.len());
+    // Others still get in.
+    let mut c = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 4), Key::generate_private());
+    c.send_to(a.public(), b"late");
+    assert_eq!(a.recv().unwrap(), recv_from(c.public(), b"late"));
+}
+
+/// Several clients stop reading while a flooder sends to them: all queues
+/// together never pass the relay's budget (datagrams are dropped and counted
+/// instead), and a pair that keeps reading still gets every round trip.
+#[test]
+fn queue_budget_holds_with_slow_readers_while_a_fast_pair_forwards() {
+    let limits = Limits {
+        queue_bytes: 128 * 1024,
+        rate_bytes_per_sec: 1 << 40,
+        burst_bytes: 1 << 40,
+        ..Limits::default()
+    };
+    let budget = 3 * limits.queue_bytes;
+    let guards = RelayGuards {
+        total_queue_bytes: budget,
+        ..RelayGuards::for_relay(100)
+    };
+    let relay = Relay::start_guarded(limits, 100, guards);
+    let mut a = Client::connect(&relay, Key::generate_private());
+    let mut b = Client::connect(&relay, Key::generate_private());
+    let slow: Vec<Client> = (0..4)
+        .map(|_| {
+            let c = Client::connect(&relay, Key::generate_private());
+            super::server::set_buffer(&c.stream, libc::SO_RCVBUF, 16 * 1024);
+            c
+        })
+        .collect();
+    let slow_keys: Vec<Key> = slow.iter().map(Client::public).collect();
+    let mut flood = Client::connect(&relay, Key::generate_private());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flood = stop.clone();
+    let flooder = std::thread::spawn(move || {
+        let payload = vec![7u8; 16 * 1024];
+        let mut sent = 0u64;
+        // Paced at about 2 MiB/s over the four: enough to fill their socket
+        // buffers and queues in a few seconds (once full, any rate keeps them
+        // full), while leaving the shared CPU to the relay; bounded at 1 GiB.
+        while !stop_flood.load(Ordering::SeqCst) && sent < 1 << 30 {
+            for k in &slow_keys {
+                flood.send_to(*k, &payload);
+                sent += payload.len() as u64;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        sent
+    });
+    // Four full queues would be 512 KiB: the budget (384 KiB) runs out first.
+    relay.wait_stats("the budget to refuse datagrams", |s| s.dropped_budget > 50);
+
+    let mut worst = Duration::ZERO;
+    for i in 0..30u32 {
+        let t = Instant::now();
+        let payload = [&i.to_be_bytes()[..], &[1u8; 1200]].concat();
+        a.send_to(b.public(), &payload);
+        assert_eq!(b.recv().unwrap(), recv_from(a.public(), &payload));
+        b.send_to(a.public(), &payload);
+        assert_eq!(a.recv().unwrap(), recv_from(b.public(), &payload));
+        worst = worst.max(t.elapsed());
+        eprintln!("round trip {i}: {:?}", t.elapsed());
+        let s = relay.handle.stats();
+        assert!(s.max_total_queued_bytes <= budget, "{s:?}");
+    }
+    let during = relay.handle.stats();
+    stop.store(true, Ordering::SeqCst);
+    let flooded = flooder.join().unwrap();
+    eprintln!(
+        "budget: flooded {} MiB, max total queued {} of {budget}, now {}, max one client {}, \
+         dropped (budget {}, own queue {}), fast pair worst round trip {worst:?}",
+        flooded >> 20,
+        during.max_total_queued_bytes,
+        during.total_queued_bytes,
+        during.max_queued_bytes,
+        during.dropped_budget,
+        during.dropped_queue_full
+    );
+    assert!(during.max_total_queued_bytes <= budget, "{during:?}");
+    assert!(during.max_queued_bytes <= limits.queue_bytes, "{during:?}");
+    assert!(during.dropped_budget > 50, "{during:?}");
+    // Nearly the whole budget was in use: the bound was what held, not a lull.
+    assert!(during.max_total_queued_bytes > budget / 2, "{during:?}");
+    assert!(worst < Duration::from_secs(5), "worst round trip {worst:?}");
+    // Closing the slow readers gives their bytes back.
+    drop(slow);
+    relay.wait_stats("queues released", |s| s.total_queued_bytes < limits.queue_bytes);
+}
+
+#[test]
+fn a_queue_budget_below_two_client_queues_is_refused() {
+    let cfg = RelayConfig::new("127.0.0.1:0".parse().unwrap(), Key::generate_private());
+    let guards = RelayGuards {
+        total_queue_bytes: cfg.limits.queue_bytes,
+        ..RelayGuards::for_relay(cfg.max_clients)
+    };
+    let err = RelayServer::bind_guarded(cfg, guards).err().expect("refused");
+    assert!(err.to_string().contains("twice"), "{err}");
 }
