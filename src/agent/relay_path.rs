@@ -26,6 +26,10 @@ use crate::relay::client::{Event, RelayClient};
 /// Tokens of relay connections and peer sockets start here, far above the
 /// agent's own and its control clients' tokens (which count up from 16).
 pub const FIRST_TOKEN: usize = usize::MAX / 2;
+/// Datagrams held per relay while its first connection is being set up, so
+/// WireGuard's first handshake goes out the moment it opens instead of after
+/// WireGuard's 5 s retry.
+const HELD_WHILE_CONNECTING: usize = 16;
 /// Largest datagram WireGuard sends (MTU 1420 plus headers, with room for jumbo links).
 const MAX_DATAGRAM: usize = 65535;
 
@@ -55,8 +59,27 @@ struct Link {
     next_addr: usize,
     dialled: Option<String>,
     last_error: Option<String>,
-    /// Whether the client was open when [`RelayPath::drive`] last looked.
-    was_open: bool,
+    /// Whether the link was usable when [`RelayPath::drive`] last looked.
+    was_usable: bool,
+    /// Datagrams to send once the connection opens: (peer, datagram).
+    held: VecDeque<(Key, Vec<u8>)>,
+}
+
+impl Link {
+    /// Peers reached through this relay stay on it while it opens for the
+    /// first time or reconnects after a clean hand-over; once a connection
+    /// attempt has failed, their direct candidates get a chance meanwhile.
+    fn usable(&self) -> bool {
+        self.client.is_open() || self.last_error.is_none()
+    }
+
+    fn send(&mut self, now: Instant, peer: Key, datagram: &[u8]) {
+        if self.client.is_open() {
+            self.client.send_to(now, peer, datagram);
+        } else if self.last_error.is_none() && self.held.len() < HELD_WHILE_CONNECTING {
+            self.held.push_back((peer, datagram.to_vec()));
+        }
+    }
 }
 
 struct Proxy {
@@ -165,7 +188,8 @@ impl RelayPath {
                         next_addr: 0,
                         dialled: None,
                         last_error: None,
-                        was_open: false,
+                        was_usable: true,
+                        held: VecDeque::new(),
                     },
                 );
             }
@@ -225,20 +249,17 @@ impl RelayPath {
                 let _ = registry.deregister(&mut s);
             }
             self.owners.remove(&l.token);
-            if l.client.is_open() {
+            if l.usable() {
                 self.changed = true;
             }
         }
     }
 
     /// The WireGuard endpoint that sends `peer`'s traffic over the relay, if
-    /// its home relay is connected now.
+    /// the relay that reaches it is usable (see [`Link::usable`]).
     pub fn endpoint(&self, peer: &Key) -> Option<SocketAddr> {
         let p = self.proxies.get(peer)?;
-        self.links
-            .get(&p.relay)
-            .filter(|l| l.client.is_open())
-            .map(|_| p.addr)
+        self.links.get(&p.relay).filter(|l| l.usable()).map(|_| p.addr)
     }
 
     /// Whether `addr` is one of our loopback sockets, and for which peer's relay.
@@ -247,7 +268,7 @@ impl RelayPath {
         self.links.get(&p.relay).map(|l| &l.info)
     }
 
-    /// A relay connection opened or closed: paths need choosing again.
+    /// A relay became usable or unusable: paths need choosing again.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
@@ -341,7 +362,7 @@ impl RelayPath {
                 // on the loopback (another local process) is ignored.
                 Ok((n, from)) if from == self.wg_addr => {
                     if let Some(l) = link.as_mut() {
-                        l.client.send_to(now, *peer, &self.buf[..n]);
+                        l.send(now, *peer, &self.buf[..n]);
                     }
                 }
                 Ok(_) => {}
@@ -369,10 +390,14 @@ impl RelayPath {
                         }
                         l.last_error = Some(why);
                         l.next_addr += 1;
+                        l.held.clear();
                     }
                     Event::Open => {
                         eprintln!("agent: relay {} connected", describe(l));
                         l.last_error = None;
+                        for (peer, datagram) in std::mem::take(&mut l.held) {
+                            l.client.send_to(now, peer, &datagram);
+                        }
                     }
                     Event::Received { from, payload } => {
                         if payload.first() == Some(&SEAL_VERSION) {
@@ -386,8 +411,8 @@ impl RelayPath {
                 }
             }
             write_link(now, l);
-            if l.client.is_open() != l.was_open {
-                l.was_open = l.client.is_open();
+            if l.usable() != l.was_usable {
+                l.was_usable = l.usable();
                 self.changed = true;
             }
         }
@@ -433,6 +458,7 @@ fn close(l: &mut Link, now: Instant, why: String) {
     }
     l.last_error = Some(why.clone());
     l.next_addr += 1;
+    l.held.clear();
     l.client.on_tcp_closed(now, &why);
 }
 
