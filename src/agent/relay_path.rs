@@ -110,6 +110,8 @@ pub struct RelayPath {
     /// Sealed messages received through a relay: (claimed sender, message).
     sealed: VecDeque<(Key, Vec<u8>)>,
     buf: Vec<u8>,
+    /// The last failure to open a peer's socket, logged once rather than every reconcile.
+    proxy_error: Option<String>,
 }
 
 impl RelayPath {
@@ -125,6 +127,7 @@ impl RelayPath {
             changed: false,
             sealed: VecDeque::new(),
             buf: vec![0; MAX_DATAGRAM],
+            proxy_error: None,
         }
     }
 
@@ -212,9 +215,12 @@ impl RelayPath {
                 p.relay = relay;
                 continue;
             }
-            match self.open_proxy(registry, peer, relay) {
-                Ok(()) => {}
-                Err(e) => eprintln!("agent: relay path for peer {}: {e:#}", peer.short()),
+            if let Err(e) = self.open_proxy(registry, peer, relay) {
+                let msg = format!("{e:#}");
+                if self.proxy_error.as_deref() != Some(&msg) {
+                    eprintln!("agent: relay path for peer {}: {msg}", peer.short());
+                }
+                self.proxy_error = Some(msg);
             }
         }
     }
@@ -502,5 +508,194 @@ fn write_link(now: Instant, l: &mut Link) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return close(l, now, format!("writing: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two agents' relay paths and a real relay server on loopback, with plain
+    //! UDP sockets standing in for the two WireGuard interfaces.
+
+    use super::*;
+    use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
+    use mio::{Events, Poll};
+    use std::net::UdpSocket as StdUdp;
+    use std::time::Duration;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    struct Node {
+        poll: Poll,
+        path: RelayPath,
+        /// Stands in for WireGuard: bound where the path delivers.
+        wg: StdUdp,
+        key: Key,
+    }
+
+    impl Node {
+        fn new() -> Node {
+            let wg = StdUdp::bind("127.0.0.1:0").unwrap();
+            wg.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let key = Key::generate_private();
+            let port = wg.local_addr().unwrap().port();
+            Node {
+                poll: Poll::new().unwrap(),
+                path: RelayPath::new(key, port),
+                wg,
+                key,
+            }
+        }
+
+        fn turn(&mut self) {
+            let mut events = Events::with_capacity(16);
+            self.poll
+                .poll(&mut events, Some(Duration::from_millis(5)))
+                .unwrap();
+            let now = Instant::now();
+            for ev in events.iter() {
+                self.path.ready(self.poll.registry(), now, ev.token());
+            }
+            self.path.handle_timeout(self.poll.registry(), now);
+        }
+    }
+
+    fn relay() -> (RelayInfo, RelayHandle) {
+        let server = RelayServer::bind(RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            Key::generate_private(),
+        ))
+        .unwrap();
+        let info = RelayInfo {
+            public_key: server.public_key(),
+            addrs: vec![server.local_addr().unwrap().to_string()],
+        };
+        let handle = server.handle();
+        std::thread::spawn(move || server.run().unwrap());
+        (info, handle)
+    }
+
+    /// Runs both nodes until `done` holds, or fails after the deadline.
+    fn until(a: &mut Node, b: &mut Node, what: &str, mut done: impl FnMut(&mut Node, &mut Node) -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !done(a, b) {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            a.turn();
+            b.turn();
+        }
+    }
+
+    fn received(wg: &StdUdp) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = [0u8; 2048];
+        wg.recv_from(&mut buf)
+            .ok()
+            .map(|(n, from)| (buf[..n].to_vec(), from))
+    }
+
+    #[test]
+    fn datagrams_cross_the_relay_between_the_wireguard_sockets_and_strangers_are_ignored() {
+        let (info, handle) = relay();
+        let (mut a, mut b) = (Node::new(), Node::new());
+        let (ka, kb) = (a.key.public_key(), b.key.public_key());
+        let relays = [info.clone()];
+        let home = Some(info.public_key);
+        b.path.configure(
+            b.poll.registry(),
+            Instant::now(),
+            b.key,
+            &relays,
+            home,
+            &[(ka, home)],
+        );
+        until(&mut a, &mut b, "b at the relay", |_, b| {
+            b.path.status()[0].state == "connected"
+        });
+        a.path.configure(
+            a.poll.registry(),
+            Instant::now(),
+            a.key,
+            &relays,
+            home,
+            &[(kb, home)],
+        );
+        // Relay first: the endpoint is offered while the connection is still being set up.
+        let a_to_b = a.path.endpoint(&kb).expect("a relay endpoint for b at once");
+        let b_to_a = b.path.endpoint(&ka).expect("a relay endpoint for a at once");
+        assert!(a_to_b.ip().is_loopback() && b_to_a.ip().is_loopback());
+        // The first datagram, sent before the connection is open, is held and delivered.
+        let init = [1u8, 0, 0, 0, 42];
+        a.wg.send_to(&init, a_to_b).unwrap();
+        let mut got = None;
+        until(&mut a, &mut b, "the held datagram at b", |_, b| {
+            got = got.take().or_else(|| received(&b.wg));
+            got.is_some()
+        });
+        let (bytes, from) = got.unwrap();
+        assert_eq!(bytes, init);
+        // b's WireGuard sees it from its relay socket for a: one stable endpoint per peer.
+        assert_eq!(from, b_to_a);
+        // And back.
+        let reply = [2u8, 0, 0, 0, 7, 7];
+        b.wg.send_to(&reply, b_to_a).unwrap();
+        let mut got = None;
+        until(&mut a, &mut b, "the reply at a", |a, _| {
+            got = got.take().or_else(|| received(&a.wg));
+            got.is_some()
+        });
+        assert_eq!(got.unwrap(), (reply.to_vec(), a_to_b));
+        assert!(a.path.status().iter().all(|r| r.state == "connected" && r.home));
+
+        // A local process other than WireGuard cannot push traffic into the relay path.
+        let stranger = StdUdp::bind("127.0.0.1:0").unwrap();
+        stranger.send_to(&[1, 0, 0, 0, 99], a_to_b).unwrap();
+        a.wg.send_to(&[4, 0, 0, 0, 1], a_to_b).unwrap();
+        let mut seen = Vec::new();
+        until(&mut a, &mut b, "a's second datagram at b", |_, b| {
+            seen.extend(received(&b.wg).map(|(d, _)| d));
+            seen.contains(&vec![4, 0, 0, 0, 1])
+        });
+        assert!(
+            !seen.contains(&vec![1, 0, 0, 0, 99]),
+            "a stranger's datagram was relayed"
+        );
+
+        // The peer leaves the map: its socket closes and nothing is offered for it.
+        a.path
+            .configure(a.poll.registry(), Instant::now(), a.key, &relays, home, &[]);
+        assert_eq!(a.path.endpoint(&kb), None);
+        handle.stop();
+    }
+
+    #[test]
+    fn an_unreachable_relay_gives_candidates_their_turn() {
+        // A port nobody listens on: the connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let info = RelayInfo {
+            public_key: Key::generate_private().public_key(),
+            addrs: vec![addr.to_string()],
+        };
+        let (mut a, mut b) = (Node::new(), Node::new());
+        let kb = b.key.public_key();
+        let home = Some(info.public_key);
+        a.path.configure(
+            a.poll.registry(),
+            Instant::now(),
+            a.key,
+            &[info],
+            home,
+            &[(kb, home)],
+        );
+        assert!(a.path.endpoint(&kb).is_some());
+        until(&mut a, &mut b, "the relay to be given up on", |a, _| {
+            a.path.endpoint(&kb).is_none()
+        });
+        assert!(a.path.take_changed(), "paths were not told to change");
+        let st = a.path.status();
+        assert_eq!(st[0].state, "waiting");
+        assert!(
+            st[0].detail.as_deref().is_some_and(|d| d.contains("refused")),
+            "{st:?}"
+        );
     }
 }

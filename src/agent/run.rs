@@ -181,6 +181,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     private_dir(&cfg.state_dir)?;
     crate::netlink::check_name(&cfg.ifname)?;
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
+    // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
+    crate::coord::load::raise_fd_limit();
     let state = prepare_state(&cfg)?;
     cache::save(&cfg.state_dir, &state)?;
     let choice = BackendChoice::resolve(cfg.backend)?;

@@ -13,7 +13,6 @@ use crate::coord::invite;
 use crate::coord::server::{ADMIN_SOCKET, DB_FILE, DEFAULT_PORT, Server, ServerConfig};
 use crate::coord::store::human_duration;
 use crate::keys::Key;
-use crate::relay::client_conn::Limits;
 use crate::relay::server::{RelayConfig, RelayServer};
 
 #[derive(Args, Debug)]
@@ -237,23 +236,16 @@ fn relay_addrs(listen: SocketAddr, coordinator: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Clients of the relay inside `warren server`: a home mesh's nodes with
-/// plenty of room; a larger mesh runs `warren relay` on its own and sizes it.
-const EMBEDDED_RELAY_MAX_CLIENTS: usize = 4096;
-
 /// Runs the relay beside the coordinator, as `warren relay` would with its
 /// defaults; returns its public key. If it stops on an I/O error the
 /// coordinator keeps serving; the error is logged.
 fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
     let private_key =
         crate::wgstun::key::load_or_create_file(state_dir, crate::relay::KEY_FILE, "relay key")?;
-    let relay = RelayServer::bind(RelayConfig {
-        listen,
-        private_key,
-        limits: Limits::default(),
-        max_clients: EMBEDDED_RELAY_MAX_CLIENTS,
-    })
-    .context("starting the relay beside the coordinator (or pass --no-relay)")?;
+    // The relay's own defaults bound its memory; a mesh that outgrows them
+    // runs `warren relay` on its own and sizes it.
+    let relay = RelayServer::bind(RelayConfig::new(listen, private_key))
+        .context("starting the relay beside the coordinator (or pass --no-relay)")?;
     let key = relay.public_key();
     std::thread::Builder::new()
         .name("relay".into())
