@@ -4,8 +4,8 @@
 # behind routers that drop all UDP (only TCP leaves): one host echoes, the
 # other pings through the relay and every ping comes back, labelled with the
 # echoing host's proven key. A garbage connection from one host is closed and
-# the pair keeps working. (The agent's relayed WireGuard path is not wired yet:
-# the hosts run `warren relay-load`, the protocol's in-process client.)
+# the pair keeps working. The hosts run `warren relay-load`, the protocol's
+# in-process client, to test the relay alone; mesh_relay does it with agents.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_init
