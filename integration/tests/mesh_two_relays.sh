@@ -11,6 +11,7 @@
 #   on the embedded relay still reach each other;
 # - it restarts with the same key: every pair pings again, agents untouched.
 set -euo pipefail
+# shellcheck source=integration/lab.sh
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd python3
 lab_init
@@ -45,14 +46,14 @@ lab_bg srv server.log "$WARREN" server --listen 203.0.113.5:7777 --state-dir "$S
 lab_wait "coordinator admin socket" 10 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
 token=$(lab_exec srv "$WARREN" server invite --reusable --state-dir "$SRV_DIR")
 
-declare -A IF=() ADDR=() HOME_OF=()
+declare -A WGIF=() ADDR=() HOME_OF=()
 sock() { echo "$LAB_DIR/$1/warren.sock"; }
 st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
 has_addr() { st "$1" | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["mesh_addr"] else 1)'; }
 # One at a time, so the join order (and so the node ids) is a, b, c, d.
 for n in "${NODES[@]}"; do
-    IF[$n]=$(lab_ifname "$n")
-    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${IF[$n]}" \
+    WGIF[$n]=$(lab_ifname "$n")
+    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${WGIF[$n]}" \
         --socket "$(sock "$n")" --port 51820 --join "$token" --name "node-$n"
     lab_wait "$n joined" 20 has_addr "$n"
 done
@@ -82,8 +83,9 @@ ON_EMBEDDED=() ON_SEPARATE=()
 for n in "${NODES[@]}"; do
     if [ "${HOME_OF[$n]}" = "$EMBEDDED" ]; then ON_EMBEDDED+=("$n"); else ON_SEPARATE+=("$n"); fi
 done
-[ "${#ON_SEPARATE[@]}" -gt 0 ] && [ "${#ON_EMBEDDED[@]}" -gt 0 ] ||
+if [ "${#ON_SEPARATE[@]}" -eq 0 ] || [ "${#ON_EMBEDDED[@]}" -eq 0 ]; then
     lab_fail "every node has the same home relay (${HOME_OF[a]}): homes are not spread"
+fi
 [ "${#ON_EMBEDDED[@]}" -ge 2 ] ||
     lab_fail "fewer than two nodes homed on the embedded relay (${ON_EMBEDDED[*]}): the relay-down half needs a pair"
 
