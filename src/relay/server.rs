@@ -32,6 +32,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Reads per client per loop turn: a client that never stops sending cannot
 /// keep the loop from serving the others.
 const READS_PER_TURN: usize = 8;
+/// Connections accepted per loop turn, for the same reason: a flood of
+/// connection attempts (each refused cheaply) cannot keep the loop accepting.
+const ACCEPTS_PER_TURN: usize = 64;
 const READ_BUF_LEN: usize = 64 * 1024;
 /// Kernel send buffer per client. Left to autotuning it grows to several MB
 /// per socket, which a slow reader would pin; fixed, it bounds the kernel's
@@ -166,6 +169,8 @@ pub struct RelayServer {
     next_token: usize,
     /// Clients with unread input left after their read budget.
     ready: Vec<Token>,
+    /// Connections possibly left in the listen queue after the accept budget.
+    accept_ready: bool,
     /// Clients with queued output to flush at the end of this turn.
     dirty: Vec<Token>,
     read_buf: Vec<u8>,
@@ -234,6 +239,7 @@ impl RelayServer {
             watchers: HashMap::new(),
             next_token: FIRST_CLIENT,
             ready: Vec::new(),
+            accept_ready: false,
             dirty: Vec::new(),
             read_buf: vec![0; READ_BUF_LEN],
         })
@@ -266,7 +272,7 @@ impl RelayServer {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
         while !self.stop.load(Ordering::SeqCst) {
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && !self.accept_ready {
                 next_sweep.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
@@ -280,7 +286,7 @@ impl RelayServer {
             let now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER => self.accept_ready = true,
                     WAKER => {}
                     t => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -291,6 +297,9 @@ impl RelayServer {
                         }
                     }
                 }
+            }
+            if std::mem::take(&mut self.accept_ready) {
+                self.accept(now);
             }
             for t in std::mem::take(&mut self.ready) {
                 if let Some(c) = self.conns.get_mut(&t) {
@@ -335,7 +344,7 @@ impl RelayServer {
     }
 
     fn accept(&mut self, now: Instant) {
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let (mut stream, addr) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -396,6 +405,9 @@ impl RelayServer {
                 },
             );
         }
+        // Budget used up before the queue ran dry: the listener's readiness
+        // edge is spent, so come back next turn without waiting for another.
+        self.accept_ready = true;
     }
 
     fn read_conn(&mut self, now: Instant, t: Token) {

@@ -770,3 +770,24 @@ fn a_queue_budget_below_two_client_queues_is_refused() {
     let err = RelayServer::bind_guarded(cfg, guards).err().expect("refused");
     assert!(err.to_string().contains("twice"), "{err}");
 }
+
+/// More connections waiting than the relay accepts in one loop turn: it comes
+/// back for the rest by itself (the listener's readiness edge fired only once).
+#[test]
+fn a_burst_of_connections_beyond_one_accept_turn_is_all_accepted() {
+    let guards = RelayGuards {
+        per_source: SourceLimits::unlimited(),
+        ..RelayGuards::for_relay(400)
+    };
+    let cfg = RelayConfig {
+        max_clients: 400,
+        ..RelayConfig::new("127.0.0.1:0".parse().unwrap(), Key::generate_private())
+    };
+    let server = RelayServer::bind_guarded(cfg, guards).unwrap();
+    // The kernel completes these into the listen queue before the relay runs
+    // (120: more than one accept turn, fewer than the 128 the listener asks the kernel to queue).
+    let addr = server.local_addr().unwrap();
+    let held: Vec<TcpStream> = (0..120).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let relay = Relay::from_server(server);
+    relay.wait_stats("all 120 accepted", |s| s.clients == held.len());
+}
