@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod peer;
 pub mod peercred;
 pub mod relay;
+pub mod sockopt;
 pub mod stun;
 pub mod wg;
 pub mod wgstun;

@@ -30,6 +30,18 @@ pub const FIRST_TOKEN: usize = usize::MAX / 2;
 /// WireGuard's first handshake goes out the moment it opens instead of after
 /// WireGuard's 5 s retry.
 const HELD_WHILE_CONNECTING: usize = 16;
+/// Receive buffer of a peer's loopback socket. WireGuard hands over bursts
+/// faster than one loop turn drains them; the 208 KiB default lost thousands
+/// of datagrams per second under iperf3. Memory is only used while datagrams wait.
+const PROXY_RECEIVE_BUFFER: libc::c_int = 1024 * 1024;
+/// Unsent bytes the kernel may hold for a relay connection (TCP_NOTSENT_LOWAT).
+/// Every byte waiting there delays the tunnel's packets, and TCP inside the
+/// tunnel slows down with the delay; autotuning let megabytes wait. Bytes in
+/// flight are not limited, so a distant relay still gets its bandwidth-delay product.
+const RELAY_UNSENT_LIMIT: libc::c_int = 64 * 1024;
+/// While draining a loopback socket, write to the relay whenever this much
+/// is queued, rather than letting the relay queue fill and drop.
+const FLUSH_EVERY: usize = 64 * 1024;
 /// Largest datagram WireGuard sends (MTU 1420 plus headers, with room for jumbo links).
 const MAX_DATAGRAM: usize = 65535;
 
@@ -232,6 +244,9 @@ impl RelayPath {
         let addr = socket
             .local_addr()
             .context("reading the loopback socket's address")?;
+        // The plain option is capped by net.core.rmem_max; FORCE lifts the cap for root (the agent).
+        crate::sockopt::set_buffer(&socket, libc::SO_RCVBUF, PROXY_RECEIVE_BUFFER);
+        crate::sockopt::set_buffer(&socket, libc::SO_RCVBUFFORCE, PROXY_RECEIVE_BUFFER);
         let token = self.token();
         registry
             .register(&mut socket, token, Interest::READABLE)
@@ -369,6 +384,9 @@ impl RelayPath {
                 Ok((n, from)) if from == self.wg_addr => {
                     if let Some(l) = link.as_mut() {
                         l.send(now, *peer, &self.buf[..n]);
+                        if l.client.outgoing().len() >= FLUSH_EVERY {
+                            write_link(now, l);
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -482,6 +500,7 @@ fn dial(registry: &Registry, now: Instant, l: &mut Link) {
     };
     match TcpStream::connect(addr) {
         Ok(mut s) => {
+            crate::sockopt::set_unsent_limit(&s, RELAY_UNSENT_LIMIT);
             if let Err(e) = registry.register(&mut s, l.token, Interest::READABLE | Interest::WRITABLE) {
                 return close(l, now, format!("registering the relay socket: {e}"));
             }

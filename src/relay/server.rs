@@ -22,6 +22,7 @@ use super::budget::{DEFAULT_TOTAL_QUEUE_BYTES, QueueBudget};
 use super::client_conn::{ClientConn, Limits, Request};
 use super::frame::RelayFrame;
 use crate::keys::Key;
+use crate::sockopt;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -36,6 +37,9 @@ const READS_PER_TURN: usize = 8;
 /// connection attempts (each refused cheaply) cannot keep the loop accepting.
 const ACCEPTS_PER_TURN: usize = 64;
 const READ_BUF_LEN: usize = 64 * 1024;
+/// Unsent bytes the kernel may hold per client: more only delays the
+/// tunnel's packets (TCP inside the tunnel slows down with the delay).
+const UNSENT_LIMIT: libc::c_int = 64 * 1024;
 /// Kernel send buffer per client. Left to autotuning it grows to several MB
 /// per socket, which a slow reader would pin; fixed, it bounds the kernel's
 /// share of a client's memory next to `Limits::queue_bytes`. 512 KiB still
@@ -378,7 +382,9 @@ impl RelayServer {
                 }
             }
             let _ = stream.set_nodelay(true);
-            set_send_buffer(&stream, SOCKET_SEND_BUFFER);
+            sockopt::set_buffer(&stream, libc::SO_SNDBUF, SOCKET_SEND_BUFFER);
+            // The queue a client's datagrams wait in is ours (bounded, budgeted), not the kernel's.
+            sockopt::set_unsent_limit(&stream, UNSENT_LIMIT);
             let token = Token(self.next_token);
             self.next_token += 1;
             if let Err(e) =
@@ -626,22 +632,4 @@ fn settle(budget: &mut QueueBudget, c: &mut Conn) {
     let queued = c.state.queued_bytes();
     budget.adjust(c.charged, queued);
     c.charged = queued;
-}
-
-/// Best effort: a socket that keeps the default buffer still works.
-pub(crate) fn set_send_buffer(stream: &impl std::os::fd::AsRawFd, bytes: libc::c_int) {
-    set_buffer(stream, libc::SO_SNDBUF, bytes);
-}
-
-pub(crate) fn set_buffer(stream: &impl std::os::fd::AsRawFd, option: libc::c_int, bytes: libc::c_int) {
-    // SAFETY: setsockopt on a descriptor we own, with a pointer to a live c_int of the stated size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            &bytes as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }

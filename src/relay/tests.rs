@@ -382,7 +382,7 @@ fn slow_reader_is_bounded_and_does_not_stall_others() {
     let relay = Relay::start(limits);
     let slow = Client::connect(&relay, Key::generate_private());
     // A small receive window so the test fills the path quickly; the relay's own bound is what is checked.
-    super::server::set_buffer(&slow.stream, libc::SO_RCVBUF, 16 * 1024);
+    crate::sockopt::set_buffer(&slow.stream, libc::SO_RCVBUF, 16 * 1024);
     let slow_key = slow.public();
     let mut flood = Client::connect(&relay, Key::generate_private());
     let stop = Arc::new(AtomicBool::new(false));
@@ -697,7 +697,7 @@ fn queue_budget_holds_with_slow_readers_while_a_fast_pair_forwards() {
     let slow: Vec<Client> = (0..4)
         .map(|_| {
             let c = Client::connect(&relay, Key::generate_private());
-            super::server::set_buffer(&c.stream, libc::SO_RCVBUF, 16 * 1024);
+            crate::sockopt::set_buffer(&c.stream, libc::SO_RCVBUF, 16 * 1024);
             c
         })
         .collect();
