@@ -247,6 +247,15 @@ impl RelayPath {
         // The plain option is capped by net.core.rmem_max; FORCE lifts the cap for root (the agent).
         crate::sockopt::set_buffer(&socket, libc::SO_RCVBUF, PROXY_RECEIVE_BUFFER);
         crate::sockopt::set_buffer(&socket, libc::SO_RCVBUFFORCE, PROXY_RECEIVE_BUFFER);
+        // Connected to WireGuard's port: the kernel then delivers only
+        // WireGuard's datagrams to it (no other local process can push
+        // traffic into the relay path), and sends skip the route lookup.
+        socket.connect(self.wg_addr).with_context(|| {
+            format!(
+                "connecting the loopback socket to WireGuard's port {}",
+                self.wg_addr
+            )
+        })?;
         let token = self.token();
         registry
             .register(&mut socket, token, Interest::READABLE)
@@ -337,19 +346,30 @@ impl RelayPath {
     /// A socket of ours is ready.
     pub fn ready(&mut self, registry: &Registry, now: Instant, token: Token) {
         match self.owners.get(&token).copied() {
-            Some(Owner::Link(key)) => self.link_ready(now, &key),
+            Some(Owner::Link(key)) => {
+                // Deliver after every read rather than after draining the
+                // socket: a userspace WireGuard's 208 KiB socket buffer
+                // overflows when megabytes arrive back to back.
+                while self.link_ready(now, &key) {
+                    self.drive(registry, now);
+                }
+            }
             Some(Owner::Proxy(peer)) => self.proxy_ready(now, &peer),
             None => {}
         }
         self.drive(registry, now);
     }
 
-    fn link_ready(&mut self, now: Instant, key: &Key) {
-        let Some(l) = self.links.get_mut(key) else { return };
-        let Some(s) = l.stream.as_mut() else { return };
+    /// Reads once from a relay connection; true if there may be more to read.
+    fn link_ready(&mut self, now: Instant, key: &Key) -> bool {
+        let Some(l) = self.links.get_mut(key) else {
+            return false;
+        };
+        let Some(s) = l.stream.as_mut() else { return false };
         if !l.connected {
             if let Ok(Some(e)) | Err(e) = s.take_error() {
-                return close(l, now, format!("connecting: {e}"));
+                close(l, now, format!("connecting: {e}"));
+                return false;
             }
             match s.peer_addr() {
                 Ok(_) => {
@@ -357,19 +377,26 @@ impl RelayPath {
                     let _ = s.set_nodelay(true);
                     l.client.on_tcp_connected(now);
                 }
-                Err(e) if e.kind() == ErrorKind::NotConnected => return,
-                Err(e) => return close(l, now, format!("connecting: {e}")),
+                Err(e) if e.kind() == ErrorKind::NotConnected => return false,
+                Err(e) => {
+                    close(l, now, format!("connecting: {e}"));
+                    return false;
+                }
             }
         }
         loop {
-            let Some(s) = l.stream.as_mut() else { return };
+            let Some(s) = l.stream.as_mut() else { return false };
             match s.read(&mut self.buf) {
-                Ok(0) => return close(l, now, "the relay closed the connection".into()),
-                Ok(n) => l.client.on_bytes(now, &self.buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Ok(0) => close(l, now, "the relay closed the connection".into()),
+                Ok(n) => {
+                    l.client.on_bytes(now, &self.buf[..n]);
+                    return true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return close(l, now, format!("reading: {e}")),
+                Err(e) => close(l, now, format!("reading: {e}")),
             }
+            return false;
         }
     }
 
@@ -378,10 +405,8 @@ impl RelayPath {
         let Some(p) = self.proxies.get(peer) else { return };
         let mut link = self.links.get_mut(&p.relay);
         loop {
-            match p.socket.recv_from(&mut self.buf) {
-                // Only WireGuard itself may use the relay path; anything else
-                // on the loopback (another local process) is ignored.
-                Ok((n, from)) if from == self.wg_addr => {
+            match p.socket.recv(&mut self.buf) {
+                Ok(n) => {
                     if let Some(l) = link.as_mut() {
                         l.send(now, *peer, &self.buf[..n]);
                         if l.client.outgoing().len() >= FLUSH_EVERY {
@@ -389,7 +414,6 @@ impl RelayPath {
                         }
                     }
                 }
-                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 // ICMP errors from a WireGuard that is being recreated: keep reading.
@@ -428,7 +452,7 @@ impl RelayPath {
                             self.sealed.push_back((from, payload));
                         } else if let Some(p) = self.proxies.get(&from) {
                             // WireGuard drops anything that is not a valid message from this peer.
-                            let _ = p.socket.send_to(&payload, self.wg_addr);
+                            let _ = p.socket.send(&payload);
                         }
                     }
                     Event::PeerPresent(_) | Event::PeerGone(_) => {}
