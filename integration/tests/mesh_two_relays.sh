@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tiers: lab
+# tiers: lab kernel
 # Two relays: the one inside `warren server` and a separate `warren relay`
 # published with --relay. Four nodes, each behind its own router that drops
 # all UDP, so only the relays carry data. The coordinator spreads home relays
