@@ -10,6 +10,7 @@ pub mod coord;
 pub mod ifaddrs;
 pub mod keys;
 pub mod netlink;
+pub mod outgoing;
 pub mod peer;
 pub mod peercred;
 pub mod relay;

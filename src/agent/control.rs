@@ -466,3 +466,13 @@ impl ControlConn {
         }
     }
 }
+
+impl crate::outgoing::Outgoing for ControlConn {
+    fn outgoing(&self) -> &[u8] {
+        ControlConn::outgoing(self)
+    }
+
+    fn consume_outgoing(&mut self, n: usize) {
+        ControlConn::consume_outgoing(self, n)
+    }
+}

@@ -10,7 +10,7 @@
 //! module only moves bytes between it and the sockets.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Instant;
 
@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::messages::RelayInfo;
 use crate::keys::Key;
+use crate::outgoing::write_pending;
 use crate::peer::seal::SEAL_VERSION;
 use crate::relay::client::{Event, RelayClient};
 
@@ -539,18 +540,9 @@ fn write_link(now: Instant, l: &mut Link) {
     if !l.connected {
         return;
     }
-    loop {
-        let Some(s) = l.stream.as_mut() else { return };
-        let out = l.client.outgoing();
-        if out.is_empty() {
-            return;
-        }
-        match s.write(out) {
-            Ok(n) => l.client.consume_outgoing(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return close(l, now, format!("writing: {e}")),
-        }
+    let Some(s) = l.stream.as_mut() else { return };
+    if let Err(e) = write_pending(s, &mut l.client) {
+        close(l, now, format!("writing: {e}"));
     }
 }
 

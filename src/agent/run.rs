@@ -26,6 +26,7 @@ use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
 use crate::keys::Key;
 use crate::netlink::{Monitor, NetEvent, Rtnl};
+use crate::outgoing::write_pending;
 use crate::wg::select::{self, BackendChoice};
 use crate::wg::{Backend, reconcile};
 
@@ -572,18 +573,9 @@ impl Agent {
         if !self.tcp_connected {
             return;
         }
-        loop {
-            let Some(s) = self.tcp.as_mut() else { return };
-            let out = self.ctrl.outgoing();
-            if out.is_empty() {
-                return;
-            }
-            match s.write(out) {
-                Ok(n) => self.ctrl.consume_outgoing(n),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return self.lost_tcp(now, &format!("writing: {e}")),
-            }
+        let Some(s) = self.tcp.as_mut() else { return };
+        if let Err(e) = write_pending(s, &mut self.ctrl) {
+            self.lost_tcp(now, &format!("writing: {e}"));
         }
     }
 

@@ -289,6 +289,16 @@ impl RelayClient {
     }
 }
 
+impl crate::outgoing::Outgoing for RelayClient {
+    fn outgoing(&self) -> &[u8] {
+        RelayClient::outgoing(self)
+    }
+
+    fn consume_outgoing(&mut self, n: usize) {
+        RelayClient::consume_outgoing(self, n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
