@@ -69,10 +69,13 @@ pub fn is_fresh(state: Option<&PeerState>, wall: SystemTime) -> bool {
 /// The path a peer's traffic takes now, for `warren status`: `relayed` says
 /// whether its endpoint is our relay socket.
 pub fn path_kind(state: Option<&PeerState>, wall: SystemTime, relayed: bool) -> PathKind {
-    match (is_fresh(state, wall), relayed) {
-        (false, _) => PathKind::None,
-        (true, true) => PathKind::Relay,
-        (true, false) => PathKind::Direct,
+    // An idle relayed peer sends no keepalives, so its handshake ages out;
+    // the relay is still its path (the relay connection's own state says
+    // whether it works).
+    match (relayed, is_fresh(state, wall)) {
+        (true, _) => PathKind::Relay,
+        (false, true) => PathKind::Direct,
+        (false, false) => PathKind::None,
     }
 }
 
@@ -147,6 +150,16 @@ fn ordered(c: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
+/// Keepalives hold NAT mappings open on a direct path. The relay path needs
+/// none (the relay connection has its own), and there each keepalive would
+/// wake the agent: 100 idle relayed peers made 18 wake-ups a second.
+fn keepalive_for(endpoint: Option<SocketAddr>) -> Option<u16> {
+    match endpoint {
+        Some(e) if e.ip().is_loopback() => None,
+        _ => Some(PERSISTENT_KEEPALIVE),
+    }
+}
+
 /// The WireGuard device for this node and its peers.
 pub fn device_config(
     private_key: Key,
@@ -167,7 +180,7 @@ pub fn device_config(
                     addr: IpAddr::V4(p.mesh_addr),
                     cidr: 32,
                 }],
-                persistent_keepalive: Some(PERSISTENT_KEEPALIVE),
+                persistent_keepalive: keepalive_for(*endpoint),
             })
             .collect(),
     }
@@ -269,8 +282,20 @@ mod tests {
         assert_eq!(path_kind(Some(&on_relay), wall, true), PathKind::Relay);
         assert_eq!(
             path_kind(Some(&state(RELAY, Some(600), 0, wall)), wall, true),
+            PathKind::Relay
+        );
+        assert_eq!(
+            path_kind(Some(&state("203.0.113.7:51820", Some(600), 0, wall)), wall, false),
             PathKind::None
         );
+        let relayed = device_config(Key([2; 32]), 51820, &[(p.clone(), Some(RELAY.parse().unwrap()))]);
+        assert_eq!(relayed.peers[0].persistent_keepalive, None);
+        let direct = device_config(
+            Key([2; 32]),
+            51820,
+            &[(p.clone(), Some("203.0.113.7:51820".parse().unwrap()))],
+        );
+        assert_eq!(direct.peers[0].persistent_keepalive, Some(PERSISTENT_KEEPALIVE));
         assert_eq!(
             path_kind(Some(&state("203.0.113.7:51820", Some(3), 0, wall)), wall, false),
             PathKind::Direct
