@@ -212,6 +212,21 @@ mod tests {
     }
 
     #[test]
+    fn a_coordinator_without_relays_is_understood() {
+        // What a coordinator from before relays sends: no relay fields at all.
+        let welcome = r#"{"type":"welcome","version":1,"node":{"id":3,"name":"nas",
+            "mesh_addr":"100.64.0.9","public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            "candidates":[],"online":true}}"#;
+        match decode_server(welcome.as_bytes()).unwrap() {
+            ServerMessage::Welcome { node, relays, .. } => {
+                assert!(relays.is_empty());
+                assert_eq!(node.home_relay, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn round_trips() {
         let msgs = vec![
             ServerMessage::Welcome {
