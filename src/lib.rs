@@ -16,5 +16,7 @@ pub mod peercred;
 pub mod relay;
 pub mod sockopt;
 pub mod stun;
+#[cfg(test)]
+mod testutil;
 pub mod wg;
 pub mod wgstun;

@@ -250,13 +250,7 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::testutil::xorshift(0x9e37_79b9_7f4a_7c15u64);
         let valid = encoded(FrameKind::Sealed, b"payload");
         for i in 0..5000 {
             let len = (next() % 300) as usize;

@@ -536,13 +536,7 @@ mod tests {
 
     #[test]
     fn random_input_never_panics() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::testutil::xorshift(0x2545_f491_4f6c_dd1du64);
         for i in 0..3000 {
             let len = (next() % 200) as usize;
             let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();

@@ -254,13 +254,7 @@ mod tests {
 
     #[test]
     fn random_input_never_panics() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::testutil::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for i in 0..20_000 {
             let len = (next() % 80) as usize;
             let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
