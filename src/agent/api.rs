@@ -47,6 +47,29 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The candidate pair of a direct path: ours and the peer's WireGuard endpoints and their kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair: Option<PairStatus>,
+    /// Round-trip time of the last connectivity check on that pair, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
+    /// Seconds on the current path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_secs: Option<u64>,
+    /// Why the peer is not direct: no candidates yet, checks failing, banned until …, peer offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairStatus {
+    /// Our WireGuard endpoint as the peer reaches it.
+    pub local: SocketAddr,
+    /// local, wgstun, prflx (and upnp, natpmp, pcp with port mapping).
+    pub local_kind: String,
+    /// The peer's WireGuard endpoint we send to.
+    pub remote: SocketAddr,
+    pub remote_kind: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

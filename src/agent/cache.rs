@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::control::messages::{PeerInfo, RelayInfo};
+use crate::control::messages::{PeerInfo, RelayInfo, WgStunInfo};
 use crate::keys::Key;
 
 pub const STATE_FILE: &str = "agent.json";
@@ -32,6 +32,9 @@ pub struct AgentState {
     /// coordinator still reaches peers that are only reachable through one.
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
+    /// The mesh's WG-STUN servers as last published (see `WgStunInfo`).
+    #[serde(default)]
+    pub wgstun: Vec<WgStunInfo>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -104,6 +107,11 @@ mod tests {
             relays: vec![RelayInfo {
                 public_key: Key([9; 32]),
                 addrs: vec!["203.0.113.1:7778".into()],
+            }],
+            wgstun: vec![WgStunInfo {
+                public_key: Key([8; 32]),
+                endpoint: "203.0.113.1:3479".into(),
+                stun: Some("203.0.113.1:3478".into()),
             }],
         };
         save(&dir.0, &st).unwrap();

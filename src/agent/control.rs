@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::channel::Channel;
 use crate::control::messages::{
-    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, WgStunInfo, ServerMessage,
 };
 use crate::keys::Key;
 
@@ -54,6 +54,7 @@ pub enum Event {
         me: PeerInfo,
         enrolled: bool,
         relays: Vec<RelayInfo>,
+        wgstun: Vec<WgStunInfo>,
     },
     /// The peer map changed; read it with [`ControlConn::peers`].
     MapChanged,
@@ -273,7 +274,9 @@ impl ControlConn {
         self.ping_due_since = None;
         self.next_ping = now + PING_INTERVAL;
         match msg {
-            ServerMessage::Welcome { node, relays, .. } => {
+            ServerMessage::Welcome {
+                node, relays, wgstun, ..
+            } => {
                 let enrolled = self.cfg.join_secret.take().is_some();
                 self.failures = 0;
                 self.last_error = None;
@@ -285,6 +288,7 @@ impl ControlConn {
                     me: node,
                     enrolled,
                     relays,
+                    wgstun,
                 });
             }
             ServerMessage::PeerMap { version, nodes } => {

@@ -171,6 +171,7 @@ fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
         peers: Vec::new(),
         pending_private_key: None,
         relays: Vec::new(),
+        wgstun: Vec::new(),
     })
 }
 
@@ -338,7 +339,12 @@ impl Agent {
                     }
                     self.tcp_connected = false;
                 }
-                Event::Welcome { me, enrolled, relays } => {
+                Event::Welcome {
+                    me,
+                    enrolled,
+                    relays,
+                    wgstun,
+                } => {
                     if enrolled {
                         eprintln!("agent: joined the mesh as {} ({})", me.name, me.mesh_addr);
                     } else {
@@ -349,6 +355,7 @@ impl Agent {
                     }
                     self.state.me = Some(me);
                     self.state.relays = relays;
+                    self.state.wgstun = wgstun;
                     self.state.join_secret = None;
                     self.save();
                     self.need_apply = true;
@@ -912,6 +919,10 @@ impl Agent {
                         .map(|d| d.as_secs()),
                     rx_bytes: st.map_or(0, |s| s.rx_bytes),
                     tx_bytes: st.map_or(0, |s| s.tx_bytes),
+                    pair: None,
+                    rtt_us: None,
+                    path_secs: None,
+                    reason: None,
                 }
             })
             .collect();

@@ -78,6 +78,20 @@ pub struct RelayInfo {
     pub addrs: Vec<String>,
 }
 
+/// A WG-STUN server the coordinator publishes: nodes keep it as a WireGuard
+/// peer (allowed IP 100.64.0.4/32) and ask it, through their own tunnel, for
+/// the public mapping of their WireGuard socket; `stun` answers plain STUN
+/// for the agent's check socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WgStunInfo {
+    pub public_key: Key,
+    /// `host:port` of its WireGuard socket (UDP).
+    pub endpoint: String,
+    /// `host:port` of its plain STUN socket (UDP), when it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stun: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -118,6 +132,9 @@ pub enum ServerMessage {
         /// Every relay of the mesh; each node's `home_relay` names one of them.
         #[serde(default)]
         relays: Vec<RelayInfo>,
+        /// The mesh's WG-STUN servers; the agent uses the first it can reach.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        wgstun: Vec<WgStunInfo>,
     },
     /// Every node of the mesh, the receiver included (it finds itself by id).
     PeerMap {
@@ -235,6 +252,11 @@ mod tests {
                 relays: vec![RelayInfo {
                     public_key: Key([7; 32]),
                     addrs: vec!["relay.example:7778".into()],
+                }],
+                wgstun: vec![WgStunInfo {
+                    public_key: Key([8; 32]),
+                    endpoint: "stun.example:3479".into(),
+                    stun: None,
                 }],
             },
             ServerMessage::PeerMap {

@@ -264,6 +264,7 @@ impl Hub {
             version: PROTOCOL_VERSION,
             node: me,
             relays: self.relays.clone(),
+            wgstun: Vec::new(),
         });
         conn.send(&ServerMessage::PeerMap {
             version: self.map_version,
