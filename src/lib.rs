@@ -9,6 +9,7 @@ pub mod control;
 pub mod coord;
 pub mod ifaddrs;
 pub mod keys;
+pub mod nat;
 pub mod netlink;
 pub mod outgoing;
 pub mod peer;

@@ -1,0 +1,761 @@
+//! The path to one peer (DESIGN.md "Path lifecycle"): relay first; checks
+//! out of band; an upgrade agreed with the peer and proven by WireGuard's own
+//! counters; a fast fall back to the relay when a direct path stops
+//! answering; checks again, sooner while traffic flows.
+//!
+//! Sans-IO: WireGuard samples, peer messages and the time come in; messages
+//! to send, path events and the endpoint WireGuard should have go out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::candidate::{Candidate, Kind};
+use super::check::CheckList;
+use super::message::Message;
+use crate::keys::Key;
+
+/// From the upgrade until WireGuard must show packets arriving directly.
+pub const UPGRADE_DEADLINE: Duration = Duration::from_secs(3);
+/// Tunnel probes while an upgrade is being proven or a direct path is in doubt:
+/// they make both WireGuards send on the new path (and punch their NATs).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Outgoing traffic with nothing received for this long puts a direct path in doubt.
+pub const DIRECT_SILENCE: Duration = Duration::from_secs(1);
+/// In doubt this long with nothing received (probes unanswered): back to the relay.
+pub const SUSPECT_DEADLINE: Duration = Duration::from_secs(1);
+/// An idle direct peer still sends a WireGuard keepalive every 25 s; two
+/// missing ones and some slack put the path in doubt without traffic.
+pub const KEEPALIVE_SILENCE: Duration = Duration::from_secs(60);
+/// Re-check interval on the relay while traffic flows.
+pub const RECHECK_ACTIVE: Duration = Duration::from_secs(5);
+/// Idle peers on the relay back off to this between checks.
+pub const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
+/// First ban of a pair whose upgrade failed or whose direct path died; doubles per failure.
+pub const BAN_INITIAL: Duration = Duration::from_secs(5);
+pub const BAN_MAX: Duration = Duration::from_secs(60);
+/// More than keepalives and handshakes (about 3 B/s): the peer carries traffic.
+pub const ACTIVE_BYTES_PER_SEC: u64 = 40;
+
+/// Which channel a message goes over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Sealed, through the peer's home relay.
+    Relay,
+    /// Sealed, from our check socket to this address (or received from it).
+    Check(SocketAddr),
+    /// Sealed, through WireGuard to the peer's mesh address.
+    Tunnel,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub peer: Key,
+    pub via: Via,
+    pub msg: Message,
+}
+
+/// One sample of WireGuard's view of the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub endpoint: Option<SocketAddr>,
+    /// The endpoint is our relay socket for this peer.
+    pub relayed: bool,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What WireGuard's endpoint for the peer should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Desired {
+    Relay,
+    Dial(SocketAddr),
+    /// Leave WireGuard's endpoint alone: it follows the peer by roaming.
+    Keep,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathEvent {
+    pub peer: Key,
+    pub from: String,
+    pub to: String,
+    pub why: String,
+}
+
+/// Why a peer is on the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    NoCandidates,
+    ChecksFailing,
+    Banned(Instant),
+    Lost,
+    PeerFailed,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pair {
+    /// Our kind as the peer reaches us, when known.
+    local: Option<(SocketAddr, Kind)>,
+    /// The peer's candidate we dial; None when WireGuard learns it by roaming.
+    remote: Option<Candidate>,
+    rtt: Option<Duration>,
+}
+
+enum State {
+    Relay {
+        reason: Reason,
+        next_check: Option<Instant>,
+    },
+    Checking {
+        list: CheckList,
+    },
+    Upgrading {
+        pair: Pair,
+        started: Instant,
+        baseline: Option<u64>,
+        next_probe: Instant,
+    },
+    Direct {
+        pair: Pair,
+        rx_changed: Instant,
+        suspect: Option<Instant>,
+        next_probe: Instant,
+    },
+}
+
+struct Ban {
+    until: Instant,
+    length: Duration,
+}
+
+pub struct PeerPath {
+    pub key: Key,
+    /// Deterministic tie-break: the side with the larger key decides the pair.
+    controlling: bool,
+    remote: Vec<Candidate>,
+    remote_generation: Option<u64>,
+    state: State,
+    since: Instant,
+    bans: HashMap<SocketAddr, Ban>,
+    idle_backoff: Duration,
+    last_sample: Option<(Instant, Sample)>,
+    active: bool,
+    /// The peer's upgrade we acted on last, so a copy over a second channel is ignored.
+    peer_upgrade: Option<u64>,
+}
+
+/// What a path emits; the caller owns the queues.
+pub struct Out<'a> {
+    pub transmits: &'a mut VecDeque<Transmit>,
+    pub events: &'a mut VecDeque<PathEvent>,
+    pub next_id: &'a mut dyn FnMut() -> u64,
+    /// Our own candidates: to tell which one the peer reached.
+    pub local: &'a [Candidate],
+}
+
+impl PeerPath {
+    pub fn new(now: Instant, me: &Key, key: Key) -> PeerPath {
+        PeerPath {
+            key,
+            controlling: me.0 > key.0,
+            remote: Vec::new(),
+            remote_generation: None,
+            state: State::Relay {
+                reason: Reason::NoCandidates,
+                next_check: None,
+            },
+            since: now,
+            bans: HashMap::new(),
+            idle_backoff: RECHECK_ACTIVE,
+            last_sample: None,
+            active: false,
+            peer_upgrade: None,
+        }
+    }
+
+    /// Whether a candidate list of `generation` would be news.
+    pub fn has_remote_older(&self, generation: u64) -> bool {
+        self.remote_generation.is_none_or(|g| g < generation)
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.remote_generation.is_some()
+    }
+
+    pub fn is_direct(&self) -> bool {
+        matches!(self.state, State::Direct { .. })
+    }
+
+    /// Relayed datagrams must not reach WireGuard: they would pull its
+    /// endpoint straight back to the relay socket (WireGuard roams to
+    /// wherever authenticated packets come from).
+    pub fn muted(&self) -> bool {
+        matches!(self.state, State::Upgrading { .. } | State::Direct { .. })
+    }
+
+    pub fn desired(&self) -> Desired {
+        match &self.state {
+            State::Upgrading {
+                pair: Pair {
+                    remote: Some(c), ..
+                },
+                ..
+            } => Desired::Dial(c.wg),
+            State::Upgrading { .. } | State::Direct { .. } => Desired::Keep,
+            _ => Desired::Relay,
+        }
+    }
+
+    fn label(&self) -> String {
+        match &self.state {
+            State::Direct { pair, .. } => format!("direct {}", describe(pair)),
+            State::Upgrading { pair, .. } => format!("upgrading {}", describe(pair)),
+            _ => "relay".into(),
+        }
+    }
+
+    fn set_state(&mut self, now: Instant, state: State, why: String, out: &mut Out) {
+        let was_direct = self.is_direct();
+        let from = self.label();
+        self.state = state;
+        let is_direct = self.is_direct();
+        if was_direct != is_direct {
+            self.since = now;
+            out.events.push_back(PathEvent {
+                peer: self.key,
+                from,
+                to: self.label(),
+                why,
+            });
+        }
+    }
+
+    fn banned(&self, now: Instant, c: &Candidate) -> bool {
+        self.bans.get(&c.wg).is_some_and(|b| now < b.until)
+    }
+
+    fn ban(&mut self, now: Instant, addr: SocketAddr) {
+        let length = match self.bans.get(&addr) {
+            Some(b) => (b.length * 2).min(BAN_MAX),
+            None => BAN_INITIAL,
+        };
+        self.bans.insert(
+            addr,
+            Ban {
+                until: now + length,
+                length,
+            },
+        );
+    }
+
+    fn recheck_after(&mut self) -> Duration {
+        if self.active {
+            self.idle_backoff = RECHECK_ACTIVE;
+            RECHECK_ACTIVE
+        } else {
+            let d = self.idle_backoff;
+            self.idle_backoff = (self.idle_backoff * 2).min(RECHECK_IDLE_MAX);
+            d
+        }
+    }
+
+    fn start_checks(&mut self, now: Instant) {
+        if self.remote.is_empty() {
+            self.state = State::Relay {
+                reason: Reason::NoCandidates,
+                next_check: None,
+            };
+            return;
+        }
+        self.state = State::Checking {
+            list: CheckList::new(now, &self.remote),
+        };
+    }
+
+    /// The network changed here or at the peer: check again now, and
+    /// confirm a direct path still answers.
+    pub fn network_changed(&mut self, now: Instant) {
+        self.idle_backoff = RECHECK_ACTIVE;
+        match &mut self.state {
+            State::Relay { .. } => self.start_checks(now),
+            State::Direct {
+                suspect, next_probe, ..
+            } => {
+                suspect.get_or_insert(now);
+                *next_probe = now;
+            }
+            _ => {}
+        }
+    }
+
+    pub fn handle_message(&mut self, now: Instant, via: Via, msg: Message, out: &mut Out) {
+        match msg {
+            Message::Candidates { generation, list } => {
+                if self.remote_generation.is_some_and(|g| g >= generation) {
+                    return;
+                }
+                self.remote_generation = Some(generation);
+                self.remote = list;
+                self.bans.clear();
+                // The peer's network changed: what failed may work now.
+                self.network_changed(now);
+            }
+            Message::CheckPing { txid } => {
+                let Via::Check(src) = via else { return };
+                out.transmits.push_back(Transmit {
+                    peer: self.key,
+                    via: Via::Check(src),
+                    msg: Message::CheckPong { txid, observed: src },
+                });
+                // The peer is checking: check back, so our pings open our NAT for its.
+                if let State::Relay { reason, .. } = self.state
+                    && !matches!(reason, Reason::Banned(until) if now < until)
+                {
+                    self.start_checks(now);
+                }
+                if let State::Checking { list } = &mut self.state {
+                    list.learn(src);
+                }
+            }
+            Message::CheckPong { txid, observed } => {
+                let Via::Check(src) = via else { return };
+                if let State::Checking { list } = &mut self.state {
+                    list.handle_pong(now, txid, src, observed);
+                }
+                self.decide(now, out);
+            }
+            Message::Upgrade { id, dial, suggest } => self.peer_upgraded(now, id, dial, suggest, out),
+            Message::Downgrade { .. } => {
+                if self.muted() {
+                    if let Some(c) = self.current_remote() {
+                        self.ban(now, c.wg);
+                    }
+                    let next = now + self.recheck_after();
+                    self.set_state(
+                        now,
+                        State::Relay {
+                            reason: Reason::PeerFailed,
+                            next_check: Some(next),
+                        },
+                        "the peer's direct path stopped working".into(),
+                        out,
+                    );
+                }
+            }
+            Message::Probe { txid } => out.transmits.push_back(Transmit {
+                peer: self.key,
+                via: Via::Tunnel,
+                msg: Message::ProbeReply { txid },
+            }),
+            // The answer comes through WireGuard, so the next sample shows it.
+            Message::ProbeReply { .. } => {}
+        }
+    }
+
+    fn current_remote(&self) -> Option<Candidate> {
+        match &self.state {
+            State::Upgrading { pair, .. } | State::Direct { pair, .. } => pair.remote,
+            _ => None,
+        }
+    }
+
+    /// Our candidate the peer reached, told by how it saw our check socket.
+    fn local_for(observed: SocketAddr, local: &[Candidate]) -> Option<(SocketAddr, Kind)> {
+        local
+            .iter()
+            .find(|c| c.check == observed)
+            .map(|c| (c.wg, c.kind))
+            .or(Some((observed, Kind::PeerReflexive)))
+    }
+
+    /// Checks produced a result (or ran out): upgrade, or wait on the relay.
+    fn decide(&mut self, now: Instant, out: &mut Out) {
+        let State::Checking { list } = &self.state else {
+            return;
+        };
+        if !list.ready(now) {
+            return;
+        }
+        let best = list
+            .best(|c| !self.bans.get(&c.wg).is_some_and(|b| now < b.until))
+            .map(|(t, s)| (t.candidate, s));
+        match best {
+            Some((remote, success)) => {
+                let local = Self::local_for(success.observed, out.local);
+                let suggest = local.filter(|(_, k)| *k != Kind::PeerReflexive).map(|(a, _)| a);
+                let pair = Pair {
+                    local,
+                    remote: Some(remote),
+                    rtt: Some(success.rtt),
+                };
+                let id = (out.next_id)();
+                let upgrade = Message::Upgrade {
+                    id,
+                    dial: Some(remote.wg),
+                    suggest,
+                };
+                // Over the path just checked (fast, works without the relay) and the relay.
+                for via in [Via::Check(remote.check), Via::Relay] {
+                    out.transmits.push_back(Transmit {
+                        peer: self.key,
+                        via,
+                        msg: upgrade.clone(),
+                    });
+                }
+                self.begin_upgrade(now, pair, out);
+            }
+            None if list.finished(now) => {
+                // Every passing pair is banned: say so rather than "failing".
+                let banned_until = list
+                    .targets
+                    .iter()
+                    .filter(|t| t.success.is_some() && t.dialable())
+                    .filter_map(|t| self.bans.get(&t.candidate.wg).map(|b| b.until))
+                    .max();
+                let reason = match banned_until {
+                    Some(until) => Reason::Banned(until),
+                    None => Reason::ChecksFailing,
+                };
+                let next = now + self.recheck_after();
+                let next = match banned_until {
+                    Some(u) => next.max(u),
+                    None => next,
+                };
+                self.state = State::Relay {
+                    reason,
+                    next_check: Some(next),
+                };
+            }
+            None => {}
+        }
+    }
+
+    fn begin_upgrade(&mut self, now: Instant, pair: Pair, out: &mut Out) {
+        self.set_state(
+            now,
+            State::Upgrading {
+                pair,
+                started: now,
+                baseline: None,
+                next_probe: now,
+            },
+            String::new(),
+            out,
+        );
+    }
+
+    fn peer_upgraded(
+        &mut self,
+        now: Instant,
+        id: u64,
+        dial: Option<SocketAddr>,
+        suggest: Option<SocketAddr>,
+        out: &mut Out,
+    ) {
+        if self.peer_upgrade == Some(id) {
+            return;
+        }
+        self.peer_upgrade = Some(id);
+        let ours_stands = matches!(self.state, State::Upgrading { .. } | State::Direct { .. }) && self.controlling;
+        if ours_stands {
+            return;
+        }
+        // The peer dials `dial` (one of our candidates); we dial what it
+        // suggests unless banned, else our own best, else learn by roaming.
+        let local = dial.map(|d| {
+            let kind = out.local.iter().find(|c| c.wg == d).map_or(Kind::PeerReflexive, |c| c.kind);
+            (d, kind)
+        });
+        let suggested = suggest.and_then(|s| {
+            self.remote
+                .iter()
+                .find(|c| c.wg == s)
+                .copied()
+                .or(Some(Candidate {
+                    kind: Kind::PeerReflexive,
+                    wg: s,
+                    check: s,
+                }))
+        });
+        let own_best = match &self.state {
+            State::Checking { list } => list
+                .best(|c| !self.bans.get(&c.wg).is_some_and(|b| now < b.until))
+                .map(|(t, s)| (t.candidate, s.rtt)),
+            _ => None,
+        };
+        let (remote, rtt) = match suggested.filter(|c| !self.banned(now, c)) {
+            Some(c) => (Some(c), own_best.filter(|(b, _)| b.wg == c.wg).map(|(_, r)| r)),
+            None => match own_best {
+                Some((c, r)) => (Some(c), Some(r)),
+                None => (None, None),
+            },
+        };
+        self.begin_upgrade(now, Pair { local, remote, rtt }, out);
+    }
+
+    pub fn handle_sample(&mut self, now: Instant, s: Sample, out: &mut Out) {
+        let prev = self.last_sample.replace((now, s));
+        let (rx_grew, _tx_grew, active_tx) = match prev {
+            Some((t, p)) => {
+                let secs = now.saturating_duration_since(t).as_secs_f64().max(0.001);
+                let dtx = s.tx_bytes.saturating_sub(p.tx_bytes);
+                let drx = s.rx_bytes.saturating_sub(p.rx_bytes);
+                let rate = |d: u64| (d as f64 / secs) as u64;
+                self.active = rate(dtx) > ACTIVE_BYTES_PER_SEC || rate(drx) > ACTIVE_BYTES_PER_SEC;
+                (s.rx_bytes > p.rx_bytes, dtx > 0, rate(dtx) > ACTIVE_BYTES_PER_SEC)
+            }
+            None => (false, false, false),
+        };
+        match &mut self.state {
+            State::Upgrading {
+                pair,
+                started,
+                baseline,
+                ..
+            } => {
+                let Some(base) = *baseline else {
+                    // Taken after the relay was muted: later bytes came directly.
+                    *baseline = Some(s.rx_bytes);
+                    return;
+                };
+                if !s.relayed && s.endpoint.is_some() && s.rx_bytes > base {
+                    let mut pair = *pair;
+                    if pair.remote.is_none_or(|c| Some(c.wg) != s.endpoint) {
+                        // WireGuard follows the peer to where its packets come from.
+                        pair.remote = s.endpoint.map(|e| Candidate {
+                            kind: self
+                                .remote
+                                .iter()
+                                .find(|c| c.wg == e)
+                                .map_or(Kind::PeerReflexive, |c| c.kind),
+                            wg: e,
+                            check: e,
+                        });
+                    }
+                    let why = match pair.rtt {
+                        Some(rtt) => format!("checks passed (rtt {:.1} ms), WireGuard receives on it", rtt.as_secs_f64() * 1e3),
+                        None => "the peer dialled us, WireGuard receives on it".into(),
+                    };
+                    self.idle_backoff = RECHECK_ACTIVE;
+                    self.set_state(
+                        now,
+                        State::Direct {
+                            pair,
+                            rx_changed: now,
+                            suspect: None,
+                            next_probe: now,
+                        },
+                        why,
+                        out,
+                    );
+                } else if now >= *started + UPGRADE_DEADLINE {
+                    self.fail_upgrade(now, out);
+                }
+            }
+            State::Direct {
+                pair,
+                rx_changed,
+                suspect,
+                next_probe,
+            } => {
+                if s.relayed {
+                    // Only we set the relay socket, and only on the relay path.
+                    self.lose(now, "WireGuard's endpoint is the relay socket again", out);
+                    return;
+                }
+                if let Some(e) = s.endpoint
+                    && pair.remote.is_none_or(|c| c.wg != e)
+                {
+                    pair.remote = Some(Candidate {
+                        kind: self
+                            .remote
+                            .iter()
+                            .find(|c| c.wg == e)
+                            .map_or(Kind::PeerReflexive, |c| c.kind),
+                        wg: e,
+                        check: e,
+                    });
+                }
+                if rx_grew {
+                    *rx_changed = now;
+                    *suspect = None;
+                    return;
+                }
+                let silent = now.saturating_duration_since(*rx_changed);
+                if suspect.is_none() && ((active_tx && silent >= DIRECT_SILENCE) || silent >= KEEPALIVE_SILENCE) {
+                    *suspect = Some(now);
+                    *next_probe = now;
+                }
+                if suspect.is_some_and(|t| now >= t + SUSPECT_DEADLINE) {
+                    self.lose(now, &format!("nothing received for {:.1} s", silent.as_secs_f64()), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fail_upgrade(&mut self, now: Instant, out: &mut Out) {
+        if let Some(c) = self.current_remote() {
+            self.ban(now, c.wg);
+        }
+        out.transmits.push_back(Transmit {
+            peer: self.key,
+            via: Via::Relay,
+            msg: Message::Downgrade { id: (out.next_id)() },
+        });
+        let next = now + self.recheck_after();
+        self.state = State::Relay {
+            reason: Reason::ChecksFailing,
+            next_check: Some(next),
+        };
+    }
+
+    fn lose(&mut self, now: Instant, why: &str, out: &mut Out) {
+        if let Some(c) = self.current_remote() {
+            self.ban(now, c.wg);
+        }
+        out.transmits.push_back(Transmit {
+            peer: self.key,
+            via: Via::Relay,
+            msg: Message::Downgrade { id: (out.next_id)() },
+        });
+        // Traffic was flowing: re-check at the active pace.
+        self.active = true;
+        let next = now + self.recheck_after();
+        self.set_state(
+            now,
+            State::Relay {
+                reason: Reason::Lost,
+                next_check: Some(next),
+            },
+            why.to_string(),
+            out,
+        );
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Out) {
+        match &mut self.state {
+            State::Relay {
+                next_check: Some(t), ..
+            } if now >= *t => self.start_checks(now),
+            State::Upgrading {
+                started, next_probe, ..
+            } => {
+                if now >= *next_probe {
+                    *next_probe = now + PROBE_INTERVAL;
+                    out.transmits.push_back(Transmit {
+                        peer: self.key,
+                        via: Via::Tunnel,
+                        msg: Message::Probe { txid: (out.next_id)() },
+                    });
+                }
+                // Without a sample in time (WireGuard unreadable), give up too.
+                if now >= *started + UPGRADE_DEADLINE + PROBE_INTERVAL * 5 {
+                    self.fail_upgrade(now, out);
+                }
+            }
+            State::Direct {
+                suspect: Some(_),
+                next_probe,
+                ..
+            } if now >= *next_probe => {
+                *next_probe = now + PROBE_INTERVAL;
+                out.transmits.push_back(Transmit {
+                    peer: self.key,
+                    via: Via::Tunnel,
+                    msg: Message::Probe { txid: (out.next_id)() },
+                });
+            }
+            _ => {}
+        }
+        if let State::Checking { list } = &mut self.state {
+            let txid = (out.next_id)();
+            if let Some(p) = list.poll_ping(now, txid) {
+                out.transmits.push_back(Transmit {
+                    peer: self.key,
+                    via: Via::Check(p.to),
+                    msg: Message::CheckPing { txid: p.txid },
+                });
+            }
+            self.decide(now, out);
+        }
+    }
+
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        match &self.state {
+            State::Relay { next_check, .. } => *next_check,
+            State::Checking { list } => list.poll_timeout(now),
+            State::Upgrading {
+                next_probe, started, ..
+            } => Some((*next_probe).min(*started + UPGRADE_DEADLINE + PROBE_INTERVAL * 5)),
+            State::Direct {
+                suspect: Some(_),
+                next_probe,
+                ..
+            } => Some(*next_probe),
+            State::Direct { .. } => None,
+        }
+    }
+
+    /// How soon WireGuard should be sampled for this peer.
+    pub fn sample_interval(&self) -> Option<Duration> {
+        match &self.state {
+            State::Upgrading { .. } | State::Direct { suspect: Some(_), .. } => Some(PROBE_INTERVAL),
+            State::Direct { .. } if self.active => Some(Duration::from_millis(500)),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self, now: Instant) -> PathStatus {
+        let reason = match &self.state {
+            State::Relay { reason, .. } => Some(match reason {
+                Reason::NoCandidates if !self.has_remote() => "no candidates yet".to_string(),
+                Reason::NoCandidates => "no candidates: the peer announced none".to_string(),
+                Reason::ChecksFailing => "checks failing".to_string(),
+                Reason::Banned(until) => format!(
+                    "banned until {} s from now: its direct path failed",
+                    until.saturating_duration_since(now).as_secs()
+                ),
+                Reason::Lost => "checks failing: the direct path stopped answering".to_string(),
+                Reason::PeerFailed => "checks failing: the peer's direct path stopped answering".to_string(),
+            }),
+            State::Checking { .. } => Some("checking".to_string()),
+            State::Upgrading { .. } => Some("checking: upgrading".to_string()),
+            State::Direct { .. } => None,
+        };
+        let pair = match &self.state {
+            State::Direct { pair, .. } => Some(*pair),
+            _ => None,
+        };
+        PathStatus {
+            direct: self.is_direct(),
+            local: pair.and_then(|p| p.local),
+            remote: pair.and_then(|p| p.remote).map(|c| (c.wg, c.kind)),
+            rtt: pair.and_then(|p| p.rtt),
+            since: self.since,
+            reason,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathStatus {
+    pub direct: bool,
+    pub local: Option<(SocketAddr, Kind)>,
+    pub remote: Option<(SocketAddr, Kind)>,
+    pub rtt: Option<Duration>,
+    pub since: Instant,
+    pub reason: Option<String>,
+}
+
+fn describe(p: &Pair) -> String {
+    let remote = match p.remote {
+        Some(c) => format!("{} ({})", c.wg, c.kind),
+        None => "learned by roaming".into(),
+    };
+    let local = p.local.map_or("?".to_string(), |(_, k)| k.to_string());
+    match p.rtt {
+        Some(rtt) => format!("to {remote}, ours {local}, rtt {:.1} ms", rtt.as_secs_f64() * 1e3),
+        None => format!("to {remote}, ours {local}"),
+    }
+}

@@ -1,0 +1,316 @@
+//! NAT traversal for the whole agent: our candidates (gathered locally and
+//! by STUN), their exchange with every peer, and one [`PeerPath`] per peer.
+//! The agent's mio loop feeds it sockets' input, WireGuard samples and the
+//! time, seals what it emits and applies the endpoints it asks for.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::candidate::{Candidate, Kind};
+use super::gather::{Gather, Mappings, Socket, StunRequest};
+use super::message::{MAX_CANDIDATES, Message};
+use super::path::{Desired, Out, PathEvent, PathStatus, PeerPath, Sample, Transmit, Via};
+use crate::keys::Key;
+
+/// WireGuard is sampled this often when nothing is in progress: it drives
+/// re-checks of relayed peers and the idle check of direct ones, and is the
+/// agent's main periodic wake-up (budget: 0.5 per second).
+pub const SAMPLE_IDLE: Duration = Duration::from_secs(10);
+/// Our candidates go again to a peer whose own we have not received yet:
+/// the first copy may have met a relay that was still connecting.
+pub const CANDIDATE_RESEND: Duration = Duration::from_secs(5);
+
+pub struct Traversal {
+    me: Key,
+    check_port: u16,
+    local: Vec<Candidate>,
+    gather: Gather,
+    generation: u64,
+    announced: Vec<Candidate>,
+    peers: HashMap<Key, PeerPath>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PathEvent>,
+    rng: u64,
+    next_sample: Instant,
+    next_resend: Instant,
+}
+
+impl Traversal {
+    /// `generation` must grow across restarts (a wall-clock epoch), so peers
+    /// take a restarted agent's candidates over the old ones.
+    pub fn new(now: Instant, me: Key, check_port: u16, generation: u64, seed: u64) -> Traversal {
+        Traversal {
+            me,
+            check_port,
+            local: Vec::new(),
+            gather: Gather::new(seed ^ 0x9e37_79b9_7f4a_7c15),
+            generation,
+            announced: Vec::new(),
+            peers: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            rng: seed | 1,
+            next_sample: now,
+            next_resend: now + CANDIDATE_RESEND,
+        }
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.me
+    }
+
+    /// Our key changed (rotation): peers see a new node.
+    pub fn rekey(&mut self, now: Instant, me: Key) {
+        self.me = me;
+        let keys: Vec<Key> = self.peers.keys().copied().collect();
+        self.peers.clear();
+        self.set_peers(now, &keys);
+    }
+
+    /// The peer map: paths for new peers, who also get our candidates.
+    pub fn set_peers(&mut self, now: Instant, keys: &[Key]) {
+        self.peers.retain(|k, _| keys.contains(k));
+        for k in keys {
+            if !self.peers.contains_key(k) {
+                self.peers.insert(*k, PeerPath::new(now, &self.me, *k));
+                let msg = self.candidates_message();
+                self.transmits.push_back(Transmit {
+                    peer: *k,
+                    via: Via::Relay,
+                    msg,
+                });
+            }
+        }
+    }
+
+    /// Where to ask STUN: the WG-STUN server inside the tunnel and its plain STUN address.
+    pub fn set_stun_servers(&mut self, now: Instant, tunnel: Option<SocketAddr>, check: Option<SocketAddr>) {
+        self.gather.configure(now, tunnel, check);
+    }
+
+    /// The addresses of our interfaces changed (or were read for the first time).
+    pub fn set_local(&mut self, now: Instant, local: Vec<Candidate>) {
+        if local == self.local {
+            return;
+        }
+        self.local = local;
+        self.gather.refresh(now);
+        for p in self.peers.values_mut() {
+            p.network_changed(now);
+        }
+        self.announce(now);
+    }
+
+    /// Routes changed without an address change (a new default route, say).
+    pub fn network_changed(&mut self, now: Instant) {
+        self.gather.refresh(now);
+        for p in self.peers.values_mut() {
+            p.network_changed(now);
+        }
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        let mut out = self.local.clone();
+        let m = self.gather.mappings();
+        if let Some(wg) = m.wg {
+            // Without a plain STUN answer, assume the router keeps the
+            // check socket's port as it kept WireGuard's.
+            let check = m
+                .check
+                .filter(|c| c.ip() == wg.ip())
+                .unwrap_or(SocketAddr::new(wg.ip(), self.check_port));
+            // An open host's public address is already a local one.
+            if !out.iter().any(|c| c.wg == wg) {
+                out.push(Candidate {
+                    kind: Kind::WgStun,
+                    wg,
+                    check,
+                });
+            }
+        }
+        out.truncate(MAX_CANDIDATES);
+        out
+    }
+
+    fn candidates_message(&self) -> Message {
+        Message::Candidates {
+            generation: self.generation,
+            list: self.announced.clone(),
+        }
+    }
+
+    /// Sends our candidates to every peer when they changed.
+    fn announce(&mut self, _now: Instant) {
+        let c = self.candidates();
+        if c == self.announced {
+            return;
+        }
+        self.announced = c;
+        self.generation += 1;
+        let msg = self.candidates_message();
+        for k in self.peers.keys() {
+            self.transmits.push_back(Transmit {
+                peer: *k,
+                via: Via::Relay,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    pub fn local_candidates(&self) -> &[Candidate] {
+        &self.announced
+    }
+
+    pub fn mappings(&self) -> Mappings {
+        self.gather.mappings()
+    }
+
+    fn settled(&self) -> bool {
+        !self.peers.is_empty() && self.peers.values().all(|p| p.is_direct())
+    }
+
+    /// A STUN answer arrived on one of our sockets.
+    pub fn handle_stun(&mut self, now: Instant, socket: Socket, bytes: &[u8]) {
+        let settled = self.settled();
+        if self.gather.handle_response(now, socket, bytes, settled) {
+            self.announce(now);
+        }
+    }
+
+    /// A STUN request to send, from the tunnel socket or the check socket.
+    pub fn poll_stun(&mut self, now: Instant) -> Option<StunRequest> {
+        let settled = self.settled();
+        self.gather.poll_request(now, settled)
+    }
+
+    /// A message from `from` (already opened and authenticated by the seal).
+    pub fn handle_message(&mut self, now: Instant, from: Key, via: Via, msg: Message) {
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let fresh_candidates = matches!(&msg, Message::Candidates { generation, .. } if p.has_remote_older(*generation));
+        {
+            let mut next_id = ids(&mut self.rng);
+            let mut out = Out {
+                transmits: &mut self.transmits,
+                events: &mut self.events,
+                next_id: &mut next_id,
+                local: &self.announced,
+            };
+            p.handle_message(now, via, msg, &mut out);
+        }
+        if fresh_candidates {
+            // Answer a peer's new list with ours: it may have restarted and lost it.
+            let msg = self.candidates_message();
+            self.transmits.push_back(Transmit {
+                peer: from,
+                via: Via::Relay,
+                msg,
+            });
+        }
+    }
+
+    /// WireGuard's state for the peers, read by the caller when [`Traversal::sample_due`].
+    pub fn handle_samples(&mut self, now: Instant, samples: &[(Key, Sample)]) {
+        let mut next_id = ids(&mut self.rng);
+        for (k, s) in samples {
+            if let Some(p) = self.peers.get_mut(k) {
+                let mut out = Out {
+                    transmits: &mut self.transmits,
+                    events: &mut self.events,
+                    next_id: &mut next_id,
+                    local: &self.announced,
+                };
+                p.handle_sample(now, *s, &mut out);
+            }
+        }
+        let interval = self
+            .peers
+            .values()
+            .filter_map(|p| p.sample_interval())
+            .min()
+            .unwrap_or(SAMPLE_IDLE);
+        self.next_sample = now + interval;
+    }
+
+    pub fn sample_due(&self, now: Instant) -> bool {
+        now >= self.next_sample
+    }
+
+    /// Sample WireGuard at the next turn (a decision was just made).
+    pub fn sample_soon(&mut self, now: Instant) {
+        self.next_sample = self.next_sample.min(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        {
+            let mut next_id = ids(&mut self.rng);
+            for p in self.peers.values_mut() {
+                let mut out = Out {
+                    transmits: &mut self.transmits,
+                    events: &mut self.events,
+                    next_id: &mut next_id,
+                    local: &self.announced,
+                };
+                p.handle_timeout(now, &mut out);
+            }
+        }
+        if now >= self.next_resend {
+            self.next_resend = now + CANDIDATE_RESEND;
+            let msg = self.candidates_message();
+            for (k, p) in &self.peers {
+                if !p.has_remote() {
+                    self.transmits.push_back(Transmit {
+                        peer: *k,
+                        via: Via::Relay,
+                        msg: msg.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let mut t = self.next_sample.min(self.next_resend);
+        if let Some(g) = self.gather.poll_timeout() {
+            t = t.min(g);
+        }
+        for p in self.peers.values() {
+            if let Some(pt) = p.poll_timeout(now) {
+                t = t.min(pt);
+            }
+        }
+        Some(t)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<PathEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn desired(&self, peer: &Key) -> Desired {
+        self.peers.get(peer).map_or(Desired::Relay, |p| p.desired())
+    }
+
+    pub fn muted(&self, peer: &Key) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.muted())
+    }
+
+    pub fn status(&self, now: Instant, peer: &Key) -> Option<PathStatus> {
+        self.peers.get(peer).map(|p| p.status(now))
+    }
+}
+
+/// Transaction and message ids: xorshift, seeded per agent.
+fn ids(rng: &mut u64) -> impl FnMut() -> u64 + '_ {
+    move || {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    }
+}
