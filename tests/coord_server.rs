@@ -109,6 +109,7 @@ struct Client {
     map: HashMap<u64, PeerInfo>,
     error: Option<(ErrorCode, String)>,
     closed: bool,
+    pongs: Vec<u64>,
 }
 
 impl Client {
@@ -128,6 +129,7 @@ impl Client {
             map: HashMap::new(),
             error: None,
             closed: false,
+            pongs: Vec::new(),
         };
         c.flush();
         c
@@ -207,7 +209,7 @@ impl Client {
                 }
             }
             ServerMessage::Error { code, reason } => self.error = Some((code, reason)),
-            ServerMessage::Pong { .. } => {}
+            ServerMessage::Pong { nonce } => self.pongs.push(nonce),
         }
     }
 
@@ -261,12 +263,13 @@ fn join_peer_map_rename_rotate_and_remove_propagate() {
         c.peer(me_b.id).is_some_and(|p| p.online && p.name == "nas-2")
     });
 
-    // Candidates reported by one node reach the other.
+    // Candidates a node reports are not published: they travel sealed between
+    // agents, never through the coordinator. The pong shows they were read
+    // before the rename republishes b.
     let ep: SocketAddr = "192.168.1.20:51820".parse().unwrap();
     b.send(&ClientMessage::Candidates { endpoints: vec![ep] });
-    a.until("a sees b's candidates", |c| {
-        c.peer(me_b.id).is_some_and(|p| p.candidates == vec![ep])
-    });
+    b.send(&ClientMessage::Ping { nonce: 7 });
+    b.until("b's pong", |c| c.pongs.contains(&7));
 
     server
         .admin(AdminRequest::Rename {
@@ -277,6 +280,11 @@ fn join_peer_map_rename_rotate_and_remove_propagate() {
     a.until("a sees the rename", |c| {
         c.peer(me_b.id).is_some_and(|p| p.name == "backup")
     });
+    assert!(a.peer(me_b.id).unwrap().candidates.is_empty());
+    b.until("b sees its rename", |c| {
+        c.peer(me_b.id).is_some_and(|p| p.name == "backup")
+    });
+    assert!(b.peer(me_b.id).unwrap().candidates.is_empty());
 
     // Key rotation keeps id, name and address; the old key is no longer enrolled.
     let kb2 = Key::generate_private();

@@ -182,7 +182,7 @@ fn unknown_interface() {
 }
 
 #[test]
-fn agent_refuses_port_zero_and_server_refuses_a_malformed_relay() {
+fn agent_refuses_port_zero_and_server_refuses_a_malformed_relay_or_wgstun() {
     let d = dir("agent-port");
     let state = d.0.join("state");
     let (code, err) = warren(&[
@@ -211,6 +211,24 @@ fn agent_refuses_port_zero_and_server_refuses_a_malformed_relay() {
             relay,
         ]);
         assert_one_line_error(code, &err, why);
+        assert!(err.contains(&format!("--relay {relay:?}")), "{err}");
+    }
+    for (wgstun, why) in [
+        ("203.0.113.7:3479", "expected KEY@HOST:PORT"),
+        ("nokey@203.0.113.7:3479", "bad WG-STUN key"),
+        (&format!("{PEER1}@203.0.113.7"), "expected KEY@HOST:PORT"),
+    ] {
+        let (code, err) = warren(&[
+            "server",
+            "--state-dir",
+            d.0.join("srv").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--wgstun",
+            wgstun,
+        ]);
+        assert_one_line_error(code, &err, why);
+        assert!(err.contains(&format!("--wgstun {wgstun:?}")), "{err}");
     }
     assert!(
         !d.0.join("srv").exists(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::channel::Channel;
 use crate::control::messages::{
-    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, WgStunInfo, ServerMessage,
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage, WgStunInfo,
 };
 use crate::keys::Key;
 

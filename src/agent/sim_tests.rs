@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::control::{BACKOFF_MAX, ControlConfig, ControlConn, Event, PING_INTERVAL, PONG_TIMEOUT, Phase};
-use crate::control::messages::ErrorCode;
+use crate::control::messages::{ErrorCode, RelayInfo, WgStunInfo};
 use crate::coord::admin::{AdminRequest, AdminResponse};
 use crate::coord::hub::{ConnId, Hub};
 use crate::coord::invite::JoinToken;
@@ -19,6 +19,8 @@ struct Agent {
     conn: Option<ConnId>,
     dials: Vec<Instant>,
     refused: Vec<(ErrorCode, String, bool)>,
+    /// Relays and WG-STUN servers of each Welcome received.
+    welcomes: Vec<(Vec<RelayInfo>, Vec<WgStunInfo>)>,
     /// When false the network drops what the coordinator sends this agent.
     deliver: bool,
 }
@@ -77,6 +79,7 @@ impl Sim {
             conn: None,
             dials: vec![],
             refused: vec![],
+            welcomes: vec![],
             deliver: true,
         });
         self.agents.len() - 1
@@ -116,7 +119,8 @@ impl Sim {
                             reason,
                             permanent,
                         } => a.refused.push((code, reason, permanent)),
-                        Event::Welcome { .. } | Event::MapChanged | Event::KeyRotated => {}
+                        Event::Welcome { relays, wgstun, .. } => a.welcomes.push((relays, wgstun)),
+                        Event::MapChanged | Event::KeyRotated => {}
                     }
                 }
                 let (Some(id), Some(hub)) = (a.conn, self.hub.as_mut()) else {
@@ -200,12 +204,90 @@ fn join_then_hello_and_everyone_sees_everyone() {
     assert_eq!(sim.peer_names(a), vec![("beta".to_string(), true)]);
     assert_eq!(sim.peer_names(b), vec![("alpha".to_string(), true)]);
     assert_eq!(sim.agents[a].ctrl.me().unwrap().name, "alpha");
+}
 
-    // Candidates reported later reach the peer.
-    let ep = "192.0.2.1:51820".parse().unwrap();
-    sim.agents[b].ctrl.set_candidates(vec![ep]);
+#[test]
+fn candidates_a_node_sends_are_published_to_nobody() {
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 1);
+    let b = sim.add_agent(&t, "beta", 2);
+    // Before connecting: they go out in the Join, and after a reconnect in the Hello.
+    sim.agents[a]
+        .ctrl
+        .set_candidates(vec!["192.0.2.1:51820".parse().unwrap()]);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.peer_names(b), vec![("alpha".to_string(), true)]);
+    // While connected: a Candidates message; then a change that republishes b.
+    sim.agents[b]
+        .ctrl
+        .set_candidates(vec!["192.0.2.2:51820".parse().unwrap()]);
     sim.advance(TICK);
-    assert_eq!(sim.agents[a].ctrl.peers().next().unwrap().candidates, vec![ep]);
+    sim.hub.as_mut().unwrap().admin(
+        AdminRequest::Rename {
+            node: "beta".into(),
+            new_name: "bravo".into(),
+        },
+        sim.now,
+    );
+    sim.advance(TICK);
+    assert_eq!(sim.peer_names(a), vec![("bravo".to_string(), true)]);
+    sim.server_down();
+    sim.server_up();
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.agents[b].ctrl.phase(), &Phase::Connected);
+    for agent in &sim.agents {
+        assert!(agent.ctrl.me().unwrap().candidates.is_empty());
+        for p in agent.ctrl.peers() {
+            assert!(
+                p.candidates.is_empty(),
+                "{} published with {:?}",
+                p.name,
+                p.candidates
+            );
+        }
+    }
+}
+
+#[test]
+fn every_welcome_carries_the_published_wgstun_servers() {
+    let mut sim = Sim::new();
+    let wgstun = vec![
+        WgStunInfo {
+            public_key: Key::generate_private().public_key(),
+            endpoint: "coord:3479".into(),
+            stun: Some("coord:3478".into()),
+        },
+        WgStunInfo {
+            public_key: Key::generate_private().public_key(),
+            endpoint: "stun2.example.org:3479".into(),
+            stun: None,
+        },
+    ];
+    sim.hub.as_mut().unwrap().set_wgstun(wgstun.clone());
+    let t = sim.token();
+    let a = sim.add_agent(&t, "alpha", 1);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.agents[a].welcomes, vec![(vec![], wgstun.clone())]);
+
+    // A reconnect (the Hello after the Join) is welcomed with them too.
+    sim.server_down();
+    let store = Store::open(&sim.db).unwrap();
+    let mut hub = Hub::new(store, sim.server_key, vec!["coord:7777".into()]);
+    hub.set_wgstun(wgstun.clone());
+    sim.hub = Some(hub);
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.agents[a].ctrl.phase(), &Phase::Connected);
+    assert_eq!(sim.agents[a].welcomes.len(), 2);
+    assert_eq!(sim.agents[a].welcomes[1].1, wgstun);
+
+    // A coordinator publishing none sends none.
+    let mut sim = Sim::new();
+    let t = sim.token();
+    let b = sim.add_agent(&t, "beta", 2);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.agents[b].welcomes, vec![(vec![], vec![])]);
 }
 
 #[test]

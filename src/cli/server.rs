@@ -7,7 +7,7 @@ use super::out::outln;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::control::messages::RelayInfo;
+use crate::control::messages::{RelayInfo, WgStunInfo};
 use crate::coord::admin::{self, AdminRequest, AdminResponse, NodeView};
 use crate::coord::invite;
 use crate::coord::server::{ADMIN_SOCKET, DB_FILE, DEFAULT_PORT, Server, ServerConfig};
@@ -56,6 +56,11 @@ pub struct ServerArgs {
     /// key is what `warren relay --show-key` prints there.
     #[arg(long = "relay", value_name = "KEY@HOST:PORT")]
     pub relays: Vec<String>,
+    /// Another WG-STUN server to publish to nodes, as KEY@HOST:PORT (repeatable);
+    /// its key is what `warren wgstun --print-peer` prints there, and its plain
+    /// STUN is assumed on HOST:3478 (`warren wgstun`'s default).
+    #[arg(long = "wgstun", value_name = "KEY@HOST:PORT")]
+    pub wgstuns: Vec<String>,
     #[command(subcommand)]
     pub action: Option<ServerAction>,
 }
@@ -110,13 +115,18 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .iter()
             .map(|r| parse_relay(r))
             .collect::<Result<Vec<_>>>()?;
+        let mut wgstuns = args
+            .wgstuns
+            .iter()
+            .map(|w| parse_wgstun(w))
+            .collect::<Result<Vec<_>>>()?;
         // Bind the coordinator first: a busy coordinator port fails before any thread starts.
         let mut server = Server::bind(&cfg)?;
         if !args.no_relay {
             let addrs = if !args.relay_advertise.is_empty() {
                 args.relay_advertise.clone()
             } else {
-                relay_addrs(args.relay_listen, server.advertise())
+                advertised_addrs(args.relay_listen, server.advertise())
             };
             let key = start_relay(&cfg.state_dir, args.relay_listen)?;
             relays.insert(
@@ -132,12 +142,19 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         server.set_relays(relays);
         if !args.no_wgstun {
-            start_wgstun(
+            let (key, wg, stun) = start_wgstun(
                 &cfg.state_dir,
                 args.wgstun_listen,
                 (!args.no_stun).then_some(args.stun_listen),
             )?;
+            match own_wgstun(key, wg, stun, server.advertise()) {
+                Some(own) => wgstuns.insert(0, own),
+                None => eprintln!(
+                    "warren: WG-STUN runs but is not published: no address to give nodes (pass --advertise HOST:PORT)"
+                ),
+            }
         }
+        server.set_wgstun(wgstuns);
         return server.run();
     };
     match action {
@@ -205,27 +222,72 @@ pub fn run(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
-/// `KEY@HOST:PORT` of a relay running elsewhere.
-fn parse_relay(s: &str) -> Result<RelayInfo> {
-    let (key, addr) = s
-        .split_once('@')
-        .with_context(|| format!("--relay {s:?}: expected KEY@HOST:PORT"))?;
+/// Plain STUN port assumed for a `--wgstun` server: `warren wgstun`'s default.
+const WGSTUN_STUN_PORT: u16 = 3478;
+
+/// `KEY@HOST:PORT` given to `flag` for a server running elsewhere (a `what`
+/// server): its key, host and port. Errors name the flag and the value.
+fn parse_key_at<'a>(flag: &str, what: &str, s: &'a str) -> Result<(Key, &'a str, u16)> {
+    let expected = || format!("{flag} {s:?}: expected KEY@HOST:PORT");
+    let (key, addr) = s.split_once('@').with_context(expected)?;
     let public_key: Key = key
         .parse()
-        .with_context(|| format!("--relay {s:?}: bad relay key"))?;
+        .with_context(|| format!("{flag} {s:?}: bad {what} key"))?;
     match addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
-        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {}
-        _ => bail!("--relay {s:?}: expected KEY@HOST:PORT"),
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => Ok((public_key, host, port)),
+        _ => bail!("{}", expected()),
     }
+}
+
+/// `KEY@HOST:PORT` of a relay running elsewhere.
+fn parse_relay(s: &str) -> Result<RelayInfo> {
+    let (public_key, host, port) = parse_key_at("--relay", "relay", s)?;
     Ok(RelayInfo {
         public_key,
-        addrs: vec![addr.to_string()],
+        addrs: vec![format!("{host}:{port}")],
     })
 }
 
-/// Where nodes dial this server's relay: its listen address if specific,
-/// else each host nodes already dial for the coordinator, with the relay port.
-fn relay_addrs(listen: SocketAddr, coordinator: &[String]) -> Vec<String> {
+/// `KEY@HOST:PORT` of a WG-STUN server running elsewhere; its plain STUN is
+/// assumed on the same host at [`WGSTUN_STUN_PORT`].
+fn parse_wgstun(s: &str) -> Result<WgStunInfo> {
+    let (public_key, host, port) = parse_key_at("--wgstun", "WG-STUN", s)?;
+    Ok(WgStunInfo {
+        public_key,
+        endpoint: format!("{host}:{port}"),
+        stun: Some(format!("{host}:{WGSTUN_STUN_PORT}")),
+    })
+}
+
+/// This server's own WG-STUN as published to nodes: on the first address of
+/// [`advertised_addrs`], plain STUN (if it runs) on the same host unless it
+/// listens on a specific address. `None` when there is no address to give.
+fn own_wgstun(
+    public_key: Key,
+    wg: SocketAddr,
+    stun: Option<SocketAddr>,
+    coordinator: &[String],
+) -> Option<WgStunInfo> {
+    let endpoint = advertised_addrs(wg, coordinator).into_iter().next()?;
+    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
+    let stun = stun.map(|s| {
+        if s.ip().is_unspecified() {
+            format!("{host}:{}", s.port())
+        } else {
+            s.to_string()
+        }
+    });
+    Some(WgStunInfo {
+        public_key,
+        endpoint,
+        stun,
+    })
+}
+
+/// Where nodes reach a service of this server (relay, WG-STUN): its listen
+/// address if specific, else each host nodes already dial for the
+/// coordinator, with the service's port.
+fn advertised_addrs(listen: SocketAddr, coordinator: &[String]) -> Vec<String> {
     if !listen.ip().is_unspecified() {
         return vec![listen.to_string()];
     }
@@ -257,10 +319,16 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
     Ok(key)
 }
 
-/// Runs WG-STUN beside the coordinator, as `warren wgstun` would with its defaults.
+/// Runs WG-STUN beside the coordinator, as `warren wgstun` would with its defaults;
+/// returns its public key and the bound WireGuard and plain STUN addresses.
 /// If it stops on an I/O error the coordinator keeps serving; the error is logged.
-fn start_wgstun(state_dir: &Path, listen: SocketAddr, stun_listen: Option<SocketAddr>) -> Result<()> {
+fn start_wgstun(
+    state_dir: &Path,
+    listen: SocketAddr,
+    stun_listen: Option<SocketAddr>,
+) -> Result<(Key, SocketAddr, Option<SocketAddr>)> {
     let private_key = crate::wgstun::key::load_or_create(state_dir)?;
+    let public_key = private_key.public_key();
     let (wg, stun, thread) = crate::wgstun::spawn(crate::wgstun::Config {
         listen,
         stun_listen,
@@ -283,7 +351,7 @@ fn start_wgstun(state_dir: &Path, listen: SocketAddr, stun_listen: Option<Socket
             Err(_) => eprintln!("warren: WG-STUN stopped: its thread panicked"),
         })
         .context("starting the WG-STUN watcher thread")?;
-    Ok(())
+    Ok((public_key, wg, stun))
 }
 
 fn print_nodes(nodes: &[NodeView]) -> Result<()> {
@@ -311,4 +379,86 @@ fn print_nodes(nodes: &[NodeView]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "GcbKAmy+RA8n13X7BCHypTgmoU2KfpEaSlT6odWM6wc=";
+
+    #[test]
+    fn wgstun_flag_assumes_plain_stun_on_the_wgstun_default_port() {
+        let default: SocketAddr = crate::wgstun::DEFAULT_STUN_LISTEN.parse().unwrap();
+        assert_eq!(default.port(), WGSTUN_STUN_PORT);
+        let w = parse_wgstun(&format!("{KEY}@stun.example.org:3479")).unwrap();
+        assert_eq!(
+            w,
+            WgStunInfo {
+                public_key: KEY.parse().unwrap(),
+                endpoint: "stun.example.org:3479".into(),
+                stun: Some("stun.example.org:3478".into()),
+            }
+        );
+        let w = parse_wgstun(&format!("{KEY}@[2001:db8::1]:4000")).unwrap();
+        assert_eq!(
+            (w.endpoint.as_str(), w.stun.as_deref()),
+            ("[2001:db8::1]:4000", Some("[2001:db8::1]:3478"))
+        );
+    }
+
+    #[test]
+    fn malformed_wgstun_and_relay_values_name_the_flag_and_the_value() {
+        for (flag, what) in [("--wgstun", "WG-STUN"), ("--relay", "relay")] {
+            let parse = |v: &str| match flag {
+                "--wgstun" => parse_wgstun(v).map(|_| ()),
+                _ => parse_relay(v).map(|_| ()),
+            };
+            for (value, why) in [
+                (
+                    "203.0.113.7:3479".to_string(),
+                    "expected KEY@HOST:PORT".to_string(),
+                ),
+                ("nokey@203.0.113.7:3479".into(), format!("bad {what} key")),
+                (format!("{KEY}@203.0.113.7"), "expected KEY@HOST:PORT".into()),
+                (format!("{KEY}@:3479"), "expected KEY@HOST:PORT".into()),
+                (format!("{KEY}@203.0.113.7:0"), "expected KEY@HOST:PORT".into()),
+            ] {
+                let err = format!("{:#}", parse(&value).unwrap_err());
+                assert!(err.starts_with(&format!("{flag} {value:?}: {why}")), "{err}");
+                assert_eq!(err.lines().count(), 1, "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn own_wgstun_is_published_on_the_first_coordinator_host_when_listening_on_all() {
+        let key: Key = KEY.parse().unwrap();
+        let coord = ["198.51.100.1:7777".to_string(), "203.0.113.9:7777".to_string()];
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        let w = own_wgstun(key, any(3479), Some(any(3478)), &coord).unwrap();
+        assert_eq!(
+            w,
+            WgStunInfo {
+                public_key: key,
+                endpoint: "198.51.100.1:3479".into(),
+                stun: Some("198.51.100.1:3478".into()),
+            }
+        );
+        // --no-stun: no plain STUN published.
+        let w = own_wgstun(key, any(3479), None, &coord).unwrap();
+        assert_eq!(w.stun, None);
+        // A specific listen address is published as it is.
+        let wg: SocketAddr = "192.0.2.5:4479".parse().unwrap();
+        let stun: SocketAddr = "192.0.2.6:4478".parse().unwrap();
+        let w = own_wgstun(key, wg, Some(stun), &coord).unwrap();
+        assert_eq!(
+            (w.endpoint.as_str(), w.stun.as_deref()),
+            ("192.0.2.5:4479", Some("192.0.2.6:4478"))
+        );
+        let w = own_wgstun(key, wg, Some(any(3478)), &[]).unwrap();
+        assert_eq!(w.stun.as_deref(), Some("192.0.2.5:3478"));
+        // Nothing to tell nodes: not published.
+        assert_eq!(own_wgstun(key, any(3479), Some(any(3478)), &[]), None);
+    }
 }

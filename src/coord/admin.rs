@@ -9,7 +9,7 @@
 //! can use it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -50,7 +50,6 @@ pub struct NodeView {
     pub public_key: Key,
     pub hostname: String,
     pub online: bool,
-    pub candidates: Vec<SocketAddr>,
     pub created: i64,
     pub last_seen: Option<i64>,
 }

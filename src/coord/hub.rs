@@ -3,7 +3,6 @@
 //! bytes in and writes [`Hub::outgoing`] out, so tests can drive it directly.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -13,7 +12,7 @@ use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
 use super::store::{JoinRequest, Node, Store};
 use crate::control::messages::{
-    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage, WgStunInfo,
 };
 use crate::keys::Key;
 
@@ -34,7 +33,6 @@ pub struct Hub {
     conns: HashMap<ConnId, Conn>,
     /// Which connection speaks for each online node.
     online: HashMap<u64, ConnId>,
-    candidates: HashMap<u64, Vec<SocketAddr>>,
     map_version: u64,
     /// Changes not yet pushed: nodes to upsert and nodes to drop. Batching them
     /// per loop turn means a burst of joins costs one delta, not one each.
@@ -44,6 +42,8 @@ pub struct Hub {
     dirty: BTreeSet<ConnId>,
     /// Relays published to nodes; each node's home is picked from these by its id.
     relays: Vec<RelayInfo>,
+    /// WG-STUN servers published to nodes in every Welcome.
+    wgstun: Vec<WgStunInfo>,
 }
 
 impl Hub {
@@ -54,18 +54,23 @@ impl Hub {
             advertise,
             conns: HashMap::new(),
             online: HashMap::new(),
-            candidates: HashMap::new(),
             map_version: 0,
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             dirty: BTreeSet::new(),
             relays: Vec::new(),
+            wgstun: Vec::new(),
         }
     }
 
     /// Sets the relays nodes use; call before nodes connect (they learn them on connect).
     pub fn set_relays(&mut self, relays: Vec<RelayInfo>) {
         self.relays = relays;
+    }
+
+    /// Sets the WG-STUN servers nodes use; call before nodes connect (they learn them on connect).
+    pub fn set_wgstun(&mut self, wgstun: Vec<WgStunInfo>) {
+        self.wgstun = wgstun;
     }
 
     pub fn advertise(&self) -> &[String] {
@@ -126,14 +131,14 @@ impl Hub {
                 ClientMessage::Hello {
                     version,
                     hostname: _,
-                    candidates,
+                    candidates: _,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
                     return Ok(());
                 }
                 match self.store.node_by_key(&key)? {
-                    Some(node) if node.removed.is_none() => self.admit(id, now, node, candidates)?,
+                    Some(node) if node.removed.is_none() => self.admit(id, now, node)?,
                     Some(node) => self.refuse(
                         id,
                         now,
@@ -155,7 +160,7 @@ impl Hub {
                     secret,
                     name,
                     hostname,
-                    candidates,
+                    candidates: _,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -176,7 +181,7 @@ impl Hub {
                             key.short(),
                             node.mesh_addr
                         );
-                        self.admit(id, now, node, candidates)?;
+                        self.admit(id, now, node)?;
                     }
                     Err(refusal) => self.refuse(id, now, refusal.code, &refusal.reason),
                 }
@@ -187,12 +192,9 @@ impl Hub {
                 ErrorCode::Protocol,
                 &format!("expected hello or join, got {}", kind(&other)),
             ),
-            (Phase::Node(node), ClientMessage::Candidates { endpoints }) => {
-                if self.candidates.get(&node) != Some(&endpoints) {
-                    self.candidates.insert(node, endpoints);
-                    self.changed.insert(node);
-                }
-            }
+            // Candidates travel sealed between agents; the coordinator neither
+            // keeps nor publishes what older agents still send it.
+            (Phase::Node(_), ClientMessage::Candidates { .. }) => {}
             (Phase::Node(node), ClientMessage::RotateKey { new_public_key }) => {
                 let n = self.store.rotate_key(node, &new_public_key)?;
                 eprintln!(
@@ -239,7 +241,7 @@ impl Hub {
         conn_fail(&mut self.conns, id, now, code, reason);
     }
 
-    fn admit(&mut self, id: ConnId, now: Instant, node: Node, candidates: Vec<SocketAddr>) -> Result<()> {
+    fn admit(&mut self, id: ConnId, now: Instant, node: Node) -> Result<()> {
         // A node reconnecting before its old connection timed out replaces it.
         if let Some(old) = self.online.insert(node.id, id).filter(|&old| old != id) {
             conn_fail(
@@ -251,7 +253,6 @@ impl Hub {
             );
             self.dirty.insert(old);
         }
-        self.candidates.insert(node.id, candidates);
         self.store.touch(node.id, unix_now())?;
         let Some(conn) = self.conns.get_mut(&id) else {
             return Ok(());
@@ -264,7 +265,7 @@ impl Hub {
             version: PROTOCOL_VERSION,
             node: me,
             relays: self.relays.clone(),
-            wgstun: Vec::new(),
+            wgstun: self.wgstun.clone(),
         });
         conn.send(&ServerMessage::PeerMap {
             version: self.map_version,
@@ -280,7 +281,8 @@ impl Hub {
             name: n.name.clone(),
             mesh_addr: n.mesh_addr,
             public_key: n.public_key,
-            candidates: self.candidates.get(&n.id).cloned().unwrap_or_default(),
+            // Never the node's candidates: they do not pass through the coordinator.
+            candidates: Vec::new(),
             online: self.online.contains_key(&n.id),
             home_relay: self.home_relay(n.id),
         }
@@ -410,7 +412,6 @@ impl Hub {
                     );
                     self.dirty.insert(cid);
                 }
-                self.candidates.remove(&n.id);
                 self.removed.insert(n.id);
                 AdminResponse::Node { node: self.view(&n) }
             }
@@ -459,7 +460,6 @@ impl Hub {
             public_key: n.public_key,
             hostname: n.hostname.clone(),
             online: self.online.contains_key(&n.id),
-            candidates: self.candidates.get(&n.id).cloned().unwrap_or_default(),
             created: n.created,
             last_seen: n.last_seen,
         }

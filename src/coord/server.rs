@@ -165,6 +165,11 @@ impl Server {
         self.hub.set_relays(relays);
     }
 
+    /// WG-STUN servers to publish in every Welcome.
+    pub fn set_wgstun(&mut self, wgstun: Vec<crate::control::messages::WgStunInfo>) {
+        self.hub.set_wgstun(wgstun);
+    }
+
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
     }
