@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cache;
 pub mod control;
+pub mod direct;
 pub mod paths;
 pub mod peer_msg;
 pub mod relay_path;

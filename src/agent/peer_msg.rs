@@ -118,10 +118,19 @@ impl PeerMessages {
         self.sealer.seal(peer, &payload)
     }
 
-    /// A sealed message the relay delivered as coming from `from`. Returns
-    /// why it was dropped, for the caller to log.
-    pub fn handle_sealed(&mut self, now: Instant, from: Key, msg: &[u8]) -> Result<(), String> {
-        let (sender, payload) = self.sealer.open(msg).map_err(|e| e.to_string())?;
+    /// Seals any payload to a peer (NAT traversal's messages share the box and its replay window).
+    pub fn seal_payload(&mut self, peer: &Key, payload: &[u8]) -> Result<Vec<u8>> {
+        self.sealer.seal(peer, payload)
+    }
+
+    /// Opens a sealed message from whoever sealed it (a check socket or the tunnel).
+    pub fn open(&mut self, msg: &[u8]) -> Result<(Key, Vec<u8>), String> {
+        self.sealer.open(msg).map_err(|e| e.to_string())
+    }
+
+    /// Opens a sealed message the relay delivered as coming from `from`.
+    pub fn open_relayed(&mut self, from: Key, msg: &[u8]) -> Result<Vec<u8>, String> {
+        let (sender, payload) = self.open(msg)?;
         if sender != from {
             return Err(format!(
                 "sealed message from {} relayed as coming from {}",
@@ -129,6 +138,18 @@ impl PeerMessages {
                 from.short()
             ));
         }
+        Ok(payload)
+    }
+
+    /// A sealed message the relay delivered as coming from `from`. Returns
+    /// why it was dropped, for the caller to log.
+    pub fn handle_sealed(&mut self, now: Instant, from: Key, msg: &[u8]) -> Result<(), String> {
+        let payload = self.open_relayed(from, msg)?;
+        self.handle_payload(now, from, &payload)
+    }
+
+    /// An opened `warren ping` message from `sender`.
+    pub fn handle_payload(&mut self, now: Instant, sender: Key, payload: &[u8]) -> Result<(), String> {
         if payload.len() < MESSAGE_LEN {
             return Err(format!("peer message of {} bytes", payload.len()));
         }

@@ -20,9 +20,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::messages::RelayInfo;
 use crate::keys::Key;
+use crate::nat::path::Mute;
 use crate::outgoing::write_pending;
 use crate::peer::seal::SEAL_VERSION;
 use crate::relay::client::{Event, RelayClient};
+
+/// WireGuard's message type for transport data (1–3 are handshake and cookie).
+const WG_TRANSPORT_DATA: u8 = 4;
 
 /// Tokens of relay connections and peer sockets start here, far above the
 /// agent's own and its control clients' tokens (which count up from 16).
@@ -125,6 +129,12 @@ pub struct RelayPath {
     buf: Vec<u8>,
     /// The last failure to open a peer's socket, logged once rather than every reconcile.
     proxy_error: Option<String>,
+    /// Peers being upgraded or on a direct path: what the relay still
+    /// delivers from them is dropped, because a relayed datagram reaching
+    /// WireGuard would pull its endpoint straight back to the relay socket.
+    muted: HashMap<Key, Mute>,
+    /// Datagrams dropped for that reason.
+    pub muted_drops: u64,
 }
 
 impl RelayPath {
@@ -141,7 +151,14 @@ impl RelayPath {
             sealed: VecDeque::new(),
             buf: vec![0; MAX_DATAGRAM],
             proxy_error: None,
+            muted: HashMap::new(),
+            muted_drops: 0,
         }
+    }
+
+    /// The peers whose relayed datagrams must not reach WireGuard.
+    pub fn set_muted(&mut self, muted: HashMap<Key, Mute>) {
+        self.muted = muted;
     }
 
     pub fn owns(&self, token: Token) -> bool {
@@ -313,9 +330,18 @@ impl RelayPath {
         let Some(relay) = self.proxies.get(peer).map(|p| p.relay) else {
             return false;
         };
-        self.links
-            .get_mut(&relay)
-            .is_some_and(|l| l.client.send_to(now, *peer, msg))
+        // Held like datagrams while the first connection opens: the first
+        // candidates are sent before it has.
+        self.links.get_mut(&relay).is_some_and(|l| {
+            if l.client.is_open() {
+                l.client.send_to(now, *peer, msg)
+            } else if l.usable() && l.held.len() < HELD_WHILE_CONNECTING {
+                l.held.push_back((*peer, msg.to_vec()));
+                true
+            } else {
+                false
+            }
+        })
     }
 
     /// The address of the relay through which we reach `peer`.
@@ -451,6 +477,12 @@ impl RelayPath {
                     Event::Received { from, payload } => {
                         if payload.first() == Some(&SEAL_VERSION) {
                             self.sealed.push_back((from, payload));
+                        } else if match self.muted.get(&from) {
+                            Some(Mute::All) => true,
+                            Some(Mute::Data) => payload.first() == Some(&WG_TRANSPORT_DATA),
+                            _ => false,
+                        } {
+                            self.muted_drops += 1;
                         } else if let Some(p) = self.proxies.get(&from) {
                             // WireGuard drops anything that is not a valid message from this peer.
                             let _ = p.socket.send(&payload);

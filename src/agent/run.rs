@@ -15,28 +15,29 @@ use mio::net::{TcpStream, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use super::api::{self, PeerStatus, Request, Response, Status};
+use super::api::{self, PairStatus, PeerStatus, Request, Response, Status};
 use super::cache::{self, AgentState};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
-use super::paths::{self, Paths};
+use super::direct::{self, DirectPath, Received};
+use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
 use super::relay_path::RelayPath;
-use crate::control::messages::{ErrorCode, PeerInfo};
+use crate::control::messages::{ErrorCode, PeerInfo, WgStunInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
 use crate::keys::Key;
+use crate::nat::candidate;
+use crate::nat::path::{Desired, Mute, Sample, Via};
+use crate::nat::traversal::Traversal;
 use crate::netlink::{Monitor, NetEvent, Rtnl};
 use crate::outgoing::write_pending;
 use crate::wg::select::{self, BackendChoice};
-use crate::wg::{Backend, reconcile};
+use crate::wg::{AllowedIp, Backend, PeerConfig, reconcile};
 
 const TCP: Token = Token(0);
 const API: Token = Token(1);
 const MONITOR: Token = Token(2);
 const FIRST_CLIENT: usize = 16;
-/// Re-checks WireGuard against the map and rotates untried candidates; also
-/// the agent's only periodic wake-up besides the coordinator ping.
-pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// Prefix of the mesh; the interface address carries it so the kernel adds the route.
 pub const MESH_PREFIX_LEN: u8 = 10;
 const LOCK_FILE: &str = "agent.lock";
@@ -72,7 +73,12 @@ struct Agent {
     cfg: AgentConfig,
     state: AgentState,
     ctrl: ControlConn,
-    paths: Paths,
+    nat: Traversal,
+    direct: DirectPath,
+    /// What WireGuard was last told per peer, and what of its relay traffic is muted.
+    applied: Vec<(Key, Desired, Mute)>,
+    /// Peers' mesh addresses: the tunnel's senders and the probes' destinations.
+    mesh_of: HashMap<Key, Ipv4Addr>,
     relay: RelayPath,
     msgs: PeerMessages,
     last_sealed_drop_log: Option<Instant>,
@@ -85,7 +91,6 @@ struct Agent {
     api: UnixListener,
     clients: HashMap<usize, Client>,
     next_client: usize,
-    next_reconcile: Instant,
     need_apply: bool,
     stop: Option<Result<()>>,
     last_error: Option<String>,
@@ -244,15 +249,25 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         ctrl.restore_pending_key(pending);
     }
     let relay = RelayPath::new(state.private_key, cfg.listen_port);
-    let msgs = PeerMessages::new(state.private_key, crate::peer::seal::epoch_from_clock());
+    let epoch = crate::peer::seal::epoch_from_clock();
+    let msgs = PeerMessages::new(state.private_key, epoch);
+    let check_port = cfg
+        .listen_port
+        .checked_add(1)
+        .context("WireGuard listen port 65535: the check socket takes the port after it")?;
+    let direct = DirectPath::open(poll.registry(), check_port)?;
+    let nat = Traversal::new(now, state.private_key.public_key(), check_port, epoch, seed);
     let mut agent = Agent {
         relay,
         msgs,
+        nat,
+        direct,
+        applied: Vec::new(),
+        mesh_of: HashMap::new(),
         last_sealed_drop_log: None,
         cfg,
         state,
         ctrl,
-        paths: Paths::default(),
         backend,
         rtnl,
         monitor,
@@ -262,12 +277,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         api,
         clients: HashMap::new(),
         next_client: FIRST_CLIENT,
-        next_reconcile: now,
         need_apply: true,
         stop: None,
         last_error: None,
     };
-    agent.update_candidates();
+    agent.update_candidates(now);
+    agent.configure_stun(now);
     agent.run()
 }
 
@@ -278,7 +293,7 @@ impl Agent {
             let now = Instant::now();
             let wake = [
                 self.ctrl.poll_timeout(),
-                Some(self.next_reconcile),
+                self.nat.poll_timeout(now),
                 self.relay.poll_timeout(),
                 self.msgs.poll_timeout(),
             ]
@@ -296,7 +311,8 @@ impl Agent {
                 match ev.token() {
                     TCP => self.tcp_ready(now),
                     API => self.accept_clients(),
-                    MONITOR => self.net_changed(),
+                    MONITOR => self.net_changed(now),
+                    t if DirectPath::owns(t) => self.direct_ready(now, t),
                     t if self.relay.owns(t) => self.relay.ready(self.poll.registry(), now, t),
                     Token(t) => self.client_io(t),
                 }
@@ -309,9 +325,10 @@ impl Agent {
                 self.need_apply = true;
             }
             self.peer_messages(now);
-            if self.need_apply || now >= self.next_reconcile {
+            self.nat.handle_timeout(now);
+            self.drive_nat(now);
+            if self.need_apply || self.nat.sample_due(now) {
                 self.need_apply = false;
-                self.next_reconcile = now + RECONCILE_INTERVAL;
                 if let Err(e) = self.reconcile(now) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
@@ -358,6 +375,7 @@ impl Agent {
                     self.state.wgstun = wgstun;
                     self.state.join_secret = None;
                     self.save();
+                    self.configure_stun(now);
                     self.need_apply = true;
                 }
                 Event::MapChanged => {
@@ -393,7 +411,22 @@ impl Agent {
     /// Sealed messages in (through the relays) and out, and pings answered.
     fn peer_messages(&mut self, now: Instant) {
         while let Some((from, msg)) = self.relay.take_sealed() {
-            if let Err(why) = self.msgs.handle_sealed(now, from, &msg)
+            let result = self.msgs.open_relayed(from, &msg).and_then(|payload| {
+                if payload
+                    .first()
+                    .is_some_and(|t| *t >= crate::nat::message::FIRST_TYPE)
+                {
+                    match crate::nat::message::Message::decode(&payload) {
+                        Ok(Some(m)) => self.nat.handle_message(now, from, Via::Relay, m),
+                        Ok(None) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    Ok(())
+                } else {
+                    self.msgs.handle_payload(now, from, &payload)
+                }
+            });
+            if let Err(why) = result
                 && self
                     .last_sealed_drop_log
                     .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
@@ -586,35 +619,142 @@ impl Agent {
         }
     }
 
-    /// Our endpoint candidates: every local IPv4 address outside the mesh, with the WireGuard port.
-    fn update_candidates(&mut self) {
-        let mut c: Vec<SocketAddr> = crate::ifaddrs::ipv4_addresses()
-            .into_iter()
-            .filter(|(ifname, ip)| {
-                ifname != &self.cfg.ifname && !ip.is_loopback() && !ip.is_link_local() && !in_mesh(*ip)
-            })
-            .map(|(_, ip)| SocketAddr::new(IpAddr::V4(ip), self.cfg.listen_port))
-            .collect();
-        c.sort();
-        c.dedup();
-        c.truncate(crate::control::messages::MAX_CANDIDATES);
-        self.ctrl.set_candidates(c);
+    /// Our local candidates (sealed to peers, never to a server): every
+    /// address of every up interface outside the mesh.
+    fn update_candidates(&mut self, now: Instant) {
+        let local = candidate::local(
+            &crate::ifaddrs::addresses(),
+            &self.cfg.ifname,
+            self.cfg.listen_port,
+            self.direct.port,
+        );
+        self.nat.set_local(now, local);
     }
 
-    fn net_changed(&mut self) {
+    /// The WG-STUN server to keep as a peer and ask, and its plain STUN.
+    fn wgstun(&self) -> Option<(&WgStunInfo, SocketAddr)> {
+        let w = self.state.wgstun.first()?;
+        // Published addresses are IP literals unless an operator gave a
+        // host name; resolving one blocks briefly, as the relay dial does.
+        let ep = w.endpoint.to_socket_addrs().ok()?.next()?;
+        Some((w, ep))
+    }
+
+    fn configure_stun(&mut self, now: Instant) {
+        let (tunnel, plain) = match self.state.wgstun.first() {
+            Some(w) => (
+                Some(direct::WGSTUN_STUN),
+                w.stun.as_deref().and_then(|s| s.to_socket_addrs().ok()?.next()),
+            ),
+            None => (None, None),
+        };
+        self.nat.set_stun_servers(now, tunnel, plain);
+    }
+
+    fn net_changed(&mut self, now: Instant) {
         match self.monitor.read_events() {
             Ok(evs) => {
-                let addresses = evs.iter().any(|e| {
-                    matches!(
-                        e,
-                        NetEvent::AddressAdded { .. } | NetEvent::AddressRemoved { .. } | NetEvent::Resync
-                    )
-                });
+                let mesh_index = self.rtnl.link_index(&self.cfg.ifname).ok().flatten();
+                let ours = |i: &u32| Some(*i) == mesh_index;
+                let mut addresses = false;
+                let mut routes = false;
+                for e in &evs {
+                    match e {
+                        NetEvent::AddressAdded { index, .. } | NetEvent::AddressRemoved { index, .. } => {
+                            addresses |= !ours(index)
+                        }
+                        NetEvent::LinkChanged(l) => addresses |= !ours(&l.index),
+                        NetEvent::LinkRemoved { index, .. } => addresses |= !ours(index),
+                        NetEvent::RouteAdded(r) | NetEvent::RouteRemoved(r) => {
+                            routes |= !r.oif.as_ref().is_some_and(ours)
+                        }
+                        NetEvent::Resync => addresses = true,
+                    }
+                }
                 if addresses {
-                    self.update_candidates();
+                    self.update_candidates(now);
+                }
+                if routes && !addresses {
+                    self.nat.network_changed(now);
                 }
             }
             Err(e) => eprintln!("agent: reading network changes: {e:#}"),
+        }
+    }
+
+    /// A check or tunnel socket is readable.
+    fn direct_ready(&mut self, now: Instant, token: Token) {
+        let received = self
+            .direct
+            .ready(now, token, &mut self.nat, &mut self.msgs, &self.mesh_of);
+        for r in received {
+            match r {
+                Received::Traversal { from, via, msg } => self.nat.handle_message(now, from, via, msg),
+                Received::Other { from, payload } => {
+                    let _ = self.msgs.handle_payload(now, from, &payload);
+                }
+            }
+        }
+    }
+
+    /// Sends what the traversal queued and acts on what it decided.
+    fn drive_nat(&mut self, now: Instant) {
+        while let Some(req) = self.nat.poll_stun(now) {
+            self.direct.send_stun(req.socket, req.to, &req.bytes);
+        }
+        while let Some(t) = self.nat.poll_transmit() {
+            match t.via {
+                Via::Relay => match self.msgs.seal_payload(&t.peer, &t.msg.encode()) {
+                    Ok(sealed) => {
+                        self.relay.send_sealed(now, &t.peer, &sealed);
+                    }
+                    Err(e) => eprintln!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
+                },
+                via => {
+                    let mesh = self.mesh_of.get(&t.peer).copied();
+                    self.direct.send(&mut self.msgs, &t.peer, via, &t.msg, mesh);
+                }
+            }
+        }
+        self.relay.flush(now);
+        while let Some(ev) = self.nat.poll_event() {
+            let why = if ev.why.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", ev.why)
+            };
+            eprintln!(
+                "agent: peer {}: {} -> {}{why}",
+                self.peer_label(&ev.peer),
+                ev.from,
+                ev.to
+            );
+        }
+        let snapshot: Vec<(Key, Desired, Mute)> = self
+            .mesh_of
+            .keys()
+            .map(|k| (*k, self.nat.desired(k), self.nat.mute(k)))
+            .collect();
+        let mut sorted = snapshot;
+        sorted.sort_by_key(|(k, _, _)| k.0);
+        if sorted != self.applied {
+            let muted: HashMap<Key, Mute> = sorted
+                .iter()
+                .filter(|(_, _, m)| *m != Mute::None)
+                .map(|(k, _, m)| (*k, *m))
+                .collect();
+            self.relay.set_muted(muted);
+            let endpoints_changed = sorted.len() != self.applied.len()
+                || sorted
+                    .iter()
+                    .zip(&self.applied)
+                    .any(|(a, b)| a.0 != b.0 || a.1 != b.1);
+            self.applied = sorted;
+            if endpoints_changed {
+                self.need_apply = true;
+                // Prove or refute the change soon.
+                self.nat.sample_soon(now);
+            }
         }
     }
 
@@ -639,17 +779,7 @@ impl Agent {
             me.home_relay,
             &homes,
         );
-        let mut with_endpoints = Vec::with_capacity(peers.len());
-        for p in peers {
-            let st = current
-                .as_ref()
-                .and_then(|c| c.peers.iter().find(|s| s.public_key == p.public_key));
-            let relayed = self.relay.endpoint(&p.public_key);
-            let ep = self.paths.choose(now, wall, &p, st, relayed);
-            with_endpoints.push((p, ep));
-        }
-        let keys: Vec<Key> = with_endpoints.iter().map(|(p, _)| p.public_key).collect();
-        self.paths.retain(&keys);
+        let keys: Vec<Key> = peers.iter().map(|p| p.public_key).collect();
         if self.msgs.public_key() != self.state.private_key.public_key() {
             self.msgs.rekey(
                 self.state.private_key,
@@ -659,7 +789,49 @@ impl Agent {
         } else {
             self.msgs.set_peers(&keys);
         }
-        let desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
+        if self.nat.public_key() != self.state.private_key.public_key() {
+            self.nat.rekey(now, self.state.private_key.public_key());
+        }
+        self.nat.set_peers(now, &keys);
+        self.mesh_of = peers.iter().map(|p| (p.public_key, p.mesh_addr)).collect();
+        let samples: Vec<(Key, Sample)> = peers
+            .iter()
+            .filter_map(|p| {
+                let st = current
+                    .as_ref()?
+                    .peers
+                    .iter()
+                    .find(|s| s.public_key == p.public_key)?;
+                Some((
+                    p.public_key,
+                    Sample {
+                        endpoint: st.endpoint,
+                        relayed: st
+                            .endpoint
+                            .is_some_and(|e| self.relay.relay_of_endpoint(&p.public_key, e).is_some()),
+                        rx_bytes: st.rx_bytes,
+                        tx_bytes: st.tx_bytes,
+                        handshake_age: st.last_handshake.and_then(|t| wall.duration_since(t).ok()),
+                    },
+                ))
+            })
+            .collect();
+        self.nat.handle_samples(now, &samples);
+        self.drive_nat(now);
+        let mut with_endpoints = Vec::with_capacity(peers.len());
+        for p in peers {
+            let ep = match self.nat.desired(&p.public_key) {
+                // Without a usable relay, WireGuard keeps what it learned.
+                Desired::Relay => self.relay.endpoint(&p.public_key),
+                Desired::Dial(a) => Some(a),
+                Desired::Keep => None,
+            };
+            with_endpoints.push((p, ep));
+        }
+        let mut desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
+        if let Some(w) = self.wgstun_peer() {
+            desired.peers.push(w);
+        }
         let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
             .with_context(|| format!("configuring {ifname}"))?;
         if report.created {
@@ -671,6 +843,26 @@ impl Agent {
             );
         }
         self.ensure_address(&ifname, me.mesh_addr)
+    }
+
+    /// The WG-STUN server as a WireGuard peer: STUN to 100.64.0.4 through it
+    /// tells the public mapping of WireGuard's own socket, and its keepalive
+    /// holds that mapping open on the router.
+    fn wgstun_peer(&self) -> Option<PeerConfig> {
+        let (w, endpoint) = self.wgstun()?;
+        if self.ctrl.peers().any(|p| p.public_key == w.public_key) {
+            return None;
+        }
+        Some(PeerConfig {
+            public_key: w.public_key,
+            preshared_key: None,
+            endpoint: Some(endpoint),
+            allowed_ips: vec![AllowedIp {
+                addr: IpAddr::V4(crate::wgstun::inner::WGSTUN_ADDR),
+                cidr: 32,
+            }],
+            persistent_keepalive: Some(paths::PERSISTENT_KEEPALIVE),
+        })
     }
 
     fn ensure_address(&mut self, ifname: &str, addr: Ipv4Addr) -> Result<()> {
@@ -868,6 +1060,7 @@ impl Agent {
     fn status(&mut self) -> Result<Status> {
         let ifname = self.cfg.ifname.clone();
         let wall = SystemTime::now();
+        let now = Instant::now();
         let device = if self.backend.exists(&ifname)? {
             Some(self.backend.get(&ifname)?)
         } else {
@@ -905,13 +1098,36 @@ impl Agent {
                 let relay = st
                     .and_then(|s| s.endpoint)
                     .and_then(|ep| self.relay.relay_of_endpoint(&p.public_key, ep));
+                let nat = self.nat.status(now, &p.public_key);
+                let direct = nat.as_ref().is_some_and(|n| n.direct);
+                let path = if direct {
+                    PathKind::Direct
+                } else if relay.is_some() {
+                    PathKind::Relay
+                } else {
+                    paths::path_kind(st, wall, false)
+                };
+                let pair = nat.as_ref().filter(|n| n.direct).map(|n| PairStatus {
+                    local: n.local.map_or(
+                        st.and_then(|s| s.endpoint)
+                            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                        |(a, _)| a,
+                    ),
+                    local_kind: n.local.map_or("prflx", |(_, k)| k.as_str()).to_string(),
+                    remote: n
+                        .remote
+                        .map(|(a, _)| a)
+                        .or(st.and_then(|s| s.endpoint))
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    remote_kind: n.remote.map_or("prflx", |(_, k)| k.as_str()).to_string(),
+                });
                 PeerStatus {
                     name: p.name.clone(),
                     mesh_addr: p.mesh_addr,
                     public_key: p.public_key,
                     online: p.online,
                     endpoint: st.and_then(|s| s.endpoint),
-                    path: paths::path_kind(st, wall, relay.is_some()),
+                    path,
                     relay: relay.and_then(|r| r.addrs.first().cloned()),
                     last_handshake_secs: st
                         .and_then(|s| s.last_handshake)
@@ -919,10 +1135,15 @@ impl Agent {
                         .map(|d| d.as_secs()),
                     rx_bytes: st.map_or(0, |s| s.rx_bytes),
                     tx_bytes: st.map_or(0, |s| s.tx_bytes),
-                    pair: None,
-                    rtt_us: None,
-                    path_secs: None,
-                    reason: None,
+                    pair,
+                    rtt_us: nat.as_ref().and_then(|n| n.rtt).map(|r| r.as_micros() as u64),
+                    path_secs: nat
+                        .as_ref()
+                        .map(|n| now.saturating_duration_since(n.since).as_secs()),
+                    reason: nat.and_then(|n| match (n.reason, p.online) {
+                        (Some(_), false) => Some("peer offline".to_string()),
+                        (r, _) => r,
+                    }),
                 }
             })
             .collect();

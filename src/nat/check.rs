@@ -186,7 +186,11 @@ impl CheckList {
 
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let mut t = vec![];
-        if self.targets.iter().any(|t| t.success.is_none() && t.tries < CHECK_TRIES) {
+        if self
+            .targets
+            .iter()
+            .any(|t| t.success.is_none() && t.tries < CHECK_TRIES)
+        {
             t.push(self.next_ping.max(now));
         }
         if let Some(f) = self.first_success {
@@ -217,7 +221,10 @@ mod tests {
     #[test]
     fn pings_are_paced_round_robin_and_stop_after_the_tries() {
         let t0 = Instant::now();
-        let mut c = CheckList::new(t0, &[cand(Kind::Local, "10.0.0.2"), cand(Kind::WgStun, "203.0.113.9")]);
+        let mut c = CheckList::new(
+            t0,
+            &[cand(Kind::Local, "10.0.0.2"), cand(Kind::WgStun, "203.0.113.9")],
+        );
         let mut sent = vec![];
         let mut now = t0;
         let mut txid = 0;

@@ -8,7 +8,8 @@
 //! none) | ip (4 or 16) | port (2)`):
 //!
 //! ```text
-//! 16 candidates   generation (8) | count (1) | count × (kind (1) | wg addr | check addr)
+//! 16 candidates   generation (8) | known (8): the generation of the receiver's list
+//!                 the sender has, 0 for none | count (1) | count × (kind (1) | wg addr | check addr)
 //! 17 check ping   txid (8)
 //! 18 check pong   txid (8) | observed source of the ping (addr)
 //! 19 upgrade      id (8) | dial (addr): the receiver's endpoint the sender sets
@@ -41,9 +42,18 @@ const PROBE_REPLY: u8 = 22;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// The sender's whole candidate list; a higher generation replaces a lower one.
-    Candidates { generation: u64, list: Vec<Candidate> },
-    CheckPing { txid: u64 },
-    CheckPong { txid: u64, observed: SocketAddr },
+    Candidates {
+        generation: u64,
+        known: u64,
+        list: Vec<Candidate>,
+    },
+    CheckPing {
+        txid: u64,
+    },
+    CheckPong {
+        txid: u64,
+        observed: SocketAddr,
+    },
     /// The sender moves this peer to a direct path now.
     Upgrade {
         id: u64,
@@ -51,9 +61,15 @@ pub enum Message {
         suggest: Option<SocketAddr>,
     },
     /// The sender's direct path to us failed; it is back on the relay.
-    Downgrade { id: u64 },
-    Probe { txid: u64 },
-    ProbeReply { txid: u64 },
+    Downgrade {
+        id: u64,
+    },
+    Probe {
+        txid: u64,
+    },
+    ProbeReply {
+        txid: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,9 +103,14 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         match self {
-            Message::Candidates { generation, list } => {
+            Message::Candidates {
+                generation,
+                known,
+                list,
+            } => {
                 out.push(CANDIDATES);
                 out.extend_from_slice(&generation.to_be_bytes());
+                out.extend_from_slice(&known.to_be_bytes());
                 let list = &list[..list.len().min(MAX_CANDIDATES)];
                 out.push(list.len() as u8);
                 for c in list {
@@ -122,6 +143,7 @@ impl Message {
         let msg = match kind {
             CANDIDATES => {
                 let generation = r.u64()?;
+                let known = r.u64()?;
                 let n = r.u8()? as usize;
                 if n > MAX_CANDIDATES {
                     return Err(DecodeError::TooManyCandidates(n));
@@ -134,7 +156,11 @@ impl Message {
                     let check = r.addr()?.ok_or(DecodeError::BadFamily(0))?;
                     list.push(Candidate { kind, wg, check });
                 }
-                Message::Candidates { generation, list }
+                Message::Candidates {
+                    generation,
+                    known,
+                    list,
+                }
             }
             CHECK_PING => Message::CheckPing { txid: r.u64()? },
             CHECK_PONG => Message::CheckPong {
@@ -202,8 +228,12 @@ impl<'a> Reader<'a> {
     fn addr(&mut self) -> Result<Option<SocketAddr>, DecodeError> {
         let ip = match self.u8()? {
             0 => return Ok(None),
-            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.take(4)?).expect("4 bytes"))),
-            6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.take(16)?).expect("16 bytes"))),
+            4 => IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(self.take(4)?).expect("4 bytes"),
+            )),
+            6 => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(self.take(16)?).expect("16 bytes"),
+            )),
             f => return Err(DecodeError::BadFamily(f)),
         };
         let port = u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes"));
@@ -236,6 +266,7 @@ mod tests {
         vec![
             Message::Candidates {
                 generation: 7,
+                known: 3,
                 list: vec![
                     c(Kind::Local, "10.1.0.2:51820", "10.1.0.2:51821"),
                     c(Kind::WgStun, "[2001:db8::1]:4000", "[2001:db8::1]:4001"),
@@ -243,6 +274,7 @@ mod tests {
             },
             Message::Candidates {
                 generation: 0,
+                known: 0,
                 list: vec![],
             },
             Message::CheckPing { txid: u64::MAX },
@@ -278,6 +310,7 @@ mod tests {
     fn bounds_and_unknown_types() {
         let mut big = vec![CANDIDATES];
         big.extend_from_slice(&1u64.to_be_bytes());
+        big.extend_from_slice(&0u64.to_be_bytes());
         big.push(MAX_CANDIDATES as u8 + 1);
         assert_eq!(
             Message::decode(&big),
@@ -296,6 +329,7 @@ mod tests {
             .collect();
         let enc = Message::Candidates {
             generation: 1,
+            known: 0,
             list: too_many,
         }
         .encode();

@@ -8,4 +8,6 @@ pub mod check;
 pub mod gather;
 pub mod message;
 pub mod path;
+#[cfg(test)]
+pub mod sim;
 pub mod traversal;

@@ -34,8 +34,22 @@ pub const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
 /// First ban of a pair whose upgrade failed or whose direct path died; doubles per failure.
 pub const BAN_INITIAL: Duration = Duration::from_secs(5);
 pub const BAN_MAX: Duration = Duration::from_secs(60);
+/// WireGuard's session must be younger than this to move a peer without a
+/// new handshake. Both sides send the moment their endpoints change; two
+/// handshake initiations that cross leave both WireGuards waiting as
+/// responders until the 5 s retry (seen with wireguard-go), and keys older
+/// than 120 s are renewed on the next send.
+pub const SESSION_FRESH: Duration = Duration::from_secs(110);
+/// How long a passing check waits for that session before upgrading anyway.
+pub const WARM_DEADLINE: Duration = Duration::from_secs(3);
 /// More than keepalives and handshakes (about 3 B/s): the peer carries traffic.
 pub const ACTIVE_BYTES_PER_SEC: u64 = 40;
+
+/// WARREN_NAT_DEBUG=1 logs every state change of every peer's path.
+fn debug() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("WARREN_NAT_DEBUG").is_some())
+}
 
 /// Which channel a message goes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +77,17 @@ pub struct Sample {
     pub relayed: bool,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Time since WireGuard's last handshake with the peer.
+    pub handshake_age: Option<Duration>,
+}
+
+/// Which relayed datagrams from a peer reach WireGuard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mute {
+    None,
+    /// WireGuard transport data is dropped; handshakes pass.
+    Data,
+    All,
 }
 
 /// What WireGuard's endpoint for the peer should be.
@@ -142,6 +167,11 @@ pub struct PeerPath {
     active: bool,
     /// The peer's upgrade we acted on last, so a copy over a second channel is ignored.
     peer_upgrade: Option<u64>,
+    checking_since: Instant,
+    /// Next tunnel probe over the relay that makes WireGuard handshake
+    /// before an upgrade (sent by the controlling side only, so the two
+    /// handshakes never cross).
+    next_warm: Instant,
 }
 
 /// What a path emits; the caller owns the queues.
@@ -170,12 +200,24 @@ impl PeerPath {
             last_sample: None,
             active: false,
             peer_upgrade: None,
+            checking_since: now,
+            next_warm: now,
         }
+    }
+
+    fn session_fresh(&self) -> bool {
+        self.last_sample
+            .and_then(|(_, s)| s.handshake_age)
+            .is_some_and(|a| a < SESSION_FRESH)
     }
 
     /// Whether a candidate list of `generation` would be news.
     pub fn has_remote_older(&self, generation: u64) -> bool {
         self.remote_generation.is_none_or(|g| g < generation)
+    }
+
+    pub fn remote_generation(&self) -> u64 {
+        self.remote_generation.unwrap_or(0)
     }
 
     pub fn has_remote(&self) -> bool {
@@ -186,23 +228,36 @@ impl PeerPath {
         matches!(self.state, State::Direct { .. })
     }
 
-    /// Relayed datagrams must not reach WireGuard: they would pull its
-    /// endpoint straight back to the relay socket (WireGuard roams to
-    /// wherever authenticated packets come from).
-    pub fn muted(&self) -> bool {
-        matches!(self.state, State::Upgrading { .. } | State::Direct { .. })
+    /// Relayed datagrams must not reach WireGuard once the peer is direct:
+    /// they would pull its endpoint straight back to the relay socket
+    /// (WireGuard roams to wherever authenticated packets come from). While
+    /// an upgrade is being proven, handshake messages still pass: one in
+    /// flight over the relay would otherwise be lost, and WireGuard retries
+    /// only after 5 s. The endpoint they pull back is set again at once.
+    pub fn mute(&self) -> Mute {
+        match self.state {
+            State::Upgrading { .. } => Mute::Data,
+            State::Direct { .. } => Mute::All,
+            _ => Mute::None,
+        }
     }
 
     pub fn desired(&self) -> Desired {
         match &self.state {
             State::Upgrading {
-                pair: Pair {
-                    remote: Some(c), ..
-                },
+                pair: Pair { remote: Some(c), .. },
                 ..
             } => Desired::Dial(c.wg),
             State::Upgrading { .. } | State::Direct { .. } => Desired::Keep,
             _ => Desired::Relay,
+        }
+    }
+
+    fn label_debug(&self) -> String {
+        match &self.state {
+            State::Relay { reason, .. } => format!("relay {reason:?}"),
+            State::Checking { list } => format!("checking {} targets", list.targets.len()),
+            _ => self.label(),
         }
     }
 
@@ -219,6 +274,14 @@ impl PeerPath {
         let from = self.label();
         self.state = state;
         let is_direct = self.is_direct();
+        if debug() {
+            eprintln!(
+                "nat: {}: {} -> {} {why}",
+                self.key.short(),
+                from,
+                self.label_debug()
+            );
+        }
         if was_direct != is_direct {
             self.since = now;
             out.events.push_back(PathEvent {
@@ -270,6 +333,14 @@ impl PeerPath {
         self.state = State::Checking {
             list: CheckList::new(now, &self.remote),
         };
+        self.checking_since = now;
+        if debug() {
+            eprintln!(
+                "nat: {}: checking {} candidates",
+                self.key.short(),
+                self.remote.len()
+            );
+        }
     }
 
     /// The network changed here or at the peer: check again now, and
@@ -290,7 +361,7 @@ impl PeerPath {
 
     pub fn handle_message(&mut self, now: Instant, via: Via, msg: Message, out: &mut Out) {
         match msg {
-            Message::Candidates { generation, list } => {
+            Message::Candidates { generation, list, .. } => {
                 if self.remote_generation.is_some_and(|g| g >= generation) {
                     return;
                 }
@@ -326,7 +397,7 @@ impl PeerPath {
             }
             Message::Upgrade { id, dial, suggest } => self.peer_upgraded(now, id, dial, suggest, out),
             Message::Downgrade { .. } => {
-                if self.muted() {
+                if self.mute() != Mute::None {
                     if let Some(c) = self.current_remote() {
                         self.ban(now, c.wg);
                     }
@@ -376,10 +447,9 @@ impl PeerPath {
         if !list.ready(now) {
             return;
         }
-        let best = list
-            .best(|c| !self.bans.get(&c.wg).is_some_and(|b| now < b.until))
-            .map(|(t, s)| (t.candidate, s));
+        let best = list.best(|c| !self.banned(now, c)).map(|(t, s)| (t.candidate, s));
         match best {
+            Some(_) if !self.session_fresh() && now < self.checking_since + WARM_DEADLINE => {}
             Some((remote, success)) => {
                 let local = Self::local_for(success.observed, out.local);
                 let suggest = local.filter(|(_, k)| *k != Kind::PeerReflexive).map(|(a, _)| a);
@@ -421,10 +491,15 @@ impl PeerPath {
                     Some(u) => next.max(u),
                     None => next,
                 };
-                self.state = State::Relay {
-                    reason,
-                    next_check: Some(next),
-                };
+                self.set_state(
+                    now,
+                    State::Relay {
+                        reason,
+                        next_check: Some(next),
+                    },
+                    "checks done".into(),
+                    out,
+                );
             }
             None => {}
         }
@@ -456,14 +531,19 @@ impl PeerPath {
             return;
         }
         self.peer_upgrade = Some(id);
-        let ours_stands = matches!(self.state, State::Upgrading { .. } | State::Direct { .. }) && self.controlling;
+        let ours_stands =
+            matches!(self.state, State::Upgrading { .. } | State::Direct { .. }) && self.controlling;
         if ours_stands {
             return;
         }
         // The peer dials `dial` (one of our candidates); we dial what it
         // suggests unless banned, else our own best, else learn by roaming.
         let local = dial.map(|d| {
-            let kind = out.local.iter().find(|c| c.wg == d).map_or(Kind::PeerReflexive, |c| c.kind);
+            let kind = out
+                .local
+                .iter()
+                .find(|c| c.wg == d)
+                .map_or(Kind::PeerReflexive, |c| c.kind);
             (d, kind)
         });
         let suggested = suggest.and_then(|s| {
@@ -479,7 +559,7 @@ impl PeerPath {
         });
         let own_best = match &self.state {
             State::Checking { list } => list
-                .best(|c| !self.bans.get(&c.wg).is_some_and(|b| now < b.until))
+                .best(|c| !self.banned(now, c))
                 .map(|(t, s)| (t.candidate, s.rtt)),
             _ => None,
         };
@@ -513,12 +593,21 @@ impl PeerPath {
                 baseline,
                 ..
             } => {
+                if debug() {
+                    eprintln!(
+                        "nat: {}: upgrade sample {s:?} baseline {baseline:?}",
+                        self.key.short()
+                    );
+                }
                 let Some(base) = *baseline else {
                     // Taken after the relay was muted: later bytes came directly.
                     *baseline = Some(s.rx_bytes);
                     return;
                 };
-                if !s.relayed && s.endpoint.is_some() && s.rx_bytes > base {
+                if s.relayed {
+                    // A relayed handshake came through: count only what arrives after it.
+                    *baseline = Some(s.rx_bytes);
+                } else if s.endpoint.is_some() && s.rx_bytes > base {
                     let mut pair = *pair;
                     if pair.remote.is_none_or(|c| Some(c.wg) != s.endpoint) {
                         // WireGuard follows the peer to where its packets come from.
@@ -533,7 +622,10 @@ impl PeerPath {
                         });
                     }
                     let why = match pair.rtt {
-                        Some(rtt) => format!("checks passed (rtt {:.1} ms), WireGuard receives on it", rtt.as_secs_f64() * 1e3),
+                        Some(rtt) => format!(
+                            "checks passed (rtt {:.1} ms), WireGuard receives on it",
+                            rtt.as_secs_f64() * 1e3
+                        ),
                         None => "the peer dialled us, WireGuard receives on it".into(),
                     };
                     self.idle_backoff = RECHECK_ACTIVE;
@@ -582,12 +674,18 @@ impl PeerPath {
                     return;
                 }
                 let silent = now.saturating_duration_since(*rx_changed);
-                if suspect.is_none() && ((active_tx && silent >= DIRECT_SILENCE) || silent >= KEEPALIVE_SILENCE) {
+                if suspect.is_none()
+                    && ((active_tx && silent >= DIRECT_SILENCE) || silent >= KEEPALIVE_SILENCE)
+                {
                     *suspect = Some(now);
                     *next_probe = now;
                 }
                 if suspect.is_some_and(|t| now >= t + SUSPECT_DEADLINE) {
-                    self.lose(now, &format!("nothing received for {:.1} s", silent.as_secs_f64()), out);
+                    self.lose(
+                        now,
+                        &format!("nothing received for {:.1} s", silent.as_secs_f64()),
+                        out,
+                    );
                 }
             }
             _ => {}
@@ -604,10 +702,15 @@ impl PeerPath {
             msg: Message::Downgrade { id: (out.next_id)() },
         });
         let next = now + self.recheck_after();
-        self.state = State::Relay {
-            reason: Reason::ChecksFailing,
-            next_check: Some(next),
-        };
+        self.set_state(
+            now,
+            State::Relay {
+                reason: Reason::ChecksFailing,
+                next_check: Some(next),
+            },
+            "WireGuard received nothing on the new endpoint in time".into(),
+            out,
+        );
     }
 
     fn lose(&mut self, now: Instant, why: &str, out: &mut Out) {
@@ -646,7 +749,9 @@ impl PeerPath {
                     out.transmits.push_back(Transmit {
                         peer: self.key,
                         via: Via::Tunnel,
-                        msg: Message::Probe { txid: (out.next_id)() },
+                        msg: Message::Probe {
+                            txid: (out.next_id)(),
+                        },
                     });
                 }
                 // Without a sample in time (WireGuard unreadable), give up too.
@@ -663,10 +768,26 @@ impl PeerPath {
                 out.transmits.push_back(Transmit {
                     peer: self.key,
                     via: Via::Tunnel,
-                    msg: Message::Probe { txid: (out.next_id)() },
+                    msg: Message::Probe {
+                        txid: (out.next_id)(),
+                    },
                 });
             }
             _ => {}
+        }
+        if matches!(self.state, State::Checking { .. })
+            && self.controlling
+            && !self.session_fresh()
+            && now >= self.next_warm
+        {
+            self.next_warm = now + PROBE_INTERVAL;
+            out.transmits.push_back(Transmit {
+                peer: self.key,
+                via: Via::Tunnel,
+                msg: Message::Probe {
+                    txid: (out.next_id)(),
+                },
+            });
         }
         if let State::Checking { list } = &mut self.state {
             let txid = (out.next_id)();
@@ -684,7 +805,18 @@ impl PeerPath {
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         match &self.state {
             State::Relay { next_check, .. } => *next_check,
-            State::Checking { list } => list.poll_timeout(now),
+            State::Checking { list } => {
+                let mut t = list.poll_timeout(now);
+                if !self.session_fresh() {
+                    let warm = if self.controlling {
+                        self.next_warm
+                    } else {
+                        self.checking_since + WARM_DEADLINE
+                    };
+                    t = Some(t.map_or(warm, |x| x.min(warm)));
+                }
+                t
+            }
             State::Upgrading {
                 next_probe, started, ..
             } => Some((*next_probe).min(*started + UPGRADE_DEADLINE + PROBE_INTERVAL * 5)),
@@ -700,7 +832,9 @@ impl PeerPath {
     /// How soon WireGuard should be sampled for this peer.
     pub fn sample_interval(&self) -> Option<Duration> {
         match &self.state {
-            State::Upgrading { .. } | State::Direct { suspect: Some(_), .. } => Some(PROBE_INTERVAL),
+            State::Checking { .. } | State::Upgrading { .. } | State::Direct { suspect: Some(_), .. } => {
+                Some(PROBE_INTERVAL)
+            }
             State::Direct { .. } if self.active => Some(Duration::from_millis(500)),
             _ => None,
         }

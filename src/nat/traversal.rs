@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::candidate::{Candidate, Kind};
 use super::gather::{Gather, Mappings, Socket, StunRequest};
 use super::message::{MAX_CANDIDATES, Message};
-use super::path::{Desired, Out, PathEvent, PathStatus, PeerPath, Sample, Transmit, Via};
+use super::path::{Desired, Mute, Out, PathEvent, PathStatus, PeerPath, Sample, Transmit, Via};
 use crate::keys::Key;
 
 /// WireGuard is sampled this often when nothing is in progress: it drives
@@ -74,7 +74,7 @@ impl Traversal {
         for k in keys {
             if !self.peers.contains_key(k) {
                 self.peers.insert(*k, PeerPath::new(now, &self.me, *k));
-                let msg = self.candidates_message();
+                let msg = self.candidates_message(k);
                 self.transmits.push_back(Transmit {
                     peer: *k,
                     via: Via::Relay,
@@ -133,9 +133,10 @@ impl Traversal {
         out
     }
 
-    fn candidates_message(&self) -> Message {
+    fn candidates_message(&self, to: &Key) -> Message {
         Message::Candidates {
             generation: self.generation,
+            known: self.peers.get(to).map_or(0, |p| p.remote_generation()),
             list: self.announced.clone(),
         }
     }
@@ -148,12 +149,11 @@ impl Traversal {
         }
         self.announced = c;
         self.generation += 1;
-        let msg = self.candidates_message();
         for k in self.peers.keys() {
             self.transmits.push_back(Transmit {
                 peer: *k,
                 via: Via::Relay,
-                msg: msg.clone(),
+                msg: self.candidates_message(k),
             });
         }
     }
@@ -189,7 +189,8 @@ impl Traversal {
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
-        let fresh_candidates = matches!(&msg, Message::Candidates { generation, .. } if p.has_remote_older(*generation));
+        // The peer lacks our current list (it restarted, or a copy was lost): answer with it.
+        let answer = matches!(&msg, Message::Candidates { known, .. } if *known < self.generation);
         {
             let mut next_id = ids(&mut self.rng);
             let mut out = Out {
@@ -200,9 +201,8 @@ impl Traversal {
             };
             p.handle_message(now, via, msg, &mut out);
         }
-        if fresh_candidates {
-            // Answer a peer's new list with ours: it may have restarted and lost it.
-            let msg = self.candidates_message();
+        if answer {
+            let msg = self.candidates_message(&from);
             self.transmits.push_back(Transmit {
                 peer: from,
                 via: Via::Relay,
@@ -258,13 +258,12 @@ impl Traversal {
         }
         if now >= self.next_resend {
             self.next_resend = now + CANDIDATE_RESEND;
-            let msg = self.candidates_message();
             for (k, p) in &self.peers {
                 if !p.has_remote() {
                     self.transmits.push_back(Transmit {
                         peer: *k,
                         via: Via::Relay,
-                        msg: msg.clone(),
+                        msg: self.candidates_message(k),
                     });
                 }
             }
@@ -296,8 +295,8 @@ impl Traversal {
         self.peers.get(peer).map_or(Desired::Relay, |p| p.desired())
     }
 
-    pub fn muted(&self, peer: &Key) -> bool {
-        self.peers.get(peer).is_some_and(|p| p.muted())
+    pub fn mute(&self, peer: &Key) -> Mute {
+        self.peers.get(peer).map_or(Mute::None, |p| p.mute())
     }
 
     pub fn status(&self, now: Instant, peer: &Key) -> Option<PathStatus> {
