@@ -753,7 +753,7 @@ impl Agent {
             if endpoints_changed {
                 self.need_apply = true;
                 // Prove or refute the change soon.
-                self.nat.sample_soon(now);
+                self.nat.sample_soon();
             }
         }
     }

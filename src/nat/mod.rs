@@ -10,4 +10,6 @@ pub mod message;
 pub mod path;
 #[cfg(test)]
 pub mod sim;
+#[cfg(test)]
+mod sim_tests;
 pub mod traversal;

@@ -32,7 +32,9 @@ pub struct Traversal {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PathEvent>,
     rng: u64,
-    next_sample: Instant,
+    last_sample: Instant,
+    /// A decision was made that a sample proves or refutes: sample now.
+    sample_now: bool,
     next_resend: Instant,
 }
 
@@ -51,7 +53,8 @@ impl Traversal {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             rng: seed | 1,
-            next_sample: now,
+            last_sample: now,
+            sample_now: true,
             next_resend: now + CANDIDATE_RESEND,
         }
     }
@@ -225,22 +228,32 @@ impl Traversal {
                 p.handle_sample(now, *s, &mut out);
             }
         }
+        self.last_sample = now;
+        self.sample_now = false;
+    }
+
+    /// When WireGuard should be read next: soon while a peer is being
+    /// checked, upgraded or doubted, rarely otherwise.
+    fn next_sample(&self) -> Instant {
+        if self.sample_now {
+            return self.last_sample;
+        }
         let interval = self
             .peers
             .values()
             .filter_map(|p| p.sample_interval())
             .min()
             .unwrap_or(SAMPLE_IDLE);
-        self.next_sample = now + interval;
+        self.last_sample + interval
     }
 
     pub fn sample_due(&self, now: Instant) -> bool {
-        now >= self.next_sample
+        now >= self.next_sample()
     }
 
     /// Sample WireGuard at the next turn (a decision was just made).
-    pub fn sample_soon(&mut self, now: Instant) {
-        self.next_sample = self.next_sample.min(now);
+    pub fn sample_soon(&mut self) {
+        self.sample_now = true;
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -271,7 +284,7 @@ impl Traversal {
     }
 
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let mut t = self.next_sample.min(self.next_resend);
+        let mut t = self.next_sample().min(self.next_resend);
         if let Some(g) = self.gather.poll_timeout() {
             t = t.min(g);
         }
