@@ -49,6 +49,9 @@ enum Packet {
     WgStun(Vec<u8>),
 }
 
+/// How an answer goes back: plain STUN or inside WireGuard.
+type Wrap = fn(Vec<u8>) -> Packet;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Endpoint {
     Relay,
@@ -332,7 +335,7 @@ impl World {
             };
             if to_ip == STUN_IP {
                 // The STUN server answers with the source it saw.
-                let (bytes, wrap): (Vec<u8>, fn(Vec<u8>) -> Packet) = match p {
+                let (bytes, wrap): (Vec<u8>, Wrap) = match p {
                     Packet::Stun(b) => (b, Packet::Stun),
                     Packet::WgStun(b) => (b, Packet::WgStun),
                     _ => continue,
@@ -461,9 +464,8 @@ impl World {
             }
             let direct = matches!(peer.endpoint, Some(Endpoint::Addr(_)));
             // Turning persistent keepalive on sends one at once, as WireGuard does.
-            if direct && !matches!(before, Some(Endpoint::Addr(_))) {
-                self.wg_send(i, k, Inner::Keepalive);
-            } else if direct && now.saturating_duration_since(peer.last_send) >= KEEPALIVE {
+            let turned_on = !matches!(before, Some(Endpoint::Addr(_)));
+            if direct && (turned_on || now.saturating_duration_since(peer.last_send) >= KEEPALIVE) {
                 self.wg_send(i, k, Inner::Keepalive);
             }
         }
