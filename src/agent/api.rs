@@ -26,10 +26,38 @@ pub enum Request {
     Status,
     Down,
     RotateKey,
-    /// A sealed round trip to a peer through its relay: name, mesh address or key.
+    /// A sealed round trip to a peer's agent, over the direct path when there
+    /// is one, else through its relay: name, mesh address or key.
     Ping {
         peer: String,
     },
+    /// What this node learns about its network: mappings, local addresses, relays.
+    Netcheck,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Netcheck {
+    /// The public mapping of WireGuard's socket, as WG-STUN saw it through the tunnel.
+    pub wg_mapping: Option<SocketAddr>,
+    pub wg_mapping_error: Option<String>,
+    /// The check socket's mapping, as plain STUN saw it.
+    pub check_mapping: Option<SocketAddr>,
+    pub check_mapping_error: Option<String>,
+    /// Whether the router maps by destination (symmetric NAT), when it could be told.
+    pub mapping_varies: Option<bool>,
+    pub mapping_varies_detail: String,
+    /// The WG-STUN server asked.
+    pub wgstun: Option<String>,
+    /// The candidates announced to peers (sealed).
+    pub candidates: Vec<CandidateStatus>,
+    pub relays: Vec<RelayStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateStatus {
+    pub kind: String,
+    pub wg: SocketAddr,
+    pub check: SocketAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,9 +129,12 @@ pub enum Response {
     Pong {
         name: String,
         mesh_addr: Ipv4Addr,
-        /// The relay the ping went through.
+        /// The path the ping took: "direct ADDR" or "relay ADDR".
         relay: String,
         rtt_us: u64,
+    },
+    Netcheck {
+        report: Box<Netcheck>,
     },
     Done,
     Error {

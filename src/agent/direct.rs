@@ -190,6 +190,15 @@ impl DirectPath {
         }
     }
 
+    /// Sends an already sealed message to a peer's check socket.
+    pub fn send_sealed(&mut self, to: SocketAddr, bytes: &[u8]) {
+        if let Err(e) = self.send_check(to, bytes)
+            && e.kind() != ErrorKind::WouldBlock
+        {
+            self.note_error(format!("sending to {to}: {e}"));
+        }
+    }
+
     fn send_check(&self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
         let s = match to {
             SocketAddr::V4(_) => &self.check4,

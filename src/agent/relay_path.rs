@@ -64,6 +64,10 @@ pub struct RelayStatus {
     pub detail: Option<String>,
     /// Datagrams to peers dropped because this relay was unreachable or congested.
     pub dropped: u64,
+    /// TCP connect plus Noise handshake of the current connection (about two
+    /// round trips), microseconds: what `warren netcheck` shows as latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_us: Option<u64>,
 }
 
 struct Link {
@@ -75,6 +79,8 @@ struct Link {
     /// Index into `info.addrs` of the next address to dial.
     next_addr: usize,
     dialled: Option<String>,
+    dialled_at: Option<Instant>,
+    connect_time: Option<std::time::Duration>,
     last_error: Option<String>,
     /// Whether the link was usable when [`RelayPath::drive`] last looked.
     was_usable: bool,
@@ -220,6 +226,8 @@ impl RelayPath {
                         connected: false,
                         next_addr: 0,
                         dialled: None,
+                        dialled_at: None,
+                        connect_time: None,
                         last_error: None,
                         was_usable: true,
                         held: VecDeque::new(),
@@ -468,6 +476,7 @@ impl RelayPath {
                         l.held.clear();
                     }
                     Event::Open => {
+                        l.connect_time = l.dialled_at.map(|t| now.saturating_duration_since(t));
                         eprintln!("agent: relay {} connected", describe(l));
                         l.last_error = None;
                         for (peer, datagram) in std::mem::take(&mut l.held) {
@@ -517,6 +526,10 @@ impl RelayPath {
                 home: self.home == Some(l.info.public_key),
                 detail: l.last_error.clone(),
                 dropped: l.client.dropped,
+                connect_us: l
+                    .connect_time
+                    .filter(|_| l.client.is_open())
+                    .map(|d| d.as_micros() as u64),
             })
             .collect();
         out.sort_by(|a, b| b.home.cmp(&a.home).then(a.addr.cmp(&b.addr)));
@@ -549,6 +562,7 @@ fn dial(registry: &Registry, now: Instant, l: &mut Link) {
     }
     let text = l.info.addrs[l.next_addr % l.info.addrs.len()].clone();
     l.dialled = Some(text.clone());
+    l.dialled_at = Some(now);
     // Published addresses are IP literals unless an operator gave a host
     // name; resolving one blocks briefly, as the coordinator dial does.
     let addr = match text.to_socket_addrs().map(|mut a| a.next()) {

@@ -440,7 +440,10 @@ impl Agent {
         }
         self.msgs.handle_timeout(now);
         while let Some((peer, msg)) = self.msgs.poll_transmit() {
-            if !self.relay.send_sealed(now, &peer, &msg) {
+            // Over the direct path when there is one: it is the path traffic takes.
+            if let Some(check) = self.direct_check_addr(now, &peer) {
+                self.direct.send_sealed(check, &msg);
+            } else if !self.relay.send_sealed(now, &peer, &msg) {
                 self.msgs
                     .unsent(&peer, "no connection to the relay that reaches it");
             }
@@ -465,6 +468,14 @@ impl Agent {
         }
     }
 
+    /// The peer's check socket on its direct path, if it is direct.
+    fn direct_check_addr(&self, now: Instant, peer: &Key) -> Option<SocketAddr> {
+        self.nat
+            .status(now, peer)
+            .filter(|s| s.direct)
+            .and_then(|s| s.remote_check)
+    }
+
     fn peer_label(&self, key: &Key) -> String {
         match self.ctrl.peers().find(|p| p.public_key == *key) {
             Some(p) => format!("{} ({})", p.name, key.short()),
@@ -479,11 +490,21 @@ impl Agent {
             .find(|p| p.name == peer || p.mesh_addr.to_string() == peer || p.public_key.to_base64() == peer)
             .cloned()
             .with_context(|| format!("no peer named {peer:?} in the mesh"))?;
-        let relay = self
-            .relay
-            .relay_for_peer(&p.public_key)
-            .with_context(|| format!("pinging {}: the mesh publishes no relay for it", p.name))?;
-        self.msgs.ping(Instant::now(), p.public_key, id)?;
+        let now = Instant::now();
+        let relay = match self.direct_check_addr(now, &p.public_key) {
+            Some(check) => format!("direct {check}"),
+            None => self
+                .relay
+                .relay_for_peer(&p.public_key)
+                .map(|r| format!("relay {r}"))
+                .with_context(|| {
+                    format!(
+                        "pinging {}: no direct path and the mesh publishes no relay for it",
+                        p.name
+                    )
+                })?,
+        };
+        self.msgs.ping(now, p.public_key, id)?;
         if let Some(c) = self.clients.get_mut(&id) {
             c.waiting = Some(PingWait {
                 name: p.name,
@@ -1015,6 +1036,9 @@ impl Agent {
             Request::Ping { .. } => Response::Error {
                 reason: "ping: answered by the caller of start_ping".into(),
             },
+            Request::Netcheck => Response::Netcheck {
+                report: Box::new(self.netcheck()),
+            },
             Request::RotateKey => match self.ctrl.phase() {
                 Phase::Connected => {
                     // On disk before it is announced: see `AgentState::pending_private_key`.
@@ -1054,6 +1078,45 @@ impl Agent {
                     },
                 }
             }
+        }
+    }
+
+    fn netcheck(&self) -> api::Netcheck {
+        let m = self.nat.mappings();
+        let (mapping_varies, mapping_varies_detail) = match (m.wg, m.check) {
+            (Some(w), Some(c)) if w.ip() != c.ip() => (
+                None,
+                "the two sockets map to different public addresses (several uplinks?)".to_string(),
+            ),
+            (Some(_), Some(_)) => (
+                None,
+                "unknown: the mesh's STUN server has one address, and a second destination is needed to tell"
+                    .to_string(),
+            ),
+            _ => (None, "unknown: no mapping learned".to_string()),
+        };
+        api::Netcheck {
+            wg_mapping: m.wg,
+            wg_mapping_error: m.wg_error.or_else(|| {
+                (m.wg.is_none() && self.state.wgstun.is_empty())
+                    .then(|| "the mesh publishes no WG-STUN server".to_string())
+            }),
+            check_mapping: m.check,
+            check_mapping_error: m.check_error,
+            mapping_varies,
+            mapping_varies_detail,
+            wgstun: self.state.wgstun.first().map(|w| w.endpoint.clone()),
+            candidates: self
+                .nat
+                .local_candidates()
+                .iter()
+                .map(|c| api::CandidateStatus {
+                    kind: c.kind.as_str().to_string(),
+                    wg: c.wg,
+                    check: c.check,
+                })
+                .collect(),
+            relays: self.relay.status(),
         }
     }
 

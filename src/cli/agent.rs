@@ -177,8 +177,15 @@ pub fn ping(a: PingArgs) -> Result<()> {
                 rtt_us,
             }) => {
                 answered += 1;
+                let path = match relay.strip_prefix("relay ") {
+                    Some(r) => format!("through relay {r}"),
+                    None => match relay.strip_prefix("direct ") {
+                        Some(d) => format!("direct to {d}"),
+                        None => relay,
+                    },
+                };
                 outln!(
-                    "pong from {name} ({mesh_addr}) through relay {relay}: {:.1} ms",
+                    "pong from {name} ({mesh_addr}) {path}: {:.1} ms",
                     rtt_us as f64 / 1000.0
                 )?;
             }
@@ -198,6 +205,68 @@ pub fn ping(a: PingArgs) -> Result<()> {
 
 /// How the agent words a ping that got no answer in time.
 const PING_LOST: &str = "no answer within";
+
+/// `warren netcheck`: what the agent learned about this node's network.
+pub fn netcheck(a: SocketArgs) -> Result<()> {
+    let Response::Netcheck { report } = api::request(&a.socket, &Request::Netcheck)? else {
+        bail!("unexpected answer from the agent");
+    };
+    if a.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    let or_why = |v: Option<std::net::SocketAddr>, why: &Option<String>| match (v, why) {
+        (Some(v), _) => v.to_string(),
+        (None, Some(w)) => format!("not learned: {w}"),
+        (None, None) => "not learned yet".to_string(),
+    };
+    outln!(
+        "WireGuard socket, public mapping (WG-STUN {}): {}",
+        report.wgstun.as_deref().unwrap_or("none"),
+        or_why(report.wg_mapping, &report.wg_mapping_error)
+    )?;
+    outln!(
+        "check socket, public mapping (plain STUN): {}",
+        or_why(report.check_mapping, &report.check_mapping_error)
+    )?;
+    let varies = match report.mapping_varies {
+        Some(true) => "yes (symmetric NAT: peers behind NAT cannot dial this node directly)".to_string(),
+        Some(false) => "no".to_string(),
+        None => report.mapping_varies_detail.clone(),
+    };
+    outln!("mapping varies by destination: {varies}")?;
+    if report.candidates.is_empty() {
+        outln!("candidates: none (no usable interface address)")?;
+    }
+    for c in &report.candidates {
+        outln!(
+            "candidate {:<7} WireGuard {:<24} check {}",
+            c.kind,
+            c.wg.to_string(),
+            c.check
+        )?;
+    }
+    if report.relays.is_empty() {
+        outln!("relays: none published")?;
+    }
+    for r in &report.relays {
+        let addr = r.addr.as_deref().unwrap_or("-");
+        let home = if r.home { " (home)" } else { "" };
+        match r.connect_us {
+            Some(us) => outln!(
+                "relay {addr}{home}: {}, connect + handshake {:.1} ms",
+                r.state,
+                us as f64 / 1000.0
+            )?,
+            None => outln!(
+                "relay {addr}{home}: {}{}",
+                r.state,
+                r.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+            )?,
+        }
+    }
+    Ok(())
+}
 
 pub fn down(a: SocketArgs) -> Result<()> {
     api::request(&a.socket, &Request::Down)?;

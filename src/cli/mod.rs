@@ -39,8 +39,10 @@ pub enum Command {
     Down(agent::SocketArgs),
     /// This node and its peers: addresses, endpoints, paths, handshakes, traffic.
     Status(agent::SocketArgs),
-    /// Round trip to a peer's agent through its relay, sealed end to end.
+    /// Round trip to a peer's agent, sealed end to end: over the direct path, else its relay.
     Ping(agent::PingArgs),
+    /// This node's network as the agent sees it: public mappings, candidates, relays.
+    Netcheck(agent::SocketArgs),
     /// Switch this node to a new WireGuard key, keeping its name and address.
     RotateKey(agent::SocketArgs),
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => agent::status(a),
         Command::RotateKey(a) => agent::rotate_key(a),
         Command::Ping(a) => agent::ping(a),
+        Command::Netcheck(a) => agent::netcheck(a),
         Command::Wgstun(args) => wgstun::run(args),
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
         Command::Relay(args) => relay::run(args),

@@ -865,6 +865,10 @@ impl PeerPath {
             direct: self.is_direct(),
             local: pair.and_then(|p| p.local),
             remote: pair.and_then(|p| p.remote).map(|c| (c.wg, c.kind)),
+            remote_check: pair
+                .and_then(|p| p.remote)
+                .filter(|c| c.kind != Kind::PeerReflexive)
+                .map(|c| c.check),
             rtt: pair.and_then(|p| p.rtt),
             since: self.since,
             reason,
@@ -877,6 +881,8 @@ pub struct PathStatus {
     pub direct: bool,
     pub local: Option<(SocketAddr, Kind)>,
     pub remote: Option<(SocketAddr, Kind)>,
+    /// The peer's check socket on the direct path, when it announced it.
+    pub remote_check: Option<SocketAddr>,
     pub rtt: Option<Duration>,
     pub since: Instant,
     pub reason: Option<String>,

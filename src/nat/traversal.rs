@@ -18,8 +18,11 @@ use crate::keys::Key;
 /// agent's main periodic wake-up (budget: 0.5 per second).
 pub const SAMPLE_IDLE: Duration = Duration::from_secs(10);
 /// Our candidates go again to a peer whose own we have not received yet:
-/// the first copy may have met a relay that was still connecting.
+/// the first copy may have met a relay that was still connecting. The
+/// interval doubles up to [`CANDIDATE_RESEND_MAX`] for peers that never
+/// answer (an agent too old to, or a node that is not an agent).
 pub const CANDIDATE_RESEND: Duration = Duration::from_secs(5);
+pub const CANDIDATE_RESEND_MAX: Duration = Duration::from_secs(120);
 
 pub struct Traversal {
     me: Key,
@@ -36,6 +39,7 @@ pub struct Traversal {
     /// A decision was made that a sample proves or refutes: sample now.
     sample_now: bool,
     next_resend: Instant,
+    resend_interval: Duration,
 }
 
 impl Traversal {
@@ -56,6 +60,7 @@ impl Traversal {
             last_sample: now,
             sample_now: true,
             next_resend: now + CANDIDATE_RESEND,
+            resend_interval: CANDIDATE_RESEND,
         }
     }
 
@@ -98,6 +103,8 @@ impl Traversal {
             return;
         }
         self.local = local;
+        self.resend_interval = CANDIDATE_RESEND;
+        self.next_resend = self.next_resend.min(now + CANDIDATE_RESEND);
         self.gather.refresh(now);
         for p in self.peers.values_mut() {
             p.network_changed(now);
@@ -270,7 +277,8 @@ impl Traversal {
             }
         }
         if now >= self.next_resend {
-            self.next_resend = now + CANDIDATE_RESEND;
+            self.next_resend = now + self.resend_interval;
+            self.resend_interval = (self.resend_interval * 2).min(CANDIDATE_RESEND_MAX);
             for (k, p) in &self.peers {
                 if !p.has_remote() {
                     self.transmits.push_back(Transmit {
