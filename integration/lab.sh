@@ -375,3 +375,87 @@ lab_pubkey() { wg pubkey <"$1"; }
 lab_genkey() {
     (umask 077 && wg genkey >"$1")
 }
+
+# lab_flow_counter NODE
+# Counts every UDP flow (source IP:port, destination IP:port) that enters
+# NODE's bridge br0: the internet (lab_internet) or a router's LAN. A bridge
+# family table at prerouting sees each frame once as it enters from a port,
+# whether the bridge then forwards it (same segment; bridge-nf is off, so ip
+# family hooks never see those) or hands it to the namespace to route. Read
+# the counts with lab_flow_packets. Tests use it to prove traffic took a path
+# on the wire, independently of what the agents report.
+lab_flow_counter() {
+    lab_exec "$1" nft -f - <<'NFT' || lab_fail "loading the flow counter into $1"
+table bridge lab_flows {
+    set flows {
+        type ipv4_addr . inet_service . ipv4_addr . inet_service
+        flags dynamic
+        size 65535
+        counter
+    }
+    chain prerouting {
+        type filter hook prerouting priority filter; policy accept;
+        ip protocol udp update @flows { ip saddr . udp sport . ip daddr . udp dport }
+    }
+}
+NFT
+}
+
+# lab_flow_packets NODE SRC_IP:PORT DST_IP:PORT
+# Prints how many UDP packets went from SRC to DST across NODE's bridge (0 if none).
+lab_flow_packets() {
+    lab_exec "$1" nft -j list set bridge lab_flows flows 2>/dev/null | python3 -c '
+import json, sys
+src, dst = sys.argv[1].rsplit(":", 1), sys.argv[2].rsplit(":", 1)
+want = [src[0], int(src[1]), dst[0], int(dst[1])]
+n = 0
+for obj in json.load(sys.stdin).get("nftables", []):
+    for e in obj.get("set", {}).get("elem", []):
+        e = e.get("elem", e)
+        if isinstance(e, dict) and e.get("val", {}).get("concat") == want:
+            n = e.get("counter", {}).get("packets", 0)
+print(n)' "$2" "$3"
+}
+
+# lab_cut_udp NODE IP1 IP2
+# Drops UDP between IP1 and IP2 (both directions) on NODE's bridge br0,
+# leaving TCP (the relay) and everything else alone. Bridge family again: two
+# hosts on one segment of the fake internet are bridged, never routed, so an
+# ip family rule in a forward chain would not see their traffic.
+lab_cut_udp() {
+    lab_exec "$1" nft -f - <<NFT || lab_fail "cutting UDP $2 <-> $3 in $1"
+table bridge lab_cut {
+    chain prerouting {
+        type filter hook prerouting priority filter - 1; policy accept;
+        ip saddr $2 ip daddr $3 ip protocol udp drop
+        ip saddr $3 ip daddr $2 ip protocol udp drop
+    }
+}
+NFT
+}
+
+# Undoes lab_cut_udp NODE.
+lab_uncut_udp() { lab_exec "$1" nft delete table bridge lab_cut; }
+
+# lab_wg_endpoint NODE IFNAME PUBLIC_KEY
+# The endpoint NODE's WireGuard has for that peer, as `wg show` says ("(none)" if none).
+lab_wg_endpoint() {
+    lab_exec "$1" wg show "$2" endpoints 2>/dev/null | awk -v k="$3" '$1 == k { print $2 }'
+}
+
+# lab_stop PID: stops a process lab_bg started (SIGTERM, SIGKILL after 5 s),
+# reaps it and drops it from the cleanup list, so a test that restarts
+# processes many times never has cleanup signal a recycled PID.
+lab_stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for i in "${!LAB_PIDS[@]}"; do
+        if [ "${LAB_PIDS[i]}" = "$pid" ]; then unset 'LAB_PIDS[i]'; fi
+    done
+}
