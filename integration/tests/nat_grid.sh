@@ -283,7 +283,16 @@ prove_relay() {
         WHY+=", ✗ ping"
         ok=0
     fi
-    reason=$(peer_field "$x" "$y" reason)
+    # Relayed peers are re-checked every few seconds (sooner while the pings
+    # above make traffic), so "checking" comes and goes: poll for the verdict.
+    local n
+    for ((n = 0; n < 60; n++)); do
+        reason=$(peer_field "$x" "$y" reason)
+        case "$reason" in
+        "checks failing"* | "banned until"*) break ;;
+        esac
+        sleep 0.25
+    done
     case "$reason" in
     "checks failing"* | "banned until"*) WHY+=", ✓ reason '$reason'" ;;
     *)

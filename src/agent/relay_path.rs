@@ -324,6 +324,22 @@ impl RelayPath {
         self.links.get(&p.relay).map(|l| &l.info)
     }
 
+    /// A local address went away: connections bound to it are dead (TCP
+    /// would only notice after minutes of retransmissions), so reconnect now.
+    pub fn address_removed(&mut self, registry: &Registry, now: Instant, addr: std::net::IpAddr) {
+        for l in self.links.values_mut() {
+            let bound = l
+                .stream
+                .as_ref()
+                .and_then(|s| s.local_addr().ok())
+                .is_some_and(|a| a.ip() == addr);
+            if bound {
+                close(l, now, format!("local address {addr} went away"));
+            }
+        }
+        self.drive(registry, now);
+    }
+
     /// A relay became usable or unusable: paths need choosing again.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)

@@ -679,10 +679,15 @@ impl Agent {
                 let ours = |i: &u32| Some(*i) == mesh_index;
                 let mut addresses = false;
                 let mut routes = false;
+                let mut removed = Vec::new();
                 for e in &evs {
                     match e {
-                        NetEvent::AddressAdded { index, .. } | NetEvent::AddressRemoved { index, .. } => {
-                            addresses |= !ours(index)
+                        NetEvent::AddressAdded { index, .. } => addresses |= !ours(index),
+                        NetEvent::AddressRemoved { index, addr, .. } => {
+                            addresses |= !ours(index);
+                            if !ours(index) {
+                                removed.push(*addr);
+                            }
                         }
                         NetEvent::LinkChanged(l) => addresses |= !ours(&l.index),
                         NetEvent::LinkRemoved { index, .. } => addresses |= !ours(index),
@@ -691,6 +696,17 @@ impl Agent {
                         }
                         NetEvent::Resync => addresses = true,
                     }
+                }
+                for addr in removed {
+                    let bound = self
+                        .tcp
+                        .as_ref()
+                        .and_then(|s| s.local_addr().ok())
+                        .is_some_and(|a| a.ip() == addr);
+                    if bound {
+                        self.lost_tcp(now, &format!("local address {addr} went away"));
+                    }
+                    self.relay.address_removed(self.poll.registry(), now, addr);
                 }
                 if addresses {
                     self.update_candidates(now);

@@ -51,6 +51,13 @@ fn debug() -> bool {
     *ON.get_or_init(|| std::env::var_os("WARREN_NAT_DEBUG").is_some())
 }
 
+/// Wall-clock seconds for debug lines, to line them up with a test's own stamps.
+fn stamp() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Which channel a message goes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -586,6 +593,16 @@ impl PeerPath {
             }
             None => (false, false, false),
         };
+        if debug() && matches!(self.state, State::Direct { .. }) {
+            eprintln!(
+                "nat {:.3}: {}: direct sample rx {} tx {} active {}",
+                stamp(),
+                self.key.short(),
+                s.rx_bytes,
+                s.tx_bytes,
+                self.active
+            );
+        }
         match &mut self.state {
             State::Upgrading {
                 pair,
@@ -832,9 +849,10 @@ impl PeerPath {
     /// How soon WireGuard should be sampled for this peer.
     pub fn sample_interval(&self) -> Option<Duration> {
         match &self.state {
-            State::Checking { .. } | State::Upgrading { .. } | State::Direct { suspect: Some(_), .. } => {
-                Some(PROBE_INTERVAL)
-            }
+            // Each sample blocks the loop for a WireGuard read, and the loop
+            // carries relayed traffic: sample fast only while it decides something.
+            State::Checking { .. } if !self.session_fresh() => Some(PROBE_INTERVAL),
+            State::Upgrading { .. } | State::Direct { suspect: Some(_), .. } => Some(PROBE_INTERVAL),
             State::Direct { .. } if self.active => Some(Duration::from_millis(500)),
             _ => None,
         }
