@@ -7,6 +7,7 @@ pub mod direct;
 pub mod paths;
 pub mod peer_msg;
 pub mod relay_path;
+pub mod resolve;
 pub mod run;
 
 #[cfg(test)]

@@ -11,13 +11,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
 
+use super::resolve::{Lookup, Resolver};
 use crate::control::messages::RelayInfo;
 use crate::keys::Key;
 use crate::nat::path::Mute;
@@ -81,6 +82,8 @@ struct Link {
     dialled: Option<String>,
     dialled_at: Option<Instant>,
     connect_time: Option<std::time::Duration>,
+    /// Asked to connect, waiting for the resolver to answer for `dialled`.
+    resolving: bool,
     last_error: Option<String>,
     /// Whether the link was usable when [`RelayPath::drive`] last looked.
     was_usable: bool,
@@ -228,6 +231,7 @@ impl RelayPath {
                         dialled: None,
                         dialled_at: None,
                         connect_time: None,
+                        resolving: false,
                         last_error: None,
                         was_usable: true,
                         held: VecDeque::new(),
@@ -326,7 +330,13 @@ impl RelayPath {
 
     /// A local address went away: connections bound to it are dead (TCP
     /// would only notice after minutes of retransmissions), so reconnect now.
-    pub fn address_removed(&mut self, registry: &Registry, now: Instant, addr: std::net::IpAddr) {
+    pub fn address_removed(
+        &mut self,
+        registry: &Registry,
+        resolver: &mut Resolver,
+        now: Instant,
+        addr: std::net::IpAddr,
+    ) {
         for l in self.links.values_mut() {
             let bound = l
                 .stream
@@ -337,7 +347,7 @@ impl RelayPath {
                 close(l, now, format!("local address {addr} went away"));
             }
         }
-        self.drive(registry, now);
+        self.drive(registry, resolver, now);
     }
 
     /// A relay became usable or unusable: paths need choosing again.
@@ -385,30 +395,40 @@ impl RelayPath {
         self.links.values().filter_map(|l| l.client.poll_timeout()).min()
     }
 
-    pub fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
+    pub fn handle_timeout(&mut self, registry: &Registry, resolver: &mut Resolver, now: Instant) {
         for l in self.links.values_mut() {
             if l.client.poll_timeout().is_some_and(|t| t <= now) {
                 l.client.handle_timeout(now);
             }
         }
-        self.drive(registry, now);
+        self.drive(registry, resolver, now);
+    }
+
+    /// The resolver has answers: dial the relays that waited for one.
+    pub fn resolved(&mut self, registry: &Registry, resolver: &mut Resolver, now: Instant) {
+        for l in self.links.values_mut() {
+            if l.resolving && l.stream.is_none() {
+                dial(registry, resolver, now, l);
+            }
+        }
+        self.drive(registry, resolver, now);
     }
 
     /// A socket of ours is ready.
-    pub fn ready(&mut self, registry: &Registry, now: Instant, token: Token) {
+    pub fn ready(&mut self, registry: &Registry, resolver: &mut Resolver, now: Instant, token: Token) {
         match self.owners.get(&token).copied() {
             Some(Owner::Link(key)) => {
                 // Deliver after every read rather than after draining the
                 // socket: a userspace WireGuard's 208 KiB socket buffer
                 // overflows when megabytes arrive back to back.
                 while self.link_ready(now, &key) {
-                    self.drive(registry, now);
+                    self.drive(registry, resolver, now);
                 }
             }
             Some(Owner::Proxy(peer)) => self.proxy_ready(now, &peer),
             None => {}
         }
-        self.drive(registry, now);
+        self.drive(registry, resolver, now);
     }
 
     /// Reads once from a relay connection; true if there may be more to read.
@@ -474,16 +494,20 @@ impl RelayPath {
     }
 
     /// Acts on what the relay clients decided and writes what they queued.
-    fn drive(&mut self, registry: &Registry, now: Instant) {
+    fn drive(&mut self, registry: &Registry, resolver: &mut Resolver, now: Instant) {
         for l in self.links.values_mut() {
             while let Some(ev) = l.client.poll_event() {
                 match ev {
-                    Event::Connect => dial(registry, now, l),
+                    Event::Connect => dial(registry, resolver, now, l),
                     Event::Close(why) => {
                         if let Some(mut s) = l.stream.take() {
                             let _ = registry.deregister(&mut s);
                         }
                         l.connected = false;
+                        let why = match (std::mem::take(&mut l.resolving), &l.dialled) {
+                            (true, Some(name)) => format!("{why} (still resolving {name})"),
+                            _ => why,
+                        };
                         if l.last_error.as_deref() != Some(&why) {
                             eprintln!("agent: relay {}: {why}", describe(l));
                         }
@@ -533,7 +557,7 @@ impl RelayPath {
                 addr: l.dialled.clone().or_else(|| l.info.addrs.first().cloned()),
                 state: if l.client.is_open() {
                     "connected"
-                } else if l.stream.is_some() {
+                } else if l.stream.is_some() || l.resolving {
                     "connecting"
                 } else {
                     "waiting"
@@ -563,6 +587,7 @@ fn close(l: &mut Link, now: Instant, why: String) {
     // Deregistration happens when the stream is dropped.
     l.stream = None;
     l.connected = false;
+    l.resolving = false;
     if l.last_error.as_deref() != Some(&why) {
         eprintln!("agent: relay {}: {why}", describe(l));
     }
@@ -572,18 +597,23 @@ fn close(l: &mut Link, now: Instant, why: String) {
     l.client.on_tcp_closed(now, &why);
 }
 
-fn dial(registry: &Registry, now: Instant, l: &mut Link) {
+fn dial(registry: &Registry, resolver: &mut Resolver, now: Instant, l: &mut Link) {
+    l.resolving = false;
     if l.info.addrs.is_empty() {
         return close(l, now, "the coordinator published no address for it".into());
     }
     let text = l.info.addrs[l.next_addr % l.info.addrs.len()].clone();
     l.dialled = Some(text.clone());
     l.dialled_at = Some(now);
-    // Published addresses are IP literals unless an operator gave a host
-    // name; resolving one blocks briefly, as the coordinator dial does.
-    let addr = match text.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => return close(l, now, format!("cannot resolve relay address {text}")),
+    let addr = match resolver.lookup(now, &text) {
+        Lookup::Ready(a) => a,
+        // Dialled again from `RelayPath::resolved`; an answer that never
+        // comes runs into the relay client's connect deadline.
+        Lookup::Pending => {
+            l.resolving = true;
+            return;
+        }
+        Lookup::Failed(why) => return close(l, now, why),
     };
     match TcpStream::connect(addr) {
         Ok(mut s) => {
@@ -616,13 +646,16 @@ mod tests {
     use super::*;
     use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
     use mio::{Events, Poll};
-    use std::net::UdpSocket as StdUdp;
+    use std::net::{ToSocketAddrs, UdpSocket as StdUdp};
     use std::time::Duration;
 
     const DEADLINE: Duration = Duration::from_secs(10);
 
+    const RESOLVER: Token = Token(5);
+
     struct Node {
         poll: Poll,
+        resolver: Resolver,
         path: RelayPath,
         /// Stands in for WireGuard: bound where the path delivers.
         wg: StdUdp,
@@ -635,8 +668,10 @@ mod tests {
             wg.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             let key = Key::generate_private();
             let port = wg.local_addr().unwrap().port();
+            let poll = Poll::new().unwrap();
             Node {
-                poll: Poll::new().unwrap(),
+                resolver: Resolver::new(poll.registry(), RESOLVER).unwrap(),
+                poll,
                 path: RelayPath::new(key, port),
                 wg,
                 key,
@@ -650,21 +685,34 @@ mod tests {
                 .unwrap();
             let now = Instant::now();
             for ev in events.iter() {
-                self.path.ready(self.poll.registry(), now, ev.token());
+                if ev.token() == RESOLVER {
+                    if self.resolver.drain(now) {
+                        self.path.resolved(self.poll.registry(), &mut self.resolver, now);
+                    }
+                } else {
+                    self.path
+                        .ready(self.poll.registry(), &mut self.resolver, now, ev.token());
+                }
             }
-            self.path.handle_timeout(self.poll.registry(), now);
+            self.path
+                .handle_timeout(self.poll.registry(), &mut self.resolver, now);
         }
     }
 
     fn relay() -> (RelayInfo, RelayHandle) {
-        let server = RelayServer::bind(RelayConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            Key::generate_private(),
-        ))
-        .unwrap();
+        relay_at("127.0.0.1:0".parse().unwrap(), None)
+    }
+
+    /// A relay listening on `addr`, published as `name:port` if a name is given.
+    fn relay_at(addr: SocketAddr, name: Option<&str>) -> (RelayInfo, RelayHandle) {
+        let server = RelayServer::bind(RelayConfig::new(addr, Key::generate_private())).unwrap();
+        let bound = server.local_addr().unwrap();
         let info = RelayInfo {
             public_key: server.public_key(),
-            addrs: vec![server.local_addr().unwrap().to_string()],
+            addrs: vec![match name {
+                Some(n) => format!("{n}:{}", bound.port()),
+                None => bound.to_string(),
+            }],
         };
         let handle = server.handle();
         std::thread::spawn(move || server.run().unwrap());
@@ -794,5 +842,30 @@ mod tests {
             st[0].detail.as_deref().is_some_and(|d| d.contains("refused")),
             "{st:?}"
         );
+    }
+
+    #[test]
+    fn a_relay_published_by_host_name_is_dialled_once_resolved() {
+        // Listen where the system resolves localhost first, as the resolver will.
+        let local = "localhost:0".to_socket_addrs().unwrap().next().unwrap();
+        let (info, handle) = relay_at(local, Some("localhost"));
+        let (mut a, mut b) = (Node::new(), Node::new());
+        let kb = b.key.public_key();
+        let home = Some(info.public_key);
+        a.path.configure(
+            a.poll.registry(),
+            Instant::now(),
+            a.key,
+            std::slice::from_ref(&info),
+            home,
+            &[(kb, home)],
+        );
+        a.turn();
+        until(&mut a, &mut b, "a at the relay by name", |a, _| {
+            a.path.status()[0].state == "connected"
+        });
+        assert_eq!(a.path.status()[0].addr, info.addrs.first().cloned());
+        assert!(a.path.status()[0].detail.is_none());
+        handle.stop();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use super::direct::{self, DirectPath, Received};
 use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
 use super::relay_path::RelayPath;
+use super::resolve::{Lookup, Resolver};
 use crate::control::messages::{ErrorCode, PeerInfo, WgStunInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
@@ -37,6 +38,8 @@ use crate::wg::{AllowedIp, Backend, PeerConfig, reconcile};
 const TCP: Token = Token(0);
 const API: Token = Token(1);
 const MONITOR: Token = Token(2);
+/// The resolver's answers are in (src/agent/direct.rs has 3 and 4).
+const RESOLVER: Token = Token(5);
 const FIRST_CLIENT: usize = 16;
 /// Prefix of the mesh; the interface address carries it so the kernel adds the route.
 pub const MESH_PREFIX_LEN: u8 = 10;
@@ -80,6 +83,9 @@ struct Agent {
     /// Peers' mesh addresses: the tunnel's senders and the probes' destinations.
     mesh_of: HashMap<Key, Ipv4Addr>,
     relay: RelayPath,
+    resolver: Resolver,
+    /// The coordinator address whose dial waits for the resolver.
+    dial_waiting: Option<String>,
     msgs: PeerMessages,
     last_sealed_drop_log: Option<Instant>,
     backend: Box<dyn Backend>,
@@ -249,6 +255,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         ctrl.restore_pending_key(pending);
     }
     let relay = RelayPath::new(state.private_key, cfg.listen_port);
+    let resolver = Resolver::new(poll.registry(), RESOLVER)?;
     let epoch = crate::peer::seal::epoch_from_clock();
     let msgs = PeerMessages::new(state.private_key, epoch);
     let check_port = cfg
@@ -259,6 +266,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let nat = Traversal::new(now, state.private_key.public_key(), check_port, epoch, seed);
     let mut agent = Agent {
         relay,
+        resolver,
+        dial_waiting: None,
         msgs,
         nat,
         direct,
@@ -312,15 +321,19 @@ impl Agent {
                     TCP => self.tcp_ready(now),
                     API => self.accept_clients(),
                     MONITOR => self.net_changed(now),
+                    RESOLVER => self.resolved(now),
                     t if DirectPath::owns(t) => self.direct_ready(now, t),
-                    t if self.relay.owns(t) => self.relay.ready(self.poll.registry(), now, t),
+                    t if self.relay.owns(t) => {
+                        self.relay.ready(self.poll.registry(), &mut self.resolver, now, t)
+                    }
                     Token(t) => self.client_io(t),
                 }
             }
             self.ctrl.handle_timeout(now);
             self.drain_control(now);
             self.write_tcp(now);
-            self.relay.handle_timeout(self.poll.registry(), now);
+            self.relay
+                .handle_timeout(self.poll.registry(), &mut self.resolver, now);
             if self.relay.take_changed() {
                 self.need_apply = true;
             }
@@ -556,12 +569,18 @@ impl Agent {
     }
 
     fn dial(&mut self, now: Instant, server: &str) {
-        let addr = match server.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(a)) => a,
-            Ok(None) | Err(_) => {
+        let addr = match self.resolver.lookup(now, server) {
+            Lookup::Ready(a) => a,
+            // Dialled when the answer is in (`resolved`); one that never
+            // comes runs into ControlConn's connect deadline.
+            Lookup::Pending => {
+                self.dial_waiting = Some(server.to_string());
+                return;
+            }
+            Lookup::Failed(why) => {
                 return self
                     .ctrl
-                    .handle_disconnected(now, &format!("cannot resolve coordinator address {server}"));
+                    .handle_disconnected(now, &format!("coordinator address: {why}"));
             }
         };
         match TcpStream::connect(addr) {
@@ -653,23 +672,47 @@ impl Agent {
     }
 
     /// The WG-STUN server to keep as a peer and ask, and its plain STUN.
-    fn wgstun(&self) -> Option<(&WgStunInfo, SocketAddr)> {
-        let w = self.state.wgstun.first()?;
-        // Published addresses are IP literals unless an operator gave a
-        // host name; resolving one blocks briefly, as the relay dial does.
-        let ep = w.endpoint.to_socket_addrs().ok()?.next()?;
-        Some((w, ep))
+    /// None while its host name is being resolved: `resolved` reconciles again.
+    fn wgstun(&mut self, now: Instant) -> Option<(WgStunInfo, SocketAddr)> {
+        let w = self.state.wgstun.first()?.clone();
+        match self.resolver.lookup(now, &w.endpoint) {
+            Lookup::Ready(ep) => Some((w, ep)),
+            Lookup::Pending | Lookup::Failed(_) => None,
+        }
     }
 
+    /// Also called whenever the resolver has answers: one that was pending here counts then.
     fn configure_stun(&mut self, now: Instant) {
         let (tunnel, plain) = match self.state.wgstun.first() {
             Some(w) => (
                 Some(direct::WGSTUN_STUN),
-                w.stun.as_deref().and_then(|s| s.to_socket_addrs().ok()?.next()),
+                w.stun
+                    .as_deref()
+                    .and_then(|s| match self.resolver.lookup(now, s) {
+                        Lookup::Ready(a) => Some(a),
+                        Lookup::Pending | Lookup::Failed(_) => None,
+                    }),
             ),
             None => (None, None),
         };
         self.nat.set_stun_servers(now, tunnel, plain);
+    }
+
+    /// The resolver's worker answered: retry what waited for it.
+    fn resolved(&mut self, now: Instant) {
+        if !self.resolver.drain(now) {
+            return;
+        }
+        if let Some(server) = self.dial_waiting.take()
+            && self.tcp.is_none()
+            && matches!(self.ctrl.phase(), Phase::Connecting { server: s, .. } if *s == server)
+        {
+            self.dial(now, &server);
+        }
+        self.relay.resolved(self.poll.registry(), &mut self.resolver, now);
+        self.configure_stun(now);
+        // The WG-STUN peer's endpoint may be known now.
+        self.need_apply = true;
     }
 
     fn net_changed(&mut self, now: Instant) {
@@ -706,7 +749,8 @@ impl Agent {
                     if bound {
                         self.lost_tcp(now, &format!("local address {addr} went away"));
                     }
-                    self.relay.address_removed(self.poll.registry(), now, addr);
+                    self.relay
+                        .address_removed(self.poll.registry(), &mut self.resolver, now, addr);
                 }
                 if addresses {
                     self.update_candidates(now);
@@ -866,7 +910,7 @@ impl Agent {
             with_endpoints.push((p, ep));
         }
         let mut desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
-        if let Some(w) = self.wgstun_peer() {
+        if let Some(w) = self.wgstun_peer(now) {
             desired.peers.push(w);
         }
         let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
@@ -885,8 +929,8 @@ impl Agent {
     /// The WG-STUN server as a WireGuard peer: STUN to 100.64.0.4 through it
     /// tells the public mapping of WireGuard's own socket, and its keepalive
     /// holds that mapping open on the router.
-    fn wgstun_peer(&self) -> Option<PeerConfig> {
-        let (w, endpoint) = self.wgstun()?;
+    fn wgstun_peer(&mut self, now: Instant) -> Option<PeerConfig> {
+        let (w, endpoint) = self.wgstun(now)?;
         if self.ctrl.peers().any(|p| p.public_key == w.public_key) {
             return None;
         }
