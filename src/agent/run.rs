@@ -33,7 +33,9 @@ use crate::nat::traversal::Traversal;
 use crate::netlink::{Monitor, NetEvent, Rtnl};
 use crate::outgoing::write_pending;
 use crate::wg::select::{self, BackendChoice};
-use crate::wg::{AllowedIp, Backend, PeerConfig, reconcile};
+use crate::wg::{
+    AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
+};
 
 const TCP: Token = Token(0);
 const API: Token = Token(1);
@@ -98,6 +100,8 @@ struct Agent {
     clients: HashMap<usize, Client>,
     next_client: usize,
     need_apply: bool,
+    /// A local address went away: set every endpoint again (see `rebind`).
+    rebind_endpoints: bool,
     stop: Option<Result<()>>,
     last_error: Option<String>,
 }
@@ -287,6 +291,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         clients: HashMap::new(),
         next_client: FIRST_CLIENT,
         need_apply: true,
+        rebind_endpoints: false,
         stop: None,
         last_error: None,
     };
@@ -336,6 +341,7 @@ impl Agent {
                 .handle_timeout(self.poll.registry(), &mut self.resolver, now);
             if self.relay.take_changed() {
                 self.need_apply = true;
+                self.nat.resend_soon(now);
             }
             self.peer_messages(now);
             self.nat.handle_timeout(now);
@@ -740,6 +746,10 @@ impl Agent {
                         NetEvent::Resync => addresses = true,
                     }
                 }
+                if !removed.is_empty() {
+                    self.rebind_endpoints = true;
+                    self.need_apply = true;
+                }
                 for addr in removed {
                     let bound = self
                         .tcp
@@ -915,6 +925,9 @@ impl Agent {
         }
         let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
             .with_context(|| format!("configuring {ifname}"))?;
+        if std::mem::take(&mut self.rebind_endpoints) {
+            self.rebind(&ifname, &desired, current.as_ref());
+        }
         if report.created {
             eprintln!("agent: created {ifname} ({} backend)", report.backend);
         } else if report.peers_added + report.peers_removed > 0 {
@@ -924,6 +937,39 @@ impl Agent {
             );
         }
         self.ensure_address(&ifname, me.mesh_addr)
+    }
+
+    /// Sets every peer's endpoint again, unchanged: a userspace WireGuard
+    /// keeps sending from the source address it used last (wireguard-go's
+    /// sticky sockets), which is dead once that address is gone; a fresh
+    /// endpoint makes it pick the source anew. The kernel module re-checks
+    /// its cached source by itself, so there this costs one netlink message.
+    fn rebind(&mut self, ifname: &str, desired: &DeviceConfig, current: Option<&DeviceState>) {
+        let update = DeviceUpdate {
+            peers: desired
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let ep = p.endpoint.or_else(|| {
+                        current?
+                            .peers
+                            .iter()
+                            .find(|s| s.public_key == p.public_key)?
+                            .endpoint
+                    })?;
+                    Some(PeerUpdate {
+                        endpoint: Some(ep),
+                        ..PeerUpdate::new(p.public_key)
+                    })
+                })
+                .collect(),
+            ..DeviceUpdate::default()
+        };
+        if !update.is_empty()
+            && let Err(e) = self.backend.set(ifname, &update)
+        {
+            eprintln!("agent: re-setting endpoints after an address change: {e:#}");
+        }
     }
 
     /// The WG-STUN server as a WireGuard peer: STUN to 100.64.0.4 through it

@@ -90,12 +90,15 @@ impl Gather {
         self.check.configure(now, check);
     }
 
-    /// The network changed: every mapping may have too. Ask again now.
+    /// The network changed: every mapping may have too. Forget them (a
+    /// stale mapping announced to peers only fails their checks) and ask again now.
     pub fn refresh(&mut self, now: Instant) {
         for e in [&mut self.tunnel, &mut self.check] {
             if e.server.is_some() {
                 e.tries = 0;
                 e.next = Some(now);
+                e.mapped = None;
+                e.pending = None;
             }
         }
     }

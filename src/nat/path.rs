@@ -46,13 +46,13 @@ pub const WARM_DEADLINE: Duration = Duration::from_secs(3);
 pub const ACTIVE_BYTES_PER_SEC: u64 = 40;
 
 /// WARREN_NAT_DEBUG=1 logs every state change of every peer's path.
-fn debug() -> bool {
+pub(crate) fn debug() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("WARREN_NAT_DEBUG").is_some())
 }
 
 /// Wall-clock seconds for debug lines, to line them up with a test's own stamps.
-fn stamp() -> f64 {
+pub(crate) fn stamp() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -175,6 +175,10 @@ pub struct PeerPath {
     /// The peer's upgrade we acted on last, so a copy over a second channel is ignored.
     peer_upgrade: Option<u64>,
     checking_since: Instant,
+    /// The generation of our candidates the peer last said it holds.
+    acked: u64,
+    /// The last network change here or at the peer.
+    network_changed_at: Option<Instant>,
     /// Next tunnel probe over the relay that makes WireGuard handshake
     /// before an upgrade (sent by the controlling side only, so the two
     /// handshakes never cross).
@@ -208,6 +212,8 @@ impl PeerPath {
             active: false,
             peer_upgrade: None,
             checking_since: now,
+            acked: 0,
+            network_changed_at: None,
             next_warm: now,
         }
     }
@@ -221,6 +227,11 @@ impl PeerPath {
     /// Whether a candidate list of `generation` would be news.
     pub fn has_remote_older(&self, generation: u64) -> bool {
         self.remote_generation.is_none_or(|g| g < generation)
+    }
+
+    /// Whether the peer has told us it holds our list of `generation`.
+    pub fn acked(&self, generation: u64) -> bool {
+        self.acked >= generation
     }
 
     pub fn remote_generation(&self) -> u64 {
@@ -283,7 +294,8 @@ impl PeerPath {
         let is_direct = self.is_direct();
         if debug() {
             eprintln!(
-                "nat: {}: {} -> {} {why}",
+                "nat {:.3}: {}: {} -> {} {why}",
+                stamp(),
                 self.key.short(),
                 from,
                 self.label_debug()
@@ -343,7 +355,8 @@ impl PeerPath {
         self.checking_since = now;
         if debug() {
             eprintln!(
-                "nat: {}: checking {} candidates",
+                "nat {:.3}: {}: checking {} candidates",
+                stamp(),
                 self.key.short(),
                 self.remote.len()
             );
@@ -354,6 +367,7 @@ impl PeerPath {
     /// confirm a direct path still answers.
     pub fn network_changed(&mut self, now: Instant) {
         self.idle_backoff = RECHECK_ACTIVE;
+        self.network_changed_at = Some(now);
         match &mut self.state {
             State::Relay { .. } => self.start_checks(now),
             State::Direct {
@@ -368,9 +382,21 @@ impl PeerPath {
 
     pub fn handle_message(&mut self, now: Instant, via: Via, msg: Message, out: &mut Out) {
         match msg {
-            Message::Candidates { generation, list, .. } => {
+            Message::Candidates {
+                generation,
+                known,
+                list,
+            } => {
+                self.acked = self.acked.max(known);
                 if self.remote_generation.is_some_and(|g| g >= generation) {
                     return;
+                }
+                if debug() {
+                    eprintln!(
+                        "nat {:.3}: {}: candidates {generation}: {list:?}",
+                        stamp(),
+                        self.key.short()
+                    );
                 }
                 self.remote_generation = Some(generation);
                 self.remote = list;
@@ -612,7 +638,8 @@ impl PeerPath {
             } => {
                 if debug() {
                     eprintln!(
-                        "nat: {}: upgrade sample {s:?} baseline {baseline:?}",
+                        "nat {:.3}: {}: upgrade sample {s:?} baseline {baseline:?}",
+                        stamp(),
                         self.key.short()
                     );
                 }
@@ -739,9 +766,16 @@ impl PeerPath {
             via: Via::Relay,
             msg: Message::Downgrade { id: (out.next_id)() },
         });
-        // Traffic was flowing: re-check at the active pace.
+        // Traffic was flowing: re-check at the active pace; at once when the
+        // network just changed (the path died of it, a new one may be there).
         self.active = true;
-        let next = now + self.recheck_after();
+        let mut next = now + self.recheck_after();
+        if self
+            .network_changed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < RECHECK_ACTIVE)
+        {
+            next = now;
+        }
         self.set_state(
             now,
             State::Relay {

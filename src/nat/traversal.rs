@@ -151,14 +151,25 @@ impl Traversal {
         }
     }
 
+    /// A relay connection opened: copies sent while it was down were lost.
+    pub fn resend_soon(&mut self, now: Instant) {
+        self.resend_interval = CANDIDATE_RESEND;
+        self.next_resend = self.next_resend.min(now);
+    }
+
     /// Sends our candidates to every peer when they changed.
-    fn announce(&mut self, _now: Instant) {
+    fn announce(&mut self, now: Instant) {
         let c = self.candidates();
         if c == self.announced {
             return;
         }
+        if super::path::debug() {
+            eprintln!("nat {:.3}: announcing {c:?}", super::path::stamp());
+        }
         self.announced = c;
         self.generation += 1;
+        self.resend_interval = CANDIDATE_RESEND;
+        self.next_resend = self.next_resend.min(now + CANDIDATE_RESEND);
         for k in self.peers.keys() {
             self.transmits.push_back(Transmit {
                 peer: *k,
@@ -199,8 +210,11 @@ impl Traversal {
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
-        // The peer lacks our current list (it restarted, or a copy was lost): answer with it.
-        let answer = matches!(&msg, Message::Candidates { known, .. } if *known < self.generation);
+        // A new list is answered with ours: that tells the sender we hold its
+        // list (ours carries the generation we know), and gives ours to a
+        // peer that lacks it (it restarted, or a copy was lost).
+        let answer = matches!(&msg, Message::Candidates { known, generation, .. }
+            if *known < self.generation || p.has_remote_older(*generation));
         {
             let mut next_id = ids(&mut self.rng);
             let mut out = Out {
@@ -280,7 +294,7 @@ impl Traversal {
             self.next_resend = now + self.resend_interval;
             self.resend_interval = (self.resend_interval * 2).min(CANDIDATE_RESEND_MAX);
             for (k, p) in &self.peers {
-                if !p.has_remote() {
+                if !p.acked(self.generation) {
                     self.transmits.push_back(Transmit {
                         peer: *k,
                         via: Via::Relay,
