@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tiers: lab
+# tiers: lab kernel
 # A direct path fails over to the relay and comes back by itself. Two cone
 # nodes, each behind its own cone router, go direct; an iperf3 transfer and a
 # 100 ms ping series run over the mesh; UDP between the two routers' WAN

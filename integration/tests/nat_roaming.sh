@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tiers: lab
+# tiers: lab kernel
 # Direct paths follow a node that moves. Two nodes on one cone router's LAN go
 # direct by the local candidate (each `wg show` endpoint is the other's LAN
 # address, no hairpin through the router). During a continuous ping, b's LAN

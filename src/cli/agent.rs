@@ -317,7 +317,7 @@ fn format_status(s: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
+        "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}  DETAIL",
         "PEER", "ADDRESS", "STATE", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in &s.peers {
@@ -333,9 +333,23 @@ fn format_status(s: &Status) -> String {
             .unwrap_or_else(|| "never".into());
         let state = if p.online { "online" } else { "offline" };
         let path = format!("{:?}", p.path).to_lowercase();
+        // Direct: which candidates met (ours -> theirs), the check's RTT and
+        // the time on the path; relayed: why.
+        let detail = match (&p.pair, &p.reason) {
+            (Some(pair), _) => {
+                let rtt = p
+                    .rtt_us
+                    .map(|us| format!(", rtt {:.1} ms", us as f64 / 1000.0))
+                    .unwrap_or_default();
+                let since = p.path_secs.map(|s| format!(", for {s} s")).unwrap_or_default();
+                format!("{} -> {}{rtt}{since}", pair.local_kind, pair.remote_kind)
+            }
+            (None, Some(r)) => r.clone(),
+            (None, None) => String::new(),
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}",
+            "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}  {detail}",
             p.name, p.mesh_addr, state, ep, path, hs, p.rx_bytes, p.tx_bytes
         );
     }

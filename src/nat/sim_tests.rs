@@ -135,6 +135,9 @@ struct World {
     packets: Vec<Packet>,
     relay: VecDeque<(Instant, usize, Key, Result<Message, Inner>)>,
     relay_up: bool,
+    /// A firewall that drops WireGuard's port but not the check socket's:
+    /// checks pass, yet WireGuard can never use the pair.
+    wg_blackhole: bool,
     now: Instant,
     /// Router number → the NAT its LAN hosts sit behind.
     routers: HashMap<u8, NatId>,
@@ -161,6 +164,7 @@ impl World {
             packets: Vec::new(),
             relay: VecDeque::new(),
             relay_up: true,
+            wg_blackhole: false,
             now: Instant::now(),
             routers: HashMap::new(),
         }
@@ -286,6 +290,7 @@ impl World {
                         .push_back((now + RELAY_LATENCY, j, from_key, Err(inner)));
                 }
             }
+            Some(Endpoint::Addr(_)) if self.wg_blackhole => {}
             Some(Endpoint::Addr(a)) => self.send_net(
                 SocketAddr::from((ip, WG_PORT)),
                 a,
@@ -656,5 +661,47 @@ fn a_node_that_changes_its_lan_address_is_direct_again_by_itself() {
                 && w.nodes[1].wg[&ka].endpoint.is_some()
         });
         assert!(took.is_some(), "seed {seed}: not direct to the new address");
+    }
+}
+
+#[test]
+fn a_pair_whose_checks_pass_but_wireguard_cannot_use_it_is_banned_with_backoff_and_never_direct() {
+    for seed in 0..10 {
+        let mut w = pair(NatKind::Open, NatKind::PortRestricted, seed, 0.0);
+        w.wg_blackhole = true;
+        w.nodes[0].traffic = true;
+        let kb = w.nodes[1].key;
+        let mut direct = false;
+        let mut banned_seen = false;
+        // Upgrade attempts: times at which node 0 set a direct endpoint.
+        let mut attempts: Vec<Instant> = Vec::new();
+        let mut was_dialling = false;
+        w.run_for(Duration::from_secs(120), |w| {
+            direct |= w.direct(0, 1);
+            let st = w.nodes[0].nat.status(w.now, &kb).unwrap();
+            banned_seen |= st
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("banned until"));
+            let dialling = matches!(w.nodes[0].nat.desired(&kb), Desired::Dial(_));
+            if dialling && !was_dialling {
+                attempts.push(w.now);
+            }
+            was_dialling = dialling;
+        });
+        assert!(!direct, "seed {seed}: went direct on a pair WireGuard cannot use");
+        assert!(
+            banned_seen,
+            "seed {seed}: the status never said the pair is banned"
+        );
+        // Retried (never given up), with growing gaps.
+        assert!(attempts.len() >= 3, "seed {seed}: {} attempts", attempts.len());
+        let gaps: Vec<Duration> = attempts.windows(2).map(|a| a[1] - a[0]).collect();
+        assert!(
+            gaps.last().unwrap() > gaps.first().unwrap(),
+            "seed {seed}: gaps {gaps:?}"
+        );
+        // The relay carried the traffic throughout.
+        assert!(w.nodes[1].app_relayed > 1000, "seed {seed}");
     }
 }
