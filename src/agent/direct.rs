@@ -51,8 +51,13 @@ pub struct DirectPath {
 pub enum Received {
     /// NAT traversal's.
     Traversal { from: Key, via: Via, msg: Message },
-    /// `warren ping`'s (a direct ping answered over the check socket).
-    Other { from: Key, payload: Vec<u8> },
+    /// `warren ping`'s (a direct ping answered over the check socket); `src`
+    /// is where it came from when it came over the underlay.
+    Other {
+        from: Key,
+        payload: Vec<u8>,
+        src: Option<SocketAddr>,
+    },
 }
 
 impl DirectPath {
@@ -152,7 +157,11 @@ impl DirectPath {
                     Err(_) => self.dropped += 1,
                 }
             } else {
-                out.push(Received::Other { from, payload });
+                let src = match via {
+                    Via::Check(a) => Some(a),
+                    _ => None,
+                };
+                out.push(Received::Other { from, payload, src });
             }
         }
         out

@@ -84,6 +84,8 @@ struct Agent {
     applied: Vec<(Key, Desired, Mute)>,
     /// Peers' mesh addresses: the tunnel's senders and the probes' destinations.
     mesh_of: HashMap<Key, Ipv4Addr>,
+    /// Where a peer's last `warren ping` came from over the check socket: its answer goes there.
+    reply_to: HashMap<Key, SocketAddr>,
     relay: RelayPath,
     resolver: Resolver,
     /// The coordinator address whose dial waits for the resolver.
@@ -277,6 +279,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         direct,
         applied: Vec::new(),
         mesh_of: HashMap::new(),
+        reply_to: HashMap::new(),
         last_sealed_drop_log: None,
         cfg,
         state,
@@ -460,7 +463,9 @@ impl Agent {
         self.msgs.handle_timeout(now);
         while let Some((peer, msg)) = self.msgs.poll_transmit() {
             // Over the direct path when there is one: it is the path traffic takes.
-            if let Some(check) = self.direct_check_addr(now, &peer) {
+            if let Some(src) = self.reply_to.remove(&peer) {
+                self.direct.send_sealed(src, &msg);
+            } else if let Some(check) = self.direct_check_addr(now, &peer) {
                 self.direct.send_sealed(check, &msg);
             } else if !self.relay.send_sealed(now, &peer, &msg) {
                 self.msgs
@@ -781,7 +786,12 @@ impl Agent {
         for r in received {
             match r {
                 Received::Traversal { from, via, msg } => self.nat.handle_message(now, from, via, msg),
-                Received::Other { from, payload } => {
+                Received::Other { from, payload, src } => {
+                    // The answer goes back where the ping came from: that
+                    // mapping is open, whatever the peer's candidates say.
+                    if let Some(src) = src {
+                        self.reply_to.insert(from, src);
+                    }
                     let _ = self.msgs.handle_payload(now, from, &payload);
                 }
             }

@@ -655,15 +655,7 @@ impl PeerPath {
                     let mut pair = *pair;
                     if pair.remote.is_none_or(|c| Some(c.wg) != s.endpoint) {
                         // WireGuard follows the peer to where its packets come from.
-                        pair.remote = s.endpoint.map(|e| Candidate {
-                            kind: self
-                                .remote
-                                .iter()
-                                .find(|c| c.wg == e)
-                                .map_or(Kind::PeerReflexive, |c| c.kind),
-                            wg: e,
-                            check: e,
-                        });
+                        pair.remote = s.endpoint.map(|e| remote_for(&self.remote, e));
                     }
                     let why = match pair.rtt {
                         Some(rtt) => format!(
@@ -702,15 +694,7 @@ impl PeerPath {
                 if let Some(e) = s.endpoint
                     && pair.remote.is_none_or(|c| c.wg != e)
                 {
-                    pair.remote = Some(Candidate {
-                        kind: self
-                            .remote
-                            .iter()
-                            .find(|c| c.wg == e)
-                            .map_or(Kind::PeerReflexive, |c| c.kind),
-                        wg: e,
-                        check: e,
-                    });
+                    pair.remote = Some(remote_for(&self.remote, e));
                 }
                 if rx_grew {
                     *rx_changed = now;
@@ -938,6 +922,17 @@ pub struct PathStatus {
     pub rtt: Option<Duration>,
     pub since: Instant,
     pub reason: Option<String>,
+}
+
+/// The peer's candidate behind WireGuard endpoint `e`, or a peer-reflexive
+/// one (whose check endpoint is unknown: `check` is then only a placeholder
+/// and never used, see [`PathStatus::remote_check`]).
+fn remote_for(remote: &[Candidate], e: SocketAddr) -> Candidate {
+    remote.iter().find(|c| c.wg == e).copied().unwrap_or(Candidate {
+        kind: Kind::PeerReflexive,
+        wg: e,
+        check: e,
+    })
 }
 
 fn describe(p: &Pair) -> String {
