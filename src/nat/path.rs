@@ -31,6 +31,8 @@ pub const KEEPALIVE_SILENCE: Duration = Duration::from_secs(60);
 pub const RECHECK_ACTIVE: Duration = Duration::from_secs(5);
 /// Idle peers on the relay back off to this between checks.
 pub const RECHECK_IDLE_MAX: Duration = Duration::from_secs(60);
+/// Idle re-checks start on multiples of this (see `PeerPath::next_check`).
+pub const RECHECK_GRID: Duration = Duration::from_secs(5);
 /// First ban of a pair whose upgrade failed or whose direct path died; doubles per failure.
 pub const BAN_INITIAL: Duration = Duration::from_secs(5);
 pub const BAN_MAX: Duration = Duration::from_secs(60);
@@ -192,6 +194,8 @@ pub struct Out<'a> {
     pub next_id: &'a mut dyn FnMut() -> u64,
     /// Our own candidates: to tell which one the peer reached.
     pub local: &'a [Candidate],
+    /// Origin of the grid idle re-checks are aligned to.
+    pub grid: Instant,
 }
 
 impl PeerPath {
@@ -330,15 +334,25 @@ impl PeerPath {
         );
     }
 
-    fn recheck_after(&mut self) -> Duration {
+    /// When to check again from the relay. Long-idle peers' re-checks land on a
+    /// grid shared by all peers ([`RECHECK_GRID`] from `out.grid`), so a
+    /// hundred relayed peers wake the agent for one round of checks, not a hundred.
+    fn next_check(&mut self, now: Instant, out: &Out) -> Instant {
         if self.active {
             self.idle_backoff = RECHECK_ACTIVE;
-            RECHECK_ACTIVE
-        } else {
-            let d = self.idle_backoff;
-            self.idle_backoff = (self.idle_backoff * 2).min(RECHECK_IDLE_MAX);
-            d
+            return now + RECHECK_ACTIVE;
         }
+        let d = self.idle_backoff;
+        self.idle_backoff = (self.idle_backoff * 2).min(RECHECK_IDLE_MAX);
+        // The first retries stay prompt: a round often fails only because the
+        // peer's mapping was not known yet.
+        if d < RECHECK_IDLE_MAX / 2 {
+            return now + d;
+        }
+        let at = (now + d).saturating_duration_since(out.grid);
+        let step = RECHECK_GRID.as_millis();
+        let slots = at.as_millis().div_ceil(step);
+        out.grid + Duration::from_millis((slots * step) as u64)
     }
 
     fn start_checks(&mut self, now: Instant) {
@@ -434,7 +448,7 @@ impl PeerPath {
                     if let Some(c) = self.current_remote() {
                         self.ban(now, c.wg);
                     }
-                    let next = now + self.recheck_after();
+                    let next = self.next_check(now, out);
                     self.set_state(
                         now,
                         State::Relay {
@@ -519,7 +533,7 @@ impl PeerPath {
                     Some(until) => Reason::Banned(until),
                     None => Reason::ChecksFailing,
                 };
-                let next = now + self.recheck_after();
+                let next = self.next_check(now, out);
                 let next = match banned_until {
                     Some(u) => next.max(u),
                     None => next,
@@ -720,7 +734,9 @@ impl PeerPath {
         }
     }
 
-    fn fail_upgrade(&mut self, now: Instant, out: &mut Out) {
+    /// Leaving a direct or upgrading path: ban the pair and tell the peer,
+    /// whose relay socket is muted and would drop what we now relay.
+    fn abandon_pair(&mut self, now: Instant, out: &mut Out) {
         if let Some(c) = self.current_remote() {
             self.ban(now, c.wg);
         }
@@ -729,7 +745,11 @@ impl PeerPath {
             via: Via::Relay,
             msg: Message::Downgrade { id: (out.next_id)() },
         });
-        let next = now + self.recheck_after();
+    }
+
+    fn fail_upgrade(&mut self, now: Instant, out: &mut Out) {
+        self.abandon_pair(now, out);
+        let next = self.next_check(now, out);
         self.set_state(
             now,
             State::Relay {
@@ -742,18 +762,11 @@ impl PeerPath {
     }
 
     fn lose(&mut self, now: Instant, why: &str, out: &mut Out) {
-        if let Some(c) = self.current_remote() {
-            self.ban(now, c.wg);
-        }
-        out.transmits.push_back(Transmit {
-            peer: self.key,
-            via: Via::Relay,
-            msg: Message::Downgrade { id: (out.next_id)() },
-        });
+        self.abandon_pair(now, out);
         // Traffic was flowing: re-check at the active pace; at once when the
         // network just changed (the path died of it, a new one may be there).
         self.active = true;
-        let mut next = now + self.recheck_after();
+        let mut next = self.next_check(now, out);
         if self
             .network_changed_at
             .is_some_and(|t| now.saturating_duration_since(t) < RECHECK_ACTIVE)

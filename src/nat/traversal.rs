@@ -40,6 +40,7 @@ pub struct Traversal {
     sample_now: bool,
     next_resend: Instant,
     resend_interval: Duration,
+    created: Instant,
 }
 
 impl Traversal {
@@ -61,6 +62,7 @@ impl Traversal {
             sample_now: true,
             next_resend: now + CANDIDATE_RESEND,
             resend_interval: CANDIDATE_RESEND,
+            created: now,
         }
     }
 
@@ -222,6 +224,7 @@ impl Traversal {
                 events: &mut self.events,
                 next_id: &mut next_id,
                 local: &self.announced,
+                grid: self.created,
             };
             p.handle_message(now, via, msg, &mut out);
         }
@@ -245,6 +248,7 @@ impl Traversal {
                     events: &mut self.events,
                     next_id: &mut next_id,
                     local: &self.announced,
+                    grid: self.created,
                 };
                 p.handle_sample(now, *s, &mut out);
             }
@@ -286,6 +290,7 @@ impl Traversal {
                     events: &mut self.events,
                     next_id: &mut next_id,
                     local: &self.announced,
+                    grid: self.created,
                 };
                 p.handle_timeout(now, &mut out);
             }
