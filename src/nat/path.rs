@@ -191,11 +191,21 @@ pub struct PeerPath {
 pub struct Out<'a> {
     pub transmits: &'a mut VecDeque<Transmit>,
     pub events: &'a mut VecDeque<PathEvent>,
-    pub next_id: &'a mut dyn FnMut() -> u64,
+    /// Seed of transaction and message ids (xorshift).
+    pub rng: &'a mut u64,
     /// Our own candidates: to tell which one the peer reached.
     pub local: &'a [Candidate],
     /// Origin of the grid idle re-checks are aligned to.
     pub grid: Instant,
+}
+
+impl Out<'_> {
+    pub fn next_id(&mut self) -> u64 {
+        *self.rng ^= *self.rng << 13;
+        *self.rng ^= *self.rng >> 7;
+        *self.rng ^= *self.rng << 17;
+        *self.rng
+    }
 }
 
 impl PeerPath {
@@ -505,7 +515,7 @@ impl PeerPath {
                     remote: Some(remote),
                     rtt: Some(success.rtt),
                 };
-                let id = (out.next_id)();
+                let id = out.next_id();
                 let upgrade = Message::Upgrade {
                     id,
                     dial: Some(remote.wg),
@@ -740,10 +750,11 @@ impl PeerPath {
         if let Some(c) = self.current_remote() {
             self.ban(now, c.wg);
         }
+        let id = out.next_id();
         out.transmits.push_back(Transmit {
             peer: self.key,
             via: Via::Relay,
-            msg: Message::Downgrade { id: (out.next_id)() },
+            msg: Message::Downgrade { id },
         });
     }
 
@@ -794,12 +805,11 @@ impl PeerPath {
             } => {
                 if now >= *next_probe {
                     *next_probe = now + PROBE_INTERVAL;
+                    let id = out.next_id();
                     out.transmits.push_back(Transmit {
                         peer: self.key,
                         via: Via::Tunnel,
-                        msg: Message::Probe {
-                            txid: (out.next_id)(),
-                        },
+                        msg: Message::Probe { txid: id },
                     });
                 }
                 // Without a sample in time (WireGuard unreadable), give up too.
@@ -813,12 +823,11 @@ impl PeerPath {
                 ..
             } if now >= *next_probe => {
                 *next_probe = now + PROBE_INTERVAL;
+                let id = out.next_id();
                 out.transmits.push_back(Transmit {
                     peer: self.key,
                     via: Via::Tunnel,
-                    msg: Message::Probe {
-                        txid: (out.next_id)(),
-                    },
+                    msg: Message::Probe { txid: id },
                 });
             }
             _ => {}
@@ -829,16 +838,15 @@ impl PeerPath {
             && now >= self.next_warm
         {
             self.next_warm = now + PROBE_INTERVAL;
+            let id = out.next_id();
             out.transmits.push_back(Transmit {
                 peer: self.key,
                 via: Via::Tunnel,
-                msg: Message::Probe {
-                    txid: (out.next_id)(),
-                },
+                msg: Message::Probe { txid: id },
             });
         }
         if let State::Checking { list } = &mut self.state {
-            let txid = (out.next_id)();
+            let txid = out.next_id();
             if let Some(p) = list.poll_ping(now, txid) {
                 out.transmits.push_back(Transmit {
                     peer: self.key,

@@ -30,17 +30,36 @@ pub struct Traversal {
     local: Vec<Candidate>,
     gather: Gather,
     generation: u64,
-    announced: Vec<Candidate>,
     peers: HashMap<Key, PeerPath>,
-    transmits: VecDeque<Transmit>,
-    events: VecDeque<PathEvent>,
-    rng: u64,
+    io: Shared,
     last_sample: Instant,
     /// A decision was made that a sample proves or refutes: sample now.
     sample_now: bool,
     next_resend: Instant,
     resend_interval: Duration,
-    created: Instant,
+}
+
+/// What every peer's path writes to: the queues, the id source, our
+/// candidates and the re-check grid (apart from `peers`, so a path can be
+/// borrowed next to it).
+struct Shared {
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PathEvent>,
+    rng: u64,
+    announced: Vec<Candidate>,
+    grid: Instant,
+}
+
+impl Shared {
+    fn out(&mut self) -> Out<'_> {
+        Out {
+            transmits: &mut self.transmits,
+            events: &mut self.events,
+            rng: &mut self.rng,
+            local: &self.announced,
+            grid: self.grid,
+        }
+    }
 }
 
 impl Traversal {
@@ -53,16 +72,18 @@ impl Traversal {
             local: Vec::new(),
             gather: Gather::new(seed ^ 0x9e37_79b9_7f4a_7c15),
             generation,
-            announced: Vec::new(),
             peers: HashMap::new(),
-            transmits: VecDeque::new(),
-            events: VecDeque::new(),
-            rng: seed | 1,
+            io: Shared {
+                transmits: VecDeque::new(),
+                events: VecDeque::new(),
+                rng: seed | 1,
+                announced: Vec::new(),
+                grid: now,
+            },
             last_sample: now,
             sample_now: true,
             next_resend: now + CANDIDATE_RESEND,
             resend_interval: CANDIDATE_RESEND,
-            created: now,
         }
     }
 
@@ -85,7 +106,7 @@ impl Traversal {
             if !self.peers.contains_key(k) {
                 self.peers.insert(*k, PeerPath::new(now, &self.me, *k));
                 let msg = self.candidates_message(k);
-                self.transmits.push_back(Transmit {
+                self.io.transmits.push_back(Transmit {
                     peer: *k,
                     via: Via::Relay,
                     msg,
@@ -149,7 +170,7 @@ impl Traversal {
         Message::Candidates {
             generation: self.generation,
             known: self.peers.get(to).map_or(0, |p| p.remote_generation()),
-            list: self.announced.clone(),
+            list: self.io.announced.clone(),
         }
     }
 
@@ -162,18 +183,18 @@ impl Traversal {
     /// Sends our candidates to every peer when they changed.
     fn announce(&mut self, now: Instant) {
         let c = self.candidates();
-        if c == self.announced {
+        if c == self.io.announced {
             return;
         }
         if super::path::debug() {
             eprintln!("nat {:.3}: announcing {c:?}", super::path::stamp());
         }
-        self.announced = c;
+        self.io.announced = c;
         self.generation += 1;
         self.resend_interval = CANDIDATE_RESEND;
         self.next_resend = self.next_resend.min(now + CANDIDATE_RESEND);
         for k in self.peers.keys() {
-            self.transmits.push_back(Transmit {
+            self.io.transmits.push_back(Transmit {
                 peer: *k,
                 via: Via::Relay,
                 msg: self.candidates_message(k),
@@ -182,7 +203,7 @@ impl Traversal {
     }
 
     pub fn local_candidates(&self) -> &[Candidate] {
-        &self.announced
+        &self.io.announced
     }
 
     pub fn mappings(&self) -> Mappings {
@@ -217,20 +238,10 @@ impl Traversal {
         // peer that lacks it (it restarted, or a copy was lost).
         let answer = matches!(&msg, Message::Candidates { known, generation, .. }
             if *known < self.generation || p.has_remote_older(*generation));
-        {
-            let mut next_id = ids(&mut self.rng);
-            let mut out = Out {
-                transmits: &mut self.transmits,
-                events: &mut self.events,
-                next_id: &mut next_id,
-                local: &self.announced,
-                grid: self.created,
-            };
-            p.handle_message(now, via, msg, &mut out);
-        }
+        p.handle_message(now, via, msg, &mut self.io.out());
         if answer {
             let msg = self.candidates_message(&from);
-            self.transmits.push_back(Transmit {
+            self.io.transmits.push_back(Transmit {
                 peer: from,
                 via: Via::Relay,
                 msg,
@@ -240,17 +251,9 @@ impl Traversal {
 
     /// WireGuard's state for the peers, read by the caller when [`Traversal::sample_due`].
     pub fn handle_samples(&mut self, now: Instant, samples: &[(Key, Sample)]) {
-        let mut next_id = ids(&mut self.rng);
         for (k, s) in samples {
             if let Some(p) = self.peers.get_mut(k) {
-                let mut out = Out {
-                    transmits: &mut self.transmits,
-                    events: &mut self.events,
-                    next_id: &mut next_id,
-                    local: &self.announced,
-                    grid: self.created,
-                };
-                p.handle_sample(now, *s, &mut out);
+                p.handle_sample(now, *s, &mut self.io.out());
             }
         }
         self.last_sample = now;
@@ -282,25 +285,15 @@ impl Traversal {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        {
-            let mut next_id = ids(&mut self.rng);
-            for p in self.peers.values_mut() {
-                let mut out = Out {
-                    transmits: &mut self.transmits,
-                    events: &mut self.events,
-                    next_id: &mut next_id,
-                    local: &self.announced,
-                    grid: self.created,
-                };
-                p.handle_timeout(now, &mut out);
-            }
+        for p in self.peers.values_mut() {
+            p.handle_timeout(now, &mut self.io.out());
         }
         if now >= self.next_resend {
             self.next_resend = now + self.resend_interval;
             self.resend_interval = (self.resend_interval * 2).min(CANDIDATE_RESEND_MAX);
             for (k, p) in &self.peers {
                 if !p.acked(self.generation) {
-                    self.transmits.push_back(Transmit {
+                    self.io.transmits.push_back(Transmit {
                         peer: *k,
                         via: Via::Relay,
                         msg: self.candidates_message(k),
@@ -324,11 +317,11 @@ impl Traversal {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.io.transmits.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<PathEvent> {
-        self.events.pop_front()
+        self.io.events.pop_front()
     }
 
     pub fn desired(&self, peer: &Key) -> Desired {
@@ -341,15 +334,5 @@ impl Traversal {
 
     pub fn status(&self, now: Instant, peer: &Key) -> Option<PathStatus> {
         self.peers.get(peer).map(|p| p.status(now))
-    }
-}
-
-/// Transaction and message ids: xorshift, seeded per agent.
-fn ids(rng: &mut u64) -> impl FnMut() -> u64 + '_ {
-    move || {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        *rng
     }
 }
