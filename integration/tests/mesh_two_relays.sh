@@ -55,7 +55,7 @@ for n in "${NODES[@]}"; do
     WGIF[$n]=$(lab_ifname "$n")
     lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${WGIF[$n]}" \
         --socket "$(sock "$n")" --port 51820 --join "$token" --name "node-$n"
-    lab_wait "$n joined" 20 has_addr "$n"
+    lab_wait "$n joined" 60 has_addr "$n"
 done
 all_peers() { st "$1" | python3 -c 'import json,sys; sys.exit(0 if len(json.load(sys.stdin)["peers"]) == 3 else 1)'; }
 for n in "${NODES[@]}"; do lab_wait "$n sees three peers" 20 all_peers "$n"; done
