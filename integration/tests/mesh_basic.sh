@@ -71,6 +71,16 @@ for x in a b c; do
     want=$(for y in a b c; do if [ "$x" != "$y" ]; then echo "${ADDR[$y]}/32"; fi; done | sort | tr '\n' ' ')
     [ "$got" = "$want" ] || lab_fail "$x: wg show allowed-ips '$got', peer map says '$want'"
 done
+# The two LAN nodes go direct by their LAN addresses (the real `wg show`
+# endpoint, not warren's word; a relayed peer's is a loopback socket), and
+# c (public) is reached directly too.
+pubkey_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])'; }
+wg_ep() { lab_exec "$1" wg show "${IF[$1]}" endpoints | awk -v k="$(pubkey_of "$2")" '$1 == k { print $2 }'; }
+ep_is() { [[ "$(wg_ep "$1" "$2")" == $3 ]]; }
+lab_wait "a direct to b on the LAN" 30 ep_is a b "10.1.0.3:*"
+lab_wait "b direct to a on the LAN" 30 ep_is b a "10.1.0.2:*"
+lab_wait "a direct to c" 30 ep_is a c "203.0.113.20:*"
+lab_wait "c direct to a through the NAT" 30 ep_is c a "198.51.100.10:*"
 lab_exec a "$WARREN" status --socket "$(sock a)"
 
 # A second agent on the same state directory refuses to start.

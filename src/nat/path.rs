@@ -393,7 +393,9 @@ impl PeerPath {
         self.idle_backoff = RECHECK_ACTIVE;
         self.network_changed_at = Some(now);
         match &mut self.state {
-            State::Relay { .. } => self.start_checks(now),
+            // A check run on the old lists would fail and wait for the next
+            // round: start over on the new ones.
+            State::Relay { .. } | State::Checking { .. } => self.start_checks(now),
             State::Direct {
                 suspect, next_probe, ..
             } => {
