@@ -48,6 +48,8 @@ const MONITOR: Token = Token(2);
 /// The resolver's answers are in (src/agent/direct.rs has 3 and 4).
 const RESOLVER: Token = Token(5);
 const FIRST_CLIENT: usize = 16;
+/// How often a sample also checks the interface and its address (see `Agent::reconcile`).
+const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Prefix of the mesh; the interface address carries it so the kernel adds the route.
 pub const MESH_PREFIX_LEN: u8 = 10;
 const LOCK_FILE: &str = "agent.lock";
@@ -109,6 +111,7 @@ struct Agent {
     need_apply: bool,
     /// A local address went away: set every endpoint again (see `rebind`).
     rebind_endpoints: bool,
+    next_full_check: Instant,
     stop: Option<Result<()>>,
     last_error: Option<String>,
 }
@@ -300,6 +303,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         next_client: FIRST_CLIENT,
         need_apply: true,
         rebind_endpoints: false,
+        next_full_check: now,
         stop: None,
         last_error: None,
     };
@@ -355,8 +359,13 @@ impl Agent {
             self.nat.handle_timeout(now);
             self.drive_nat(now);
             if self.need_apply || self.nat.sample_due(now) {
-                self.need_apply = false;
-                if let Err(e) = self.reconcile(now) {
+                // Now and then the whole interface too: someone may have
+                // removed its address or the interface itself.
+                let full = std::mem::take(&mut self.need_apply) || now >= self.next_full_check;
+                if full {
+                    self.next_full_check = now + FULL_CHECK_INTERVAL;
+                }
+                if let Err(e) = self.reconcile(now, full) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
                         eprintln!("agent: {msg}");

@@ -457,9 +457,8 @@ impl PeerPath {
             Message::Upgrade { id, dial, suggest } => self.peer_upgraded(now, id, dial, suggest, out),
             Message::Downgrade { .. } => {
                 if self.mute() != Mute::None {
-                    if let Some(c) = self.current_remote() {
-                        self.ban(now, c.wg);
-                    }
+                    // The peer banned the pair if its upgrade failed; a lost
+                    // path needs no ban: checks fail for as long as it is down.
                     let next = self.next_check(now, out);
                     self.set_state(
                         now,
@@ -691,6 +690,10 @@ impl PeerPath {
                         None => "the peer dialled us, WireGuard receives on it".into(),
                     };
                     self.idle_backoff = RECHECK_ACTIVE;
+                    // Proven: whatever failed on this pair before is forgiven.
+                    if let Some(c) = pair.remote {
+                        self.bans.remove(&c.wg);
+                    }
                     self.set_state(
                         now,
                         State::Direct {
@@ -748,10 +751,7 @@ impl PeerPath {
 
     /// Leaving a direct or upgrading path: ban the pair and tell the peer,
     /// whose relay socket is muted and would drop what we now relay.
-    fn abandon_pair(&mut self, now: Instant, out: &mut Out) {
-        if let Some(c) = self.current_remote() {
-            self.ban(now, c.wg);
-        }
+    fn abandon_pair(&mut self, out: &mut Out) {
         let id = out.next_id();
         out.transmits.push_back(Transmit {
             peer: self.key,
@@ -760,8 +760,14 @@ impl PeerPath {
         });
     }
 
+    /// Checks passed but WireGuard received nothing: the pair is banned (a
+    /// firewall that passes the check port but not WireGuard's, say), with
+    /// a longer ban each time, so checks that keep passing cannot make it flap.
     fn fail_upgrade(&mut self, now: Instant, out: &mut Out) {
-        self.abandon_pair(now, out);
+        if let Some(c) = self.current_remote() {
+            self.ban(now, c.wg);
+        }
+        self.abandon_pair(out);
         let next = self.next_check(now, out);
         self.set_state(
             now,
@@ -774,8 +780,10 @@ impl PeerPath {
         );
     }
 
+    /// A direct path that worked stopped answering. No ban: checks fail for
+    /// as long as it is down, and pass again the moment it heals.
     fn lose(&mut self, now: Instant, why: &str, out: &mut Out) {
-        self.abandon_pair(now, out);
+        self.abandon_pair(out);
         // Traffic was flowing: re-check at the active pace; at once when the
         // network just changed (the path died of it, a new one may be there).
         self.active = true;

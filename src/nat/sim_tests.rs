@@ -607,33 +607,42 @@ fn two_nodes_on_one_lan_go_direct_by_their_lan_addresses() {
 
 #[test]
 fn a_cut_direct_path_falls_back_to_the_relay_within_3_s_and_heals_within_10_s() {
-    for seed in 0..30 {
+    for seed in 0..20 {
         let mut w = pair(NatKind::PortRestricted, NatKind::PortRestricted, seed, 0.0);
         w.nodes[0].traffic = true;
         w.nodes[1].traffic = true;
         assert!(w.run_until(Duration::from_secs(10), |w| w.direct(0, 1)).is_some());
-        w.run_for(Duration::from_secs(2), |_| {});
         let (pa, pb) = (Ipv4Addr::new(198, 51, 100, 11), Ipv4Addr::new(198, 51, 100, 12));
-        w.net.block(pa, pb);
-        let before = w.nodes[1].app_relayed;
-        let down = w
-            .run_until(Duration::from_secs(10), |w| {
-                w.relayed(0, 1) && w.nodes[1].app_relayed > before
-            })
-            .expect("fell back to the relay");
-        assert!(
-            down <= Duration::from_secs(3),
-            "seed {seed}: fallback took {down:?}"
-        );
-        // While cut, checks fail: it must stay relayed.
-        let mut upgraded = false;
-        w.run_for(Duration::from_secs(15), |w| upgraded |= w.direct(0, 1));
-        assert!(!upgraded, "seed {seed}: went direct across a cut path");
-        w.net.unblock(pa, pb);
-        let up = w
-            .run_until(Duration::from_secs(20), |w| w.direct(0, 1))
-            .expect("direct again");
-        assert!(up <= Duration::from_secs(10), "seed {seed}: healing took {up:?}");
+        // Cut after cut: healing must not slow down (no growing ban on a path that worked).
+        for round in 0..3 {
+            w.run_for(Duration::from_secs(2), |_| {});
+            w.net.block(pa, pb);
+            let before = w.nodes[1].app_relayed;
+            let down = w
+                .run_until(Duration::from_secs(10), |w| {
+                    w.relayed(0, 1) && w.nodes[1].app_relayed > before
+                })
+                .expect("fell back to the relay");
+            assert!(
+                down <= Duration::from_secs(3),
+                "seed {seed} round {round}: fallback took {down:?}"
+            );
+            // While cut, checks fail: it must stay relayed.
+            let mut upgraded = false;
+            w.run_for(Duration::from_secs(15), |w| upgraded |= w.direct(0, 1));
+            assert!(
+                !upgraded,
+                "seed {seed} round {round}: went direct across a cut path"
+            );
+            w.net.unblock(pa, pb);
+            let up = w
+                .run_until(Duration::from_secs(20), |w| w.direct(0, 1))
+                .expect("direct again");
+            assert!(
+                up <= Duration::from_secs(10),
+                "seed {seed} round {round}: healing took {up:?}"
+            );
+        }
     }
 }
 

@@ -87,8 +87,7 @@ impl Agent {
                     .any(|(a, b)| a.0 != b.0 || a.1 != b.1);
             self.applied = sorted;
             if endpoints_changed {
-                self.need_apply = true;
-                // Prove or refute the change soon.
+                // Applied by the next sample, which also proves or refutes it.
                 self.nat.sample_soon();
             }
         }

@@ -5,16 +5,31 @@
 use super::*;
 
 impl Agent {
-    pub(super) fn reconcile(&mut self, now: Instant) -> Result<()> {
+    /// `full`: the map, a relay or the network changed, so the interface,
+    /// its address and every peer are checked. Otherwise this is a sample
+    /// for the traversal: one WireGuard read, and a write only when a path
+    /// changed. Each blocking round trip is a wake-up of an idle agent.
+    pub(super) fn reconcile(&mut self, now: Instant, full: bool) -> Result<()> {
         let Some(me) = self.ctrl.me().cloned() else {
             return Ok(());
         };
         let ifname = self.cfg.ifname.clone();
         let wall = SystemTime::now();
-        let current = if self.backend.exists(&ifname)? {
-            Some(self.backend.get(&ifname)?)
+        let current = if full {
+            if self.backend.exists(&ifname)? {
+                Some(self.backend.get(&ifname)?)
+            } else {
+                None
+            }
         } else {
-            None
+            match self.backend.get(&ifname) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // Gone or unreadable: the full path finds out which.
+                    self.need_apply = true;
+                    return Err(e);
+                }
+            }
         };
         let peers: Vec<PeerInfo> = self.ctrl.peers().cloned().collect();
         let homes: Vec<(Key, Option<Key>)> = peers.iter().map(|p| (p.public_key, p.home_relay)).collect();
@@ -78,6 +93,15 @@ impl Agent {
         let mut desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
         if let Some(w) = self.wgstun_peer(now) {
             desired.peers.push(w);
+        }
+        if let (false, Some(cur)) = (full, &current) {
+            let update = reconcile::diff(&desired, cur);
+            if !update.is_empty() {
+                self.backend
+                    .set(&ifname, &update)
+                    .with_context(|| format!("configuring {ifname}"))?;
+            }
+            return Ok(());
         }
         let report = reconcile::apply(self.backend.as_mut(), &ifname, &desired)
             .with_context(|| format!("configuring {ifname}"))?;
