@@ -252,6 +252,11 @@ impl PeerPath {
         self.remote_generation.unwrap_or(0)
     }
 
+    /// The peer announced somewhere to check.
+    pub fn has_candidates(&self) -> bool {
+        !self.remote.is_empty()
+    }
+
     pub fn has_remote(&self) -> bool {
         self.remote_generation.is_some()
     }

@@ -17,6 +17,10 @@ use crate::keys::Key;
 /// re-checks of relayed peers and the idle check of direct ones, and is the
 /// agent's main periodic wake-up (budget: 0.5 per second).
 pub const SAMPLE_IDLE: Duration = Duration::from_secs(10);
+/// The same when no peer is direct or has candidates to check (alone in
+/// the mesh, or only peers that are not agents): samples decide nothing then,
+/// and the agent's own full check of the interface runs at this pace.
+pub const SAMPLE_NOTHING_TO_DO: Duration = Duration::from_secs(60);
 /// Our candidates go again to a peer whose own we have not received yet:
 /// the first copy may have met a relay that was still connecting. The
 /// interval doubles up to [`CANDIDATE_RESEND_MAX`] for peers that never
@@ -266,12 +270,17 @@ impl Traversal {
         if self.sample_now {
             return self.last_sample;
         }
+        let idle = if self.peers.values().any(|p| p.is_direct() || p.has_candidates()) {
+            SAMPLE_IDLE
+        } else {
+            SAMPLE_NOTHING_TO_DO
+        };
         let interval = self
             .peers
             .values()
             .filter_map(|p| p.sample_interval())
             .min()
-            .unwrap_or(SAMPLE_IDLE);
+            .unwrap_or(idle);
         self.last_sample + interval
     }
 
