@@ -14,9 +14,11 @@ use super::path::{Desired, Mute, Out, PathEvent, PathStatus, PeerPath, Sample, T
 use crate::keys::Key;
 
 /// WireGuard is sampled this often when nothing is in progress: it drives
-/// re-checks of relayed peers and the idle check of direct ones, and is the
-/// agent's main periodic wake-up (budget: 0.5 per second).
-pub const SAMPLE_IDLE: Duration = Duration::from_secs(10);
+/// re-checks of relayed peers and the idle check of direct ones, and it
+/// bounds how long traffic that starts on a path that died while idle goes
+/// unnoticed (then + about 2 s to fall back). It is the agent's main periodic
+/// wake-up (budget: 0.5 per second in all).
+pub const SAMPLE_IDLE: Duration = Duration::from_secs(5);
 /// The same when no peer is direct or has candidates to check (alone in
 /// the mesh, or only peers that are not agents): samples decide nothing then,
 /// and the agent's own full check of the interface runs at this pace.
