@@ -8,6 +8,8 @@
 # is re-plugged into another cone router's LAN: a and b go direct again
 # across the internet (each endpoint the other router's WAN address) and
 # pings are answered. Outcomes are polled with deadlines; the gaps are printed.
+# Another process holds b's usual check port (51821): b's agent takes another
+# one and a must still reach it (the port comes with b's candidates).
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd wg python3
@@ -28,6 +30,14 @@ lab_bg srv server.log "$WARREN" server --listen "$SRV_IP:7777" --state-dir "$SRV
 lab_wait "coordinator admin socket" 10 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
 token=$(lab_exec srv "$WARREN" server invite --reusable --state-dir "$SRV_DIR")
 
+# A stranger on b's usual check port, for the whole test.
+lab_bg b squatter.log python3 -c 'import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 51821))
+time.sleep(600)'
+squatting() { lab_exec b ss -Hlun | grep -q ':51821 '; }
+lab_wait "a stranger holding UDP 51821 on b" 10 squatting
+
 declare -A IF=() ADDR=() KEY=()
 sock() { echo "$LAB_DIR/$1/warren.sock"; }
 st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
@@ -38,6 +48,8 @@ for n in a b; do
 done
 joined() { st "$1" | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if len(s["peers"]) == 1 and s["mesh_addr"] else 1)'; }
 for n in a b; do lab_wait "$n joined with one peer" 30 joined "$n"; done
+grep -q "check socket: UDP port 51821 is in use" "$LAB_DIR/agent-b.log" ||
+    lab_fail "b's agent did not say it moved its check socket off the taken port"
 for n in a b; do
     read -r "ADDR[$n]" "KEY[$n]" < <(st "$n" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["mesh_addr"], s["public_key"])')
 done

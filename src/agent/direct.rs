@@ -62,11 +62,27 @@ pub enum Received {
 
 impl DirectPath {
     /// Binds the check sockets on every address, IPv6 where the machine has it.
+    /// `port` is the one to prefer (a port mapping asks the router for it);
+    /// when another process holds it, any free port does: peers learn it from
+    /// the candidates.
     pub fn open(registry: &Registry, port: u16) -> Result<DirectPath> {
-        let mut check4 =
-            UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).with_context(|| {
-                format!("binding the check socket to UDP port {port} (used by another process?)")
-            })?;
+        let mut check4 = match UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))) {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                    .context("binding the check socket to any UDP port")?;
+                eprintln!(
+                    "agent: check socket: UDP port {port} is in use by another process; using {}",
+                    s.local_addr().map(|a| a.port()).unwrap_or(0)
+                );
+                s
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding the check socket to UDP port {port}")),
+        };
+        let port = check4
+            .local_addr()
+            .context("reading the check socket's port")?
+            .port();
         registry
             .register(&mut check4, CHECK4, Interest::READABLE)
             .context("registering the check socket")?;
@@ -167,14 +183,15 @@ impl DirectPath {
         out
     }
 
-    /// Sends one traversal message over a socket (not the relay).
+    /// Sends one traversal message over a socket (not the relay); `tunnel_to`
+    /// is the peer's check socket on its mesh address, for `Via::Tunnel`.
     pub fn send(
         &mut self,
         msgs: &mut PeerMessages,
         peer: &Key,
         via: Via,
         msg: &Message,
-        mesh: Option<Ipv4Addr>,
+        tunnel_to: Option<SocketAddr>,
     ) {
         let sealed = match msgs.seal_payload(peer, &msg.encode()) {
             Ok(s) => s,
@@ -182,11 +199,8 @@ impl DirectPath {
         };
         let result = match via {
             Via::Check(to) => self.send_check(to, &sealed),
-            Via::Tunnel => match mesh {
-                Some(m) => self
-                    .check4
-                    .send_to(&sealed, SocketAddr::from((m, self.port)))
-                    .map(|_| ()),
+            Via::Tunnel => match tunnel_to {
+                Some(to) => self.check4.send_to(&sealed, to).map(|_| ()),
                 None => Ok(()),
             },
             Via::Relay => Ok(()),

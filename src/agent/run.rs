@@ -277,7 +277,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         .checked_add(1)
         .context("WireGuard listen port 65535: the check socket takes the port after it")?;
     let direct = DirectPath::open(poll.registry(), check_port)?;
-    let nat = Traversal::new(now, state.private_key.public_key(), check_port, epoch, seed);
+    let nat = Traversal::new(now, state.private_key.public_key(), direct.port, epoch, seed);
     let mut agent = Agent {
         relay,
         resolver,

@@ -252,6 +252,14 @@ impl PeerPath {
         self.remote_generation.unwrap_or(0)
     }
 
+    /// The port the peer's check socket is bound to, from its local candidates.
+    pub fn check_port(&self) -> Option<u16> {
+        self.remote
+            .iter()
+            .find(|c| c.kind == Kind::Local)
+            .map(|c| c.check.port())
+    }
+
     /// The peer announced somewhere to check.
     pub fn has_candidates(&self) -> bool {
         !self.remote.is_empty()

@@ -335,6 +335,12 @@ impl Traversal {
         self.io.events.pop_front()
     }
 
+    /// The port of the peer's check socket itself (its local candidates
+    /// name it; a mapping's port is the router's).
+    pub fn peer_check_port(&self, peer: &Key) -> Option<u16> {
+        self.peers.get(peer)?.check_port()
+    }
+
     pub fn desired(&self, peer: &Key) -> Desired {
         self.peers.get(peer).map_or(Desired::Relay, |p| p.desired())
     }

@@ -47,8 +47,11 @@ impl Agent {
                     Err(e) => eprintln!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
                 },
                 via => {
-                    let mesh = self.mesh_of.get(&t.peer).copied();
-                    self.direct.send(&mut self.msgs, &t.peer, via, &t.msg, mesh);
+                    // The peer's check port is its own (another WireGuard port, or a
+                    // fallback port); its local candidates tell it.
+                    let port = self.nat.peer_check_port(&t.peer).unwrap_or(self.direct.port);
+                    let tunnel_to = self.mesh_of.get(&t.peer).map(|m| SocketAddr::from((*m, port)));
+                    self.direct.send(&mut self.msgs, &t.peer, via, &t.msg, tunnel_to);
                 }
             }
         }
