@@ -123,6 +123,9 @@ b_new=$(key_of b)
 a_has_new_b() { lab_exec a wg show "${IF[a]}" peers | grep -qF "$b_new" && ! lab_exec a wg show "${IF[a]}" peers | grep -qF "$b_old"; }
 lab_wait "a's WireGuard switches to b's new key" 5 a_has_new_b
 lab_wait "a -> b with b's new key" 20 lab_exec a ping -c1 -W1 "${ADDR[b]}"
+# The rotated key is a new WireGuard peer; its path goes direct again by itself.
+lab_wait "a direct to b again under b's new key" 30 ep_is a b "10.1.0.3:*"
+lab_wait "b direct to a again under its new key" 30 ep_is b a "10.1.0.2:*"
 
 # Coordinator down: traffic continues; back up: nodes reconnect, same names and addresses.
 nodes_before=$(lab_exec srv "$WARREN" server nodes --json --state-dir "$SRV_DIR" | python3 -c 'import json,sys; print(sorted((n["name"], n["mesh_addr"]) for n in json.load(sys.stdin)))')

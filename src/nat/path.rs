@@ -252,6 +252,14 @@ impl PeerPath {
         self.remote_generation.unwrap_or(0)
     }
 
+    /// Takes over what `old` knew of the peer's candidates (a key rotation
+    /// on either side) and checks them at once.
+    pub fn inherit(&mut self, now: Instant, old: &PeerPath) {
+        self.remote = old.remote.clone();
+        self.remote_generation = old.remote_generation;
+        self.start_checks(now);
+    }
+
     /// The port the peer's check socket is bound to, from its local candidates.
     pub fn check_port(&self) -> Option<u16> {
         self.remote

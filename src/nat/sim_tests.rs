@@ -257,7 +257,8 @@ impl World {
                     },
                 );
             }
-            n.nat.set_peers(now, &others);
+            let ids: Vec<(u64, Key)> = others.iter().map(|k| (k.0[8] as u64, *k)).collect();
+            n.nat.set_peers(now, &ids);
         }
     }
 
@@ -712,5 +713,31 @@ fn a_pair_whose_checks_pass_but_wireguard_cannot_use_it_is_banned_with_backoff_a
         );
         // The relay carried the traffic throughout.
         assert!(w.nodes[1].app_relayed > 1000, "seed {seed}");
+    }
+}
+
+#[test]
+fn a_key_rotation_keeps_the_pair_direct_even_with_the_relay_gone() {
+    for seed in 0..10 {
+        let mut w = World::new(seed);
+        w.add(NatKind::PortRestricted, 1, seed);
+        w.add(NatKind::PortRestricted, 1, seed);
+        w.mesh();
+        w.nodes[0].traffic = true;
+        assert!(w.run_until(Duration::from_secs(10), |w| w.direct(0, 1)).is_some());
+        // Node 1 rotates its key while the relay (and coordinator) are gone:
+        // both sides see a new WireGuard peer, with no way to exchange candidates.
+        w.relay_up = false;
+        let (old, new) = (w.nodes[1].key, Key([0xee; 32]));
+        let now = w.now;
+        w.nodes[1].key = new;
+        w.nodes[1].nat.rekey(now, new);
+        let k0 = w.nodes[0].key;
+        let p = w.nodes[0].wg.remove(&old).unwrap();
+        w.nodes[0].wg.insert(new, WgPeer { endpoint: None, ..p });
+        w.nodes[0].nat.set_peers(now, &[(1, new)]);
+        w.nodes[1].wg.get_mut(&k0).unwrap().endpoint = None;
+        let took = w.run_until(Duration::from_secs(15), |w| w.direct(0, 1));
+        assert!(took.is_some(), "seed {seed}: not direct again after the rotation");
     }
 }

@@ -37,6 +37,8 @@ pub struct Traversal {
     gather: Gather,
     generation: u64,
     peers: HashMap<Key, PeerPath>,
+    /// Node id → its current key, to follow a key rotation.
+    ids: HashMap<u64, Key>,
     io: Shared,
     last_sample: Instant,
     /// A decision was made that a sample proves or refutes: sample now.
@@ -79,6 +81,7 @@ impl Traversal {
             gather: Gather::new(seed ^ 0x9e37_79b9_7f4a_7c15),
             generation,
             peers: HashMap::new(),
+            ids: HashMap::new(),
             io: Shared {
                 transmits: VecDeque::new(),
                 events: VecDeque::new(),
@@ -98,19 +101,51 @@ impl Traversal {
     }
 
     /// Our key changed (rotation): peers see a new node.
+    /// WireGuard starts new sessions under the new key, so every path starts
+    /// over; what peers announced stays valid (checks start at once, without
+    /// waiting for the relay), and they get our list again, under the new key.
     pub fn rekey(&mut self, now: Instant, me: Key) {
         self.me = me;
+        self.generation += 1;
+        for p in self.peers.values_mut() {
+            let mut fresh = PeerPath::new(now, &me, p.key);
+            fresh.inherit(now, p);
+            *p = fresh;
+        }
         let keys: Vec<Key> = self.peers.keys().copied().collect();
-        self.peers.clear();
-        self.set_peers(now, &keys);
+        for k in keys {
+            let msg = self.candidates_message(&k);
+            self.io.transmits.push_back(Transmit {
+                peer: k,
+                via: Via::Relay,
+                msg,
+            });
+        }
     }
 
-    /// The peer map: paths for new peers, who also get our candidates.
-    pub fn set_peers(&mut self, now: Instant, keys: &[Key]) {
-        self.peers.retain(|k, _| keys.contains(k));
-        for k in keys {
+    /// The peer map, by node id and key: paths for new peers, who also get
+    /// our candidates. A node that rotated its key is a new WireGuard peer,
+    /// but its candidates carry over, so it can go direct again even with
+    /// the relay gone.
+    pub fn set_peers(&mut self, now: Instant, peers: &[(u64, Key)]) {
+        let mut inherited = Vec::new();
+        for (id, key) in peers {
+            if let Some(old) = self.ids.insert(*id, *key)
+                && old != *key
+                && let Some(path) = self.peers.remove(&old)
+            {
+                inherited.push((*key, path));
+            }
+        }
+        self.ids.retain(|id, _| peers.iter().any(|(i, _)| i == id));
+        self.peers.retain(|k, _| peers.iter().any(|(_, key)| key == k));
+        for (_, k) in peers {
             if !self.peers.contains_key(k) {
-                self.peers.insert(*k, PeerPath::new(now, &self.me, *k));
+                let mut path = PeerPath::new(now, &self.me, *k);
+                if let Some((_, old)) = inherited.iter().find(|(key, _)| key == k) {
+                    path.inherit(now, old);
+                }
+                self.peers.insert(*k, path);
                 let msg = self.candidates_message(k);
                 self.io.transmits.push_back(Transmit {
                     peer: *k,

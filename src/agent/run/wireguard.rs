@@ -54,7 +54,8 @@ impl Agent {
         if self.nat.public_key() != self.state.private_key.public_key() {
             self.nat.rekey(now, self.state.private_key.public_key());
         }
-        self.nat.set_peers(now, &keys);
+        let ids: Vec<(u64, Key)> = peers.iter().map(|p| (p.id, p.public_key)).collect();
+        self.nat.set_peers(now, &ids);
         self.mesh_of = peers.iter().map(|p| (p.public_key, p.mesh_addr)).collect();
         let samples: Vec<(Key, Sample)> = peers
             .iter()
