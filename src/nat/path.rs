@@ -654,16 +654,16 @@ impl PeerPath {
 
     pub fn handle_sample(&mut self, now: Instant, s: Sample, out: &mut Out) {
         let prev = self.last_sample.replace((now, s));
-        let (rx_grew, _tx_grew, active_tx) = match prev {
+        let (rx_grew, active_tx) = match prev {
             Some((t, p)) => {
                 let secs = now.saturating_duration_since(t).as_secs_f64().max(0.001);
                 let dtx = s.tx_bytes.saturating_sub(p.tx_bytes);
                 let drx = s.rx_bytes.saturating_sub(p.rx_bytes);
                 let rate = |d: u64| (d as f64 / secs) as u64;
                 self.active = rate(dtx) > ACTIVE_BYTES_PER_SEC || rate(drx) > ACTIVE_BYTES_PER_SEC;
-                (s.rx_bytes > p.rx_bytes, dtx > 0, rate(dtx) > ACTIVE_BYTES_PER_SEC)
+                (s.rx_bytes > p.rx_bytes, rate(dtx) > ACTIVE_BYTES_PER_SEC)
             }
-            None => (false, false, false),
+            None => (false, false),
         };
         if debug() && matches!(self.state, State::Direct { .. }) {
             eprintln!(
