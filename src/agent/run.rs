@@ -326,7 +326,12 @@ impl Agent {
             .into_iter()
             .flatten()
             .min();
-            let timeout = wake.map(|t| t.saturating_duration_since(now));
+            let unread = self.direct.unread();
+            let timeout = if unread.is_empty() {
+                wake.map(|t| t.saturating_duration_since(now))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != ErrorKind::Interrupted
             {
@@ -345,6 +350,9 @@ impl Agent {
                     }
                     Token(t) => self.client_io(t),
                 }
+            }
+            for t in unread {
+                self.direct_ready(now, t);
             }
             self.ctrl.handle_timeout(now);
             self.drain_control(now);
