@@ -654,6 +654,7 @@ impl PeerPath {
 
     pub fn handle_sample(&mut self, now: Instant, s: Sample, out: &mut Out) {
         let prev = self.last_sample.replace((now, s));
+        let prev_at = prev.map(|(t, _)| t);
         let (rx_grew, active_tx) = match prev {
             Some((t, p)) => {
                 let secs = now.saturating_duration_since(t).as_secs_f64().max(0.001);
@@ -747,9 +748,18 @@ impl PeerPath {
                     pair.remote = Some(remote_for(&self.remote, e));
                 }
                 if rx_grew {
-                    *rx_changed = now;
-                    *suspect = None;
-                    return;
+                    // After a long gap between samples the bytes may be seconds
+                    // old (traffic that started on a path that died since): count
+                    // them from the previous sample, so outgoing traffic with
+                    // nothing newer puts the path in doubt at once; a probe
+                    // clears it within a sample if the path is fine.
+                    let since = prev_at.unwrap_or(now);
+                    if now.saturating_duration_since(since) <= DIRECT_SILENCE || !active_tx {
+                        *rx_changed = now;
+                        *suspect = None;
+                        return;
+                    }
+                    *rx_changed = since;
                 }
                 let silent = now.saturating_duration_since(*rx_changed);
                 if suspect.is_none()
