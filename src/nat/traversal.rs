@@ -16,9 +16,11 @@ use crate::keys::Key;
 /// WireGuard is sampled this often when nothing is in progress: it drives
 /// re-checks of relayed peers and the idle check of direct ones, and it
 /// bounds how long traffic that starts on a path that died while idle goes
-/// unnoticed (then + about 2 s to fall back). It is the agent's main periodic
-/// wake-up (budget: 0.5 per second in all).
-pub const SAMPLE_IDLE: Duration = Duration::from_secs(5);
+/// unnoticed (then about 1.2 s more to fall back). It is the agent's main
+/// periodic wake-up, and reading 100 peers from wireguard-go costs several
+/// blocking reads: at 5 s an agent with direct peers measured 0.57 wake-ups
+/// per second against a budget of 0.5 in all.
+pub const SAMPLE_IDLE: Duration = Duration::from_secs(10);
 /// The same when no peer is direct or has candidates to check (alone in
 /// the mesh, or only peers that are not agents): samples decide nothing then,
 /// and the agent's own full check of the interface runs at this pace.
