@@ -530,6 +530,15 @@ fn local(ip: Ipv4Addr) -> Candidate {
     }
 }
 
+/// Two nodes on one port-restricted router's LAN, meshed.
+fn lan_pair(seed: u64) -> World {
+    let mut w = World::new(seed);
+    w.add(NatKind::PortRestricted, 1, seed);
+    w.add(NatKind::PortRestricted, 1, seed);
+    w.mesh();
+    w
+}
+
 /// Two nodes of the given kinds, each behind its own router, meshed.
 fn pair(a: NatKind, b: NatKind, seed: u64, loss: f64) -> World {
     let mut w = World::new(seed);
@@ -589,10 +598,7 @@ fn every_pair_of_nat_kinds_over_many_seeds_goes_direct_exactly_where_expected() 
 #[test]
 fn two_nodes_on_one_lan_go_direct_by_their_lan_addresses() {
     for seed in 0..50 {
-        let mut w = World::new(seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.mesh();
+        let mut w = lan_pair(seed);
         assert!(
             w.run_until(Duration::from_secs(10), |w| w.direct(0, 1)).is_some(),
             "seed {seed}"
@@ -650,10 +656,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_within_3_s_and_heals_within_10_s() 
 #[test]
 fn a_node_that_changes_its_lan_address_is_direct_again_by_itself() {
     for seed in 0..20 {
-        let mut w = World::new(seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.mesh();
+        let mut w = lan_pair(seed);
         w.nodes[0].traffic = true;
         assert!(w.run_until(Duration::from_secs(10), |w| w.direct(0, 1)).is_some());
         let old = w.nodes[1].ip;
@@ -719,10 +722,7 @@ fn a_pair_whose_checks_pass_but_wireguard_cannot_use_it_is_banned_with_backoff_a
 #[test]
 fn a_key_rotation_keeps_the_pair_direct_even_with_the_relay_gone() {
     for seed in 0..10 {
-        let mut w = World::new(seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.add(NatKind::PortRestricted, 1, seed);
-        w.mesh();
+        let mut w = lan_pair(seed);
         w.nodes[0].traffic = true;
         assert!(w.run_until(Duration::from_secs(10), |w| w.direct(0, 1)).is_some());
         // Node 1 rotates its key while the relay (and coordinator) are gone:
