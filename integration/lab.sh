@@ -277,7 +277,9 @@ table ip lab {
     }
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "eth0" $masq
+        # Only forwarded LAN traffic: the router's own (miniupnpd's STUN
+        # check of its WAN address) keeps its ports, as on a home router.
+        oifname "eth0" ip saddr != $wan $masq
     }
 }
 EOF
