@@ -23,7 +23,8 @@
 #   cone       masquerade: endpoint-independent mapping, port preserved when free
 #   symmetric  masquerade random,fully-random: a new random port per destination
 #   udpblock   cone, but UDP to or from the WAN is dropped (except DNS)
-# `lab_upnp ROUTER ...` adds miniupnpd (UPnP-IGD, NAT-PMP, PCP) to a NAT router.
+# `lab_upnp ROUTER ...` adds miniupnpd (UPnP-IGD, NAT-PMP, PCP, or a subset) to a NAT
+# router; `lab_upnp_restart ROUTER` restarts it with its mappings lost.
 
 LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${WARREN:=$LAB_ROOT/target/debug/warren}"
@@ -37,6 +38,7 @@ LAB_PIDS=()
 LAB_NAMESPACES=()
 LAB_CLEANUP_HOOKS=()
 declare -gA LAB_LAN_GW=() LAB_LAN_PREFIX=() LAB_KIND=() LAB_WAN_IP=()
+declare -gA LAB_UPNP_PID=() LAB_UPNP_PROTOCOLS=() LAB_UPNP_STARTS=()
 
 lab_log() { echo "lab: $*" >&2; }
 lab_fail() {
@@ -285,20 +287,42 @@ table ip lab {
 EOF
 }
 
-# lab_upnp ROUTER STUN_IP STUN_ALT_IP
-# Turns a NAT router into a UPnP-IGD / NAT-PMP / PCP router: Debian's miniupnpd
-# (nftables backend) serving its LAN, port forwards in its own table. The
-# documentation prefixes count as reserved to miniupnpd, so it must learn that
-# its WAN address is usable by STUN with CHANGE-REQUEST: STUN_IP and
+# lab_upnp ROUTER STUN_IP STUN_ALT_IP [PROTOCOLS]
+# Turns a NAT router into a port-mapping router: Debian's miniupnpd (nftables
+# backend) serving its LAN, port forwards in its own table `inet miniupnpd`
+# (chains prerouting_upnp, forward_upnp, postrouting_upnp). PROTOCOLS:
+#   all     UPnP IGD, PCP and NAT-PMP (default)
+#   upnp    UPnP IGD only
+#   pcp     PCP and NAT-PMP, no UPnP: a client that tries PCP first gets PCP
+#   natpmp  NAT-PMP only, no UPnP: emulates an old NAT-PMP router that
+#           ignores PCP. miniupnpd 2.3 answers PCP and NAT-PMP on UDP 5351
+#           behind the one option enable_natpmp, so an nft table drops what
+#           tells them apart, the first payload byte (the version: 0 NAT-PMP,
+#           2 PCP), both ways: PCP requests in from the LAN, and miniupnpd's
+#           PCP announcements out to it. A PCP client gets no answer at all
+#           (some old routers instead answer "unsupported version"; that is
+#           not emulated) and must fall back to NAT-PMP on its retry budget.
+# The documentation prefixes count as reserved to miniupnpd, so it must learn
+# that its WAN address is usable by STUN with CHANGE-REQUEST: STUN_IP and
 # STUN_ALT_IP are an RFC 5780 STUN server (turnserver -L IP -L ALT_IP) that
 # must already be running. The router accepts that server's answers to itself
 # (they come from the other address and port, so they look unsolicited).
 # UPnP clients need to ignore "not connected" (`upnpc -i`), see DESIGN.md.
+# The PCP / NAT-PMP epoch is the daemon's own uptime (system_uptime=no), so
+# it goes backwards when lab_upnp_restart restarts the daemon, as after a
+# router reboot.
 lab_upnp() {
-    local router=$1 stun=$2 alt=$3 ns conf log
+    local router=$1 stun=$2 alt=$3 protocols=${4:-all} ns conf upnp natpmp
     lab_require_cmd miniupnpd
     ns=$(lab_ns "$router")
     case "${LAB_KIND[$router]:-}" in cone | symmetric) ;; *) lab_fail "lab_upnp: $router is not a NAT router" ;; esac
+    case "$protocols" in
+    all) upnp=yes natpmp=yes ;;
+    upnp) upnp=yes natpmp=no ;;
+    pcp | natpmp) upnp=no natpmp=yes ;;
+    *) lab_fail "lab_upnp: unknown protocols '$protocols' (all, upnp, pcp, natpmp)" ;;
+    esac
+    LAB_UPNP_PROTOCOLS[$router]=$protocols
     ip netns exec "$ns" nft insert rule ip lab input iifname eth0 ip saddr "{ $stun, $alt }" \
         udp sport "{ 3478, 3479 }" accept || lab_fail "lab_upnp: opening $router for STUN answers"
     ip netns exec "$ns" nft -f - <<EOF || lab_fail "lab_upnp: creating miniupnpd's table in $router"
@@ -311,19 +335,33 @@ table inet miniupnpd {
     chain postrouting_upnp {}
 }
 EOF
+    if [ "$protocols" = natpmp ]; then
+        # @th,64,8: the 8 bits after the 8-byte UDP header, the version byte.
+        ip netns exec "$ns" nft -f - <<'EOF' || lab_fail "lab_upnp: making $router deaf to PCP"
+table ip lab_natpmp_only {
+    chain input {
+        type filter hook input priority filter - 1; policy accept;
+        iifname "br0" udp dport 5351 @th,64,8 2 drop
+    }
+    chain output {
+        type filter hook output priority filter - 1; policy accept;
+        oifname "br0" udp sport 5351 @th,64,8 2 drop
+    }
+}
+EOF
+    fi
     conf="$LAB_DIR/miniupnpd-$router.conf"
-    log="$LAB_DIR/miniupnpd-$router.log"
     cat >"$conf" <<EOF
 ext_ifname=eth0
 listening_ip=br0
 port=5000
-enable_upnp=yes
-enable_natpmp=yes
+enable_upnp=$upnp
+enable_natpmp=$natpmp
 ext_perform_stun=yes
 ext_stun_host=$stun
 ext_stun_port=3478
 secure_mode=yes
-system_uptime=yes
+system_uptime=no
 lease_file=$LAB_DIR/miniupnpd-$router.leases
 upnp_table_name=miniupnpd
 upnp_nat_table_name=miniupnpd
@@ -334,11 +372,96 @@ uuid=$(cat /proc/sys/kernel/random/uuid)
 allow 1024-65535 ${LAB_LAN_GW[$router]%.*}.0/${LAB_LAN_PREFIX[$router]} 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 EOF
-    lab_bg "$router" "$log" miniupnpd -d -f "$conf" -P "$LAB_DIR/miniupnpd-$router.pid"
-    lab_wait "miniupnpd on $router to start serving" 20 grep -q 'Listening for NAT-PMP' "$log"
+    lab_upnp_start "$router"
+}
+
+# Starts ROUTER's miniupnpd with the config lab_upnp wrote and waits until it
+# serves what its PROTOCOLS say (and has not disabled forwarding). Each start
+# logs to its own file: miniupnpd-ROUTER.log, then miniupnpd-ROUTER-2.log, ...
+lab_upnp_start() {
+    local router=$1 log ready='Listening for NAT-PMP'
+    LAB_UPNP_STARTS[$router]=$((${LAB_UPNP_STARTS[$router]:-0} + 1))
+    log="$LAB_DIR/miniupnpd-$router.log"
+    [ "${LAB_UPNP_STARTS[$router]}" = 1 ] || log="$LAB_DIR/miniupnpd-$router-${LAB_UPNP_STARTS[$router]}.log"
+    lab_bg "$router" "$log" miniupnpd -d -f "$LAB_DIR/miniupnpd-$router.conf" -P "$LAB_DIR/miniupnpd-$router.pid"
+    LAB_UPNP_PID[$router]=$LAB_LAST_PID
+    [ "${LAB_UPNP_PROTOCOLS[$router]}" = upnp ] && ready='HTTP listening on port'
+    lab_wait "miniupnpd on $router to start serving (${LAB_UPNP_PROTOCOLS[$router]})" 20 grep -q "$ready" "$log"
     if grep -q 'Port forwarding is now disabled' "$log"; then
         lab_fail "miniupnpd on $router disabled port forwarding (STUN check failed): $(grep 'STUN:' "$log" | tail -n 1)"
     fi
+}
+
+# lab_upnp_restart ROUTER
+# Emulates ROUTER rebooting its mapping daemon with every mapping lost: stops
+# its miniupnpd (the PID lab_upnp recorded), deletes the lease file, flushes
+# the forwards from its nftables chains and its conntrack table, and starts
+# it again with the same config. Clients must notice on their own (PCP /
+# NAT-PMP epoch gone backwards; UPnP entry gone) and map again.
+lab_upnp_restart() {
+    local router=$1 ns chain
+    ns=$(lab_ns "$router")
+    [ -n "${LAB_UPNP_PID[$router]:-}" ] || lab_fail "lab_upnp_restart: $router has no miniupnpd (lab_upnp first)"
+    lab_stop "${LAB_UPNP_PID[$router]}"
+    LAB_UPNP_PID[$router]=
+    rm -f "$LAB_DIR/miniupnpd-$router.leases" "$LAB_DIR/miniupnpd-$router.pid"
+    for chain in prerouting_upnp forward_upnp postrouting_upnp; do
+        ip netns exec "$ns" nft flush chain inet miniupnpd "$chain" ||
+            lab_fail "lab_upnp_restart: flushing $chain in $router"
+    done
+    ip netns exec "$ns" conntrack -F >/dev/null 2>&1 || lab_fail "lab_upnp_restart: flushing conntrack in $router"
+    lab_upnp_start "$router"
+}
+
+# lab_pcp NODE GATEWAY announce
+# lab_pcp NODE GATEWAY map INTERNAL_PORT SUGGESTED_EXTERNAL_PORT LIFETIME_S
+# A minimal PCP client (RFC 6887, UDP 5351; no Debian package has one) run
+# inside NODE, for checking the lab's routers by hand and in tests: sends an
+# ANNOUNCE or a UDP MAP request (three tries, 1 s apart) and prints the answer
+# as "result R lifetime L epoch E" (plus "external IP:PORT" for MAP). Status 0
+# on result SUCCESS, 2 on another result, 1 on no answer (also an ICMP
+# refusal: nothing listens).
+lab_pcp() {
+    local node=$1
+    shift
+    lab_exec "$node" python3 - "$@" <<'PY'
+import ipaddress, os, socket, struct, sys
+gw, op = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((gw, 5351))
+me = ipaddress.IPv6Address("::ffff:" + s.getsockname()[0]).packed
+if op == "announce":
+    req = struct.pack("!BBHI", 2, 0, 0, 0) + me
+elif op == "map":
+    iport, eport, life = (int(a) for a in sys.argv[3:6])
+    req = struct.pack("!BBHI", 2, 1, 0, life) + me + os.urandom(12) + struct.pack("!B3xHH", 17, iport, eport) + bytes(16)
+else:
+    sys.exit("lab_pcp: announce or map")
+s.settimeout(1)
+for _ in range(3):
+    try:
+        s.send(req)
+        r = s.recv(1100)
+        break
+    except socket.timeout:
+        pass
+    except ConnectionRefusedError:
+        print("no answer (port unreachable)")
+        sys.exit(1)
+else:
+    print("no answer")
+    sys.exit(1)
+if len(r) < 24 or r[0] != 2 or r[1] != (req[1] | 0x80):
+    print("not a PCP answer: " + r[:24].hex())
+    sys.exit(2)
+res, life, epoch = r[3], *struct.unpack("!II", r[4:12])
+out = "result %d lifetime %d epoch %d" % (res, life, epoch)
+if op == "map" and len(r) >= 60:
+    eport = struct.unpack("!H", r[42:44])[0]
+    out += " external %s:%d" % (ipaddress.IPv6Address(r[44:60]).ipv4_mapped, eport)
+print(out)
+sys.exit(0 if res == 0 else 2)
+PY
 }
 
 # A host on ROUTER's LAN bridge; several hosts on one router share the LAN.
@@ -367,6 +490,31 @@ lab_conntrack_mapping() {
             if ($i ~ /^dport=/) { m++; if (m == 2) port = substr($i, 7) }
         }
         if (ip != "" && port != "") print ip ":" port
+    }' | sort -u
+}
+
+# lab_wire_endpoints ROUTER LAN_IP LAN_PORT PEER_IP
+# The public IP:PORT(s) under which LAN_IP:LAN_PORT (UDP) exchanges packets
+# with PEER_IP across ROUTER's NAT, one per line, from ROUTER's conntrack:
+# flows the LAN host started (the peer answers to the NAT's mapping) and
+# flows a port forward let in (the peer sent to the forward's external port).
+# A symmetric NAT with a forward can hold both for one peer: when the host
+# sent first from its mapped port (a fresh random port), the peer's packets
+# that then come in through the forward clash with that flow, and the kernel
+# gives them a rewritten source port, so the LAN host's view of the peer
+# (e.g. `wg show`) is no longer the peer's address on the wire.
+lab_wire_endpoints() {
+    local router=$1 own=$2 port=$3 peer=$4
+    lab_exec "$router" conntrack -L -p udp 2>/dev/null | awk -v own="$own" -v port="$port" -v peer="$peer" '{
+        n = 0
+        for (i = 1; i <= NF; i++) {
+            split($i, kv, "=")
+            if (kv[1] == "src") n++
+            if (n >= 1 && n <= 2 && (kv[1] == "src" || kv[1] == "dst" || kv[1] == "sport" || kv[1] == "dport")) t[n, kv[1]] = kv[2]
+        }
+        if (n < 2) next
+        if (t[1, "src"] == own && t[1, "sport"] == port && t[1, "dst"] == peer) print t[2, "dst"] ":" t[2, "dport"]
+        if (t[2, "src"] == own && t[2, "sport"] == port && t[1, "src"] == peer) print t[1, "dst"] ":" t[1, "dport"]
     }' | sort -u
 }
 
