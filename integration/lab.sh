@@ -493,28 +493,34 @@ lab_conntrack_mapping() {
     }' | sort -u
 }
 
-# lab_wire_endpoints ROUTER LAN_IP LAN_PORT PEER_IP
-# The public IP:PORT(s) under which LAN_IP:LAN_PORT (UDP) exchanges packets
-# with PEER_IP across ROUTER's NAT, one per line, from ROUTER's conntrack:
-# flows the LAN host started (the peer answers to the NAT's mapping) and
-# flows a port forward let in (the peer sent to the forward's external port).
-# A symmetric NAT with a forward can hold both for one peer: when the host
-# sent first from its mapped port (a fresh random port), the peer's packets
-# that then come in through the forward clash with that flow, and the kernel
-# gives them a rewritten source port, so the LAN host's view of the peer
-# (e.g. `wg show`) is no longer the peer's address on the wire.
-lab_wire_endpoints() {
+# lab_wire_flows ROUTER LAN_IP LAN_PORT PEER_IP
+# The UDP flows that LAN_IP:LAN_PORT has with PEER_IP as they cross the wire
+# beyond ROUTER's NAT, one "LOCAL_PUBLIC REMOTE" line each (IP:PORT both), from
+# ROUTER's conntrack: flows the LAN host started (the peer answers to the
+# NAT's mapping) and flows a port forward let in (the peer sent to the
+# forward's external port). A symmetric NAT with a forward can hold both for
+# one peer: when the host sent first from its mapped port (out through a
+# fresh random port), the peer's packets that then come in through the
+# forward clash with that flow, and the kernel rewrites their source port on
+# the way in, so the LAN host's view of the peer (e.g. `wg show`) is not the
+# peer's address on the wire. This reads the wire side of both.
+lab_wire_flows() {
     local router=$1 own=$2 port=$3 peer=$4
     lab_exec "$router" conntrack -L -p udp 2>/dev/null | awk -v own="$own" -v port="$port" -v peer="$peer" '{
         n = 0
+        delete t
         for (i = 1; i <= NF; i++) {
             split($i, kv, "=")
             if (kv[1] == "src") n++
             if (n >= 1 && n <= 2 && (kv[1] == "src" || kv[1] == "dst" || kv[1] == "sport" || kv[1] == "dport")) t[n, kv[1]] = kv[2]
         }
         if (n < 2) next
-        if (t[1, "src"] == own && t[1, "sport"] == port && t[1, "dst"] == peer) print t[2, "dst"] ":" t[2, "dport"]
-        if (t[2, "src"] == own && t[2, "sport"] == port && t[1, "src"] == peer) print t[1, "dst"] ":" t[1, "dport"]
+        # Started by the LAN host: the reply comes back to its mapping.
+        if (t[1, "src"] == own && t[1, "sport"] == port && t[1, "dst"] == peer)
+            print t[2, "dst"] ":" t[2, "dport"], t[1, "dst"] ":" t[1, "dport"]
+        # Let in by a forward: the peer sent to its external port.
+        if (t[2, "src"] == own && t[2, "sport"] == port && t[1, "src"] == peer)
+            print t[1, "dst"] ":" t[1, "dport"], t[1, "src"] ":" t[1, "sport"]
     }' | sort -u
 }
 
@@ -565,6 +571,42 @@ for obj in json.load(sys.stdin).get("nftables", []):
         if isinstance(e, dict) and e.get("val", {}).get("concat") == want:
             n = e.get("counter", {}).get("packets", 0)
 print(n)' "$2" "$3"
+}
+
+# lab_flow_dump NODE FILE: saves every flow count of lab_flow_counter NODE
+# (for lab_flow_grown; one read for any number of flows).
+lab_flow_dump() { lab_exec "$1" nft -j list set bridge lab_flows flows >"$2" 2>/dev/null || : >"$2"; }
+
+# lab_flow_grown BEFORE AFTER A,B...
+# Of the endpoint pairs A,B (IP:PORT each), the first whose UDP flows A->B
+# and B->A both have more packets in dump AFTER than in dump BEFORE: prints
+# "A B". Else prints each pair's counts ("A->B n->n, back n->n") and fails.
+lab_flow_grown() {
+    python3 - "$@" <<'PY'
+import json, sys
+def counts(f):
+    out = {}
+    try:
+        for obj in json.load(open(f)).get("nftables", []):
+            for e in obj.get("set", {}).get("elem", []):
+                e = e.get("elem", e)
+                if isinstance(e, dict) and e.get("val", {}).get("concat"):
+                    out["%s:%s>%s:%s" % tuple(e["val"]["concat"])] = e.get("counter", {}).get("packets", 0)
+    except (OSError, ValueError):
+        pass
+    return out
+b, a = counts(sys.argv[1]), counts(sys.argv[2])
+seen = []
+for p in sys.argv[3:]:
+    x, y = p.split(",")
+    there, back = x + ">" + y, y + ">" + x
+    if a.get(there, 0) > b.get(there, 0) and a.get(back, 0) > b.get(back, 0):
+        print(x, y)
+        sys.exit(0)
+    seen.append("%s->%s %d->%d, back %d->%d" % (x, y, b.get(there, 0), a.get(there, 0), b.get(back, 0), a.get(back, 0)))
+print("; ".join(seen) or "no endpoints")
+sys.exit(1)
+PY
 }
 
 # lab_cut_udp NODE IP1 IP2

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # tiers: lab
 # Direct paths across every pair of NAT kinds, in one mesh: a `warren server`
-# (coordinator, relay, WG-STUN) on the fake internet and twelve nodes, two of
-# each kind: open (o1 a public host, o2 behind an `open` router), cone, symmetric,
-# double (cone behind cone), lan (two nodes on one cone router's LAN) and
-# udpblock. One node pair per unordered pair of kinds is held to the table
-# EXPECT below, both directions:
+# (coordinator, relay, WG-STUN) on the fake internet and fourteen nodes, two
+# of each kind: open (o1 a public host, o2 behind an `open` router), cone,
+# symmetric, double (cone behind cone), lan (two nodes on one cone router's
+# LAN), portmap (symmetric routers running miniupnpd, `lab_upnp ... all`: the
+# agent maps its ports) and udpblock. One node pair per unordered pair of
+# kinds is held to the table EXPECT below, both directions:
 #   D  direct: `wg show` has the peer's real address (its LAN address on the
 #      same LAN, else the address the internet sees: its router's WAN, or its
 #      own public address), never 127.0.0.1; a mesh ping goes out and comes
 #      back as UDP between exactly those two WireGuard endpoints on the wire
-#      (the flow counter's packet counts grow across the ping); the agent says
-#      "direct".
+#      (the flow counter's packet counts grow across the ping; for a portmap
+#      node, the endpoints may also be read from its router's conntrack,
+#      lab_wire_flows, as its router may rewrite the peer's port on the LAN
+#      side); the agent says "direct".
 #   R  relay: `wg show` has the agent's loopback relay socket, the agent says
 #      why ("checks failing" or "banned until"), and the mesh ping works.
 # Also: every node's WireGuard has the mesh's peers (compared without the
@@ -20,7 +23,7 @@
 # kinds x kinds at the end; the test fails listing every wrong cell.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
-lab_require_cmd wg python3
+lab_require_cmd wg python3 turnserver miniupnpd
 lab_init
 
 # How long the whole grid gets to settle after every node joined.
@@ -29,6 +32,12 @@ SRV_IP=203.0.113.5
 
 lab_internet
 lab_public_host srv "$SRV_IP"
+# An RFC 5780 STUN server for miniupnpd's check of its WAN address (lab_upnp).
+STUN_IP=203.0.113.7 STUN_ALT=203.0.113.8
+lab_public_host stun "$STUN_IP"
+lab_exec stun ip addr add "$STUN_ALT/24" dev eth0
+lab_bg stun turnserver.log turnserver -n -L "$STUN_IP" -L "$STUN_ALT" --stun-only --no-cli \
+    --no-tls --no-dtls --log-file stdout --simple-log --pidfile "$LAB_DIR/turnserver.pid"
 
 # node -> kind, its own address, the address the internet sees, its router.
 declare -A KIND=() OWN=() PUB=() ROUTER=()
@@ -57,25 +66,37 @@ for i in 1 2; do
     lab_router "ru$i" udpblock "198.51.100.7$i" "10.7$i.0.1/24"
     lab_lan_host "u$i" "ru$i" "10.7$i.0.2"
     node "u$i" udpblock "10.7$i.0.2" "198.51.100.7$i" "ru$i"
+    lab_router "rp$i" symmetric "198.51.100.8$i" "10.8$i.0.1/24"
+    lab_lan_host "p$i" "rp$i" "10.8$i.0.2"
+    node "p$i" portmap "10.8$i.0.2" "198.51.100.8$i" "rp$i"
+done
+stun_listening() { lab_exec stun ss -Hlun | grep -q "$STUN_ALT:3479"; }
+lab_wait "turnserver listening" 10 stun_listening
+for i in 1 2; do
+    lab_wait "rp$i reaching the STUN server" 10 lab_exec "rp$i" ping -c1 -W1 "$STUN_IP"
+    lab_upnp "rp$i" "$STUN_IP" "$STUN_ALT" all
 done
 lab_router rl cone 198.51.100.61 10.61.0.1/24
 lab_lan_host l1 rl 10.61.0.2
 lab_lan_host l2 rl 10.61.0.3
 node l1 lan 10.61.0.2 198.51.100.61 rl
 node l2 lan 10.61.0.3 198.51.100.61 rl
-NODES=(o1 o2 c1 c2 s1 s2 d1 d2 l1 l2 u1 u2)
-KINDS=(open cone symmetric double lan udpblock)
+NODES=(o1 o2 c1 c2 s1 s2 d1 d2 l1 l2 p1 p2 u1 u2)
+KINDS=(open cone symmetric double lan portmap udpblock)
 
 # Expected path per unordered pair of kinds (DESIGN.md "Path lifecycle"; the
 # lead's spec for direct paths). The lab's cone filters by address and port,
 # so nothing gets through to a symmetric NAT's fresh per-destination ports
-# except from an open host, and a UDP block allows no direct path at all.
+# except from an open host, and a UDP block allows no direct path at all. A
+# portmap node is behind a symmetric NAT too, but its router forwards the
+# mapped ports to it, so every kind with UDP reaches it (issue 11).
 declare -A EXPECT=(
-    [open,open]=D [open,cone]=D [open,symmetric]=D [open,double]=D [open,lan]=D [open,udpblock]=R
-    [cone,cone]=D [cone,symmetric]=R [cone,double]=D [cone,lan]=D [cone,udpblock]=R
-    [symmetric,symmetric]=R [symmetric,double]=R [symmetric,lan]=R [symmetric,udpblock]=R
-    [double,double]=D [double,lan]=D [double,udpblock]=R
-    [lan,lan]=D [lan,udpblock]=R
+    [open,open]=D [open,cone]=D [open,symmetric]=D [open,double]=D [open,lan]=D [open,portmap]=D [open,udpblock]=R
+    [cone,cone]=D [cone,symmetric]=R [cone,double]=D [cone,lan]=D [cone,portmap]=D [cone,udpblock]=R
+    [symmetric,symmetric]=R [symmetric,double]=R [symmetric,lan]=R [symmetric,portmap]=D [symmetric,udpblock]=R
+    [double,double]=D [double,lan]=D [double,portmap]=D [double,udpblock]=R
+    [lan,lan]=D [lan,portmap]=D [lan,udpblock]=R
+    [portmap,portmap]=D [portmap,udpblock]=R
     [udpblock,udpblock]=R
 )
 # The node pair that stands for each pair of kinds: the first node of each
@@ -224,7 +245,7 @@ mesh_ping() { lab_poll 15 lab_exec "$1" ping -c1 -W1 "${ADDR[$2]}"; }
 # waited for it); 1: the ping or the counters missed (worth another try).
 WIRE=
 wire_once() {
-    local x=$1 y=$2 seg exy eyx a0 b0 a1 b1
+    local x=$1 y=$2 seg exy eyx pairs used
     seg=$(segment "$x" "$y")
     exy=$(lab_wg_endpoint "$x" "${IF[$x]}" "${KEY[$y]}")
     eyx=$(lab_wg_endpoint "$y" "${IF[$y]}" "${KEY[$x]}")
@@ -236,17 +257,29 @@ wire_once() {
         WIRE="✗ $y's wg endpoint for $x is $eyx, not $(real_ip "$y" "$x"):port"
         return 2
     fi
-    a0=$(lab_flow_packets "$seg" "$eyx" "$exy")
-    b0=$(lab_flow_packets "$seg" "$exy" "$eyx")
+    # A portmap node's router may rewrite the peer's port on the LAN side
+    # (lab_wire_flows): then its conntrack names the flow on the wire.
+    pairs="$eyx,$exy"
+    if [ "${KIND[$x]}" = portmap ]; then
+        pairs+=" $(lab_wire_flows "${ROUTER[$x]}" "${OWN[$x]}" 51820 "${PUB[$y]}" | awk '{ printf "%s,%s ", $1, $2 }')"
+    fi
+    if [ "${KIND[$y]}" = portmap ]; then
+        pairs+=" $(lab_wire_flows "${ROUTER[$y]}" "${OWN[$y]}" 51820 "${PUB[$x]}" | awk '{ printf "%s,%s ", $2, $1 }')"
+    fi
+    lab_flow_dump "$seg" "$LAB_DIR/flows0.json"
     if ! lab_exec "$x" ping -c1 -W1 "${ADDR[$y]}" >/dev/null 2>&1; then
         WIRE="✗ endpoints $eyx <-> $exy but the mesh ping failed"
         return 1
     fi
-    a1=$(lab_flow_packets "$seg" "$eyx" "$exy")
-    b1=$(lab_flow_packets "$seg" "$exy" "$eyx")
-    if [ "$a1" -le "$a0" ] || [ "$b1" -le "$b0" ]; then
-        WIRE="✗ endpoints $eyx <-> $exy but the ping did not cross $seg between them (packets $a0->$a1 there, $b0->$b1 back)"
+    lab_flow_dump "$seg" "$LAB_DIR/flows1.json"
+    # shellcheck disable=SC2086 # one argument per endpoint pair
+    if ! used=$(lab_flow_grown "$LAB_DIR/flows0.json" "$LAB_DIR/flows1.json" $pairs); then
+        WIRE="✗ endpoints $eyx <-> $exy but the ping did not cross $seg between them ($used)"
         return 1
+    fi
+    if [ "$used" != "$eyx $exy" ]; then
+        WIRE="✓ wg endpoints $eyx <-> $exy, the ping crossed $seg as ${used/ / <-> } (the router's view of the wire)"
+        return 0
     fi
     WIRE="✓ wg endpoints $eyx <-> $exy, the ping crossed $seg as that UDP flow"
 }
