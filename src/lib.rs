@@ -14,7 +14,9 @@ pub mod netlink;
 pub mod outgoing;
 pub mod peer;
 pub mod peercred;
+pub mod portmap;
 pub mod relay;
+pub mod signals;
 pub mod sockopt;
 pub mod stun;
 #[cfg(test)]

@@ -10,3 +10,28 @@ pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
         seed
     }
 }
+
+/// Mutates each seed `rounds` times (one to three random bytes changed, a
+/// quarter of them also truncated) and counts the inputs `decode` accepts.
+pub(crate) fn mutated_accepted(
+    seeds: &[Vec<u8>],
+    rounds: usize,
+    next: &mut impl FnMut() -> u64,
+    decode: impl Fn(&[u8]) -> bool,
+) -> usize {
+    let mut accepted = 0;
+    for seed in seeds {
+        for _ in 0..rounds {
+            let mut m = seed.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % m.len();
+                m[i] = next() as u8;
+            }
+            if next().is_multiple_of(4) {
+                m.truncate((next() as usize) % (m.len() + 1));
+            }
+            accepted += decode(&m) as usize;
+        }
+    }
+    accepted
+}

@@ -51,6 +51,32 @@ pub struct Netcheck {
     /// The candidates announced to peers (sealed).
     pub candidates: Vec<CandidateStatus>,
     pub relays: Vec<RelayStatus>,
+    pub portmap: PortmapStatus,
+}
+
+/// Port mapping on the home router, as `warren netcheck` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortmapStatus {
+    pub enabled: bool,
+    /// The default route's next hop, which is asked.
+    pub gateway: Option<Ipv4Addr>,
+    /// The protocol in use: "pcp", "natpmp" or "upnp".
+    pub protocol: Option<String>,
+    /// What each protocol's probe came to.
+    pub probes: std::collections::BTreeMap<String, String>,
+    pub external_ip: Option<std::net::IpAddr>,
+    pub mappings: Vec<PortmapMapping>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortmapMapping {
+    /// "wireguard" or "check".
+    pub socket: String,
+    pub internal_port: u16,
+    pub external_port: u16,
+    /// None: the router granted a mapping without expiry.
+    pub lease_secs_left: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@ pub mod control;
 pub mod direct;
 pub mod paths;
 pub mod peer_msg;
+pub mod portmap;
 pub mod relay_path;
 pub mod resolve;
 pub mod run;

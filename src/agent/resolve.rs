@@ -60,6 +60,11 @@ impl Resolver {
         Resolver::with_lookup(registry, token, system_lookup)
     }
 
+    /// mio allows one waker per poll: other worker threads wake the loop with this one.
+    pub fn waker(&self) -> Arc<Waker> {
+        self._waker.clone()
+    }
+
     fn with_lookup<F>(registry: &Registry, token: Token, mut lookup: F) -> Result<Resolver>
     where
         F: FnMut(&str) -> Answer + Send + 'static,

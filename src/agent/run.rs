@@ -21,6 +21,7 @@ use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::direct::{self, DirectPath, Received};
 use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
+use super::portmap::PortMap;
 use super::relay_path::RelayPath;
 use super::resolve::{Lookup, Resolver};
 use crate::control::messages::{ErrorCode, PeerInfo, WgStunInfo};
@@ -32,6 +33,7 @@ use crate::nat::path::{Desired, Mute, Sample, Via};
 use crate::nat::traversal::Traversal;
 use crate::netlink::{Monitor, NetEvent, Rtnl};
 use crate::outgoing::write_pending;
+use crate::signals::StopSignals;
 use crate::wg::select::{self, BackendChoice};
 use crate::wg::{
     AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
@@ -45,8 +47,10 @@ mod wireguard;
 const TCP: Token = Token(0);
 const API: Token = Token(1);
 const MONITOR: Token = Token(2);
-/// The resolver's answers are in (src/agent/direct.rs has 3 and 4).
+/// The resolver's or the UPnP worker's answers are in (src/agent/direct.rs has 3 and 4).
 const RESOLVER: Token = Token(5);
+/// SIGTERM / SIGINT (src/agent/portmap.rs has 6).
+const SIGNALS: Token = Token(8);
 const FIRST_CLIENT: usize = 16;
 /// How often a sample also checks the interface and its address (see `Agent::reconcile`).
 const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
@@ -62,6 +66,8 @@ pub struct AgentConfig {
     pub name: Option<String>,
     pub socket: PathBuf,
     pub backend: Option<BackendChoice>,
+    /// Ask the home router to map our two ports (PCP, NAT-PMP, UPnP).
+    pub portmap: bool,
 }
 
 struct Client {
@@ -94,6 +100,8 @@ struct Agent {
     /// Where a peer's last `warren ping` came from over the check socket: its answer goes there.
     reply_to: HashMap<Key, SocketAddr>,
     relay: RelayPath,
+    portmap: PortMap,
+    signals: StopSignals,
     resolver: Resolver,
     /// The coordinator address whose dial waits for the resolver.
     dial_waiting: Option<String>,
@@ -205,6 +213,14 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         // Peers dial it as a candidate and the relay path delivers to it.
         anyhow::bail!("WireGuard listen port 0: the agent needs a fixed port (e.g. --port 51820)");
     }
+    // Before any thread starts, so that every thread has them blocked.
+    let signals = StopSignals::open().context("blocking SIGTERM and SIGINT for a clean stop")?;
+    // The UPnP client would send the router's SOAP calls to an HTTP proxy
+    // set in the environment; the agent makes no other HTTP requests.
+    for var in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+        // SAFETY: no other thread exists yet that could read the environment.
+        unsafe { std::env::remove_var(var) };
+    }
     private_dir(&cfg.state_dir)?;
     crate::netlink::check_name(&cfg.ifname)?;
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
@@ -234,6 +250,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     poll.registry()
         .register(&mut SourceFd(&mon_fd), MONITOR, Interest::READABLE)?;
     let _ = monitor.read_events();
+    let sig_fd: RawFd = signals.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
 
     let now = Instant::now();
     let seed = u64::from_le_bytes(
@@ -278,8 +297,19 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         .context("WireGuard listen port 65535: the check socket takes the port after it")?;
     let direct = DirectPath::open(poll.registry(), check_port)?;
     let nat = Traversal::new(now, state.private_key.public_key(), direct.port, epoch, seed);
+    let portmap = PortMap::new(
+        resolver.waker(),
+        now,
+        cfg.portmap,
+        cfg.listen_port,
+        direct.port,
+        // Stable across restarts, secret to the LAN: see `PortMapper::new`.
+        state.private_key.0,
+    )?;
     let mut agent = Agent {
         relay,
+        portmap,
+        signals,
         resolver,
         dial_waiting: None,
         msgs,
@@ -309,6 +339,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     };
     agent.update_candidates(now);
     agent.configure_stun(now);
+    agent.refresh_router(now);
     agent.run()
 }
 
@@ -322,6 +353,7 @@ impl Agent {
                 self.nat.poll_timeout(now),
                 self.relay.poll_timeout(),
                 self.msgs.poll_timeout(),
+                self.portmap.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -343,7 +375,17 @@ impl Agent {
                     TCP => self.tcp_ready(now),
                     API => self.accept_clients(),
                     MONITOR => self.net_changed(now),
-                    RESOLVER => self.resolved(now),
+                    RESOLVER => {
+                        self.resolved(now);
+                        self.portmap.worker_ready(now);
+                    }
+                    SIGNALS => {
+                        if let Some(sig) = self.signals.read() {
+                            eprintln!("agent: stopping on {sig}");
+                            self.stop = Some(Ok(()));
+                        }
+                    }
+                    t if PortMap::owns(t) => self.portmap.ready(now),
                     t if DirectPath::owns(t) => self.direct_ready(now, t),
                     t if self.relay.owns(t) => {
                         self.relay.ready(self.poll.registry(), &mut self.resolver, now, t)
@@ -364,6 +406,8 @@ impl Agent {
                 self.nat.resend_soon(now);
             }
             self.peer_messages(now);
+            self.portmap.handle_timeout(now);
+            self.nat.set_portmap(now, self.portmap.candidate());
             self.nat.handle_timeout(now);
             self.drive_nat(now);
             if self.need_apply || self.nat.sample_due(now) {
@@ -384,6 +428,7 @@ impl Agent {
                 }
             }
             if let Some(result) = self.stop.take() {
+                self.portmap.release();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
             }

@@ -40,6 +40,10 @@ pub struct AgentArgs {
     /// WireGuard implementation (default: $WARREN_WG_BACKEND, else auto).
     #[arg(long)]
     pub backend: Option<BackendChoice>,
+    /// Do not ask the home router (PCP, NAT-PMP, UPnP IGD) to map the
+    /// WireGuard and check ports.
+    #[arg(long)]
+    pub no_portmap: bool,
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +63,7 @@ fn config(a: AgentArgs) -> AgentConfig {
         name: a.name,
         socket: a.socket,
         backend: a.backend,
+        portmap: !a.no_portmap,
     }
 }
 
@@ -100,6 +105,9 @@ pub fn up(a: AgentArgs) -> Result<()> {
     }
     if let Some(b) = a.backend {
         cmd.arg("--backend").arg(format!("{b:?}").to_lowercase());
+    }
+    if a.no_portmap {
+        cmd.arg("--no-portmap");
     }
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the agent from our terminal.
@@ -246,6 +254,40 @@ pub fn netcheck(a: SocketArgs) -> Result<()> {
             c.check
         )?;
     }
+    let pm = &report.portmap;
+    match (&pm.protocol, pm.gateway) {
+        (Some(p), Some(g)) => outln!(
+            "port mapping: {p} on router {g}, external address {}",
+            pm.external_ip.map_or("unknown".to_string(), |a| a.to_string())
+        )?,
+        (None, Some(g)) => outln!(
+            "port mapping: none on router {g}{}",
+            pm.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+        )?,
+        (_, None) => outln!(
+            "port mapping: {}",
+            pm.error.as_deref().unwrap_or("no router to ask")
+        )?,
+    }
+    if pm.enabled && pm.gateway.is_some() {
+        // In the order they are preferred.
+        let probes: Vec<String> = ["pcp", "natpmp", "upnp"]
+            .iter()
+            .filter_map(|p| pm.probes.get(*p).map(|s| format!("{p} {s}")))
+            .collect();
+        outln!("  asked: {}", probes.join("; "))?;
+    }
+    for m in &pm.mappings {
+        let lease = m
+            .lease_secs_left
+            .map_or("no expiry".to_string(), |s| format!("lease {s} s left"));
+        outln!(
+            "  mapped {} port {} -> external port {}, {lease}",
+            m.socket,
+            m.internal_port,
+            m.external_port
+        )?;
+    }
     if report.relays.is_empty() {
         outln!("relays: none published")?;
     }
@@ -317,7 +359,7 @@ fn format_status(s: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}  DETAIL",
+        "{:<20} {:<15} {:<8} {:<22} {:<15} {:<10} {:>10} {:>10}  DETAIL",
         "PEER", "ADDRESS", "STATE", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in &s.peers {
@@ -332,7 +374,15 @@ fn format_status(s: &Status) -> String {
             .map(|s| format!("{s}s ago"))
             .unwrap_or_else(|| "never".into());
         let state = if p.online { "online" } else { "offline" };
-        let path = format!("{:?}", p.path).to_lowercase();
+        let mut path = format!("{:?}", p.path).to_lowercase();
+        // A direct path through a router's port mapping names the protocol.
+        if let Some(pair) = &p.pair
+            && let Some(k) = [&pair.remote_kind, &pair.local_kind]
+                .into_iter()
+                .find(|k| ["pcp", "natpmp", "upnp"].contains(&k.as_str()))
+        {
+            path = format!("{path} ({k})");
+        }
         // Direct: which candidates met (ours -> theirs), the check's RTT and
         // the time on the path; relayed: why.
         let detail = match (&p.pair, &p.reason) {
@@ -349,7 +399,7 @@ fn format_status(s: &Status) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<15} {:<8} {:<22} {:<7} {:<10} {:>10} {:>10}  {detail}",
+            "{:<20} {:<15} {:<8} {:<22} {:<15} {:<10} {:>10} {:>10}  {detail}",
             p.name, p.mesh_addr, state, ep, path, hs, p.rx_bytes, p.tx_bytes
         );
     }

@@ -10,13 +10,16 @@ use crate::ifaddrs::IfAddr;
 
 /// How a candidate was learned. The order is the preference among passing
 /// pairs: an address on a shared LAN beats a mapping on a router, a mapping
-/// the router promised (port mapping, next issue) beats one STUN observed.
+/// the router promised (port mapping) beats one STUN observed: it is fixed
+/// for every destination, where a symmetric NAT's observed one is not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// An address of one of the node's own interfaces.
     Local,
-    /// A router mapping made on request (UPnP IGD, NAT-PMP, PCP).
-    Portmap,
+    /// Router mappings made on request (`portmap`), by protocol.
+    Pcp,
+    NatPmp,
+    Upnp,
     /// The public mapping of the WireGuard socket, learned from WG-STUN.
     WgStun,
     /// Learned from the source of a peer's check: the peer's NAT gave it a
@@ -29,27 +32,37 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Local => "local",
-            Kind::Portmap => "portmap",
+            Kind::Pcp => "pcp",
+            Kind::NatPmp => "natpmp",
+            Kind::Upnp => "upnp",
             Kind::WgStun => "wgstun",
             Kind::PeerReflexive => "prflx",
         }
     }
 
+    pub fn is_portmap(self) -> bool {
+        matches!(self, Kind::Pcp | Kind::NatPmp | Kind::Upnp)
+    }
+
     pub fn to_wire(self) -> u8 {
         match self {
             Kind::Local => 1,
-            Kind::Portmap => 2,
+            Kind::Upnp => 2,
             Kind::WgStun => 3,
             Kind::PeerReflexive => 4,
+            Kind::NatPmp => 5,
+            Kind::Pcp => 6,
         }
     }
 
     pub fn from_wire(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::Local,
-            2 => Kind::Portmap,
+            2 => Kind::Upnp,
             3 => Kind::WgStun,
             4 => Kind::PeerReflexive,
+            5 => Kind::NatPmp,
+            6 => Kind::Pcp,
             _ => return None,
         })
     }
@@ -153,11 +166,18 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_and_prefer_lan() {
-        for k in [Kind::Local, Kind::Portmap, Kind::WgStun, Kind::PeerReflexive] {
+        for k in [
+            Kind::Local,
+            Kind::Pcp,
+            Kind::NatPmp,
+            Kind::Upnp,
+            Kind::WgStun,
+            Kind::PeerReflexive,
+        ] {
             assert_eq!(Kind::from_wire(k.to_wire()), Some(k));
         }
         assert_eq!(Kind::from_wire(0), None);
-        assert!(Kind::Local < Kind::Portmap && Kind::Portmap < Kind::WgStun);
+        assert!(Kind::Local < Kind::Pcp && Kind::Upnp < Kind::WgStun);
         assert!(is_private("10.0.0.1".parse().unwrap()) && !is_private("203.0.113.1".parse().unwrap()));
         assert!(is_private("fd00::1".parse().unwrap()) && !is_private("2001:db8::1".parse().unwrap()));
     }

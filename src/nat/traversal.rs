@@ -36,6 +36,8 @@ pub struct Traversal {
     me: Key,
     check_port: u16,
     local: Vec<Candidate>,
+    /// The router's mapping of both sockets, when port mapping holds one.
+    portmap: Option<Candidate>,
     gather: Gather,
     generation: u64,
     peers: HashMap<Key, PeerPath>,
@@ -80,6 +82,7 @@ impl Traversal {
             me,
             check_port,
             local: Vec::new(),
+            portmap: None,
             gather: Gather::new(seed ^ 0x9e37_79b9_7f4a_7c15),
             generation,
             peers: HashMap::new(),
@@ -178,6 +181,17 @@ impl Traversal {
         self.announce(now);
     }
 
+    /// The router mapped our sockets, changed the mapping or lost it:
+    /// peers hear of it at once (they check the new candidate; a lost one
+    /// simply stops passing).
+    pub fn set_portmap(&mut self, now: Instant, mapped: Option<Candidate>) {
+        if mapped == self.portmap {
+            return;
+        }
+        self.portmap = mapped;
+        self.announce(now);
+    }
+
     /// Routes changed without an address change (a new default route, say).
     pub fn network_changed(&mut self, now: Instant) {
         self.gather.refresh(now);
@@ -188,6 +202,11 @@ impl Traversal {
 
     fn candidates(&self) -> Vec<Candidate> {
         let mut out = self.local.clone();
+        if let Some(p) = self.portmap
+            && !out.iter().any(|c| c.wg == p.wg)
+        {
+            out.push(p);
+        }
         let m = self.gather.mappings();
         if let Some(wg) = m.wg {
             // Without a plain STUN answer, assume the router keeps the
@@ -196,7 +215,8 @@ impl Traversal {
                 .check
                 .filter(|c| c.ip() == wg.ip())
                 .unwrap_or(SocketAddr::new(wg.ip(), self.check_port));
-            // An open host's public address is already a local one.
+            // An open host's public address is already a local one; a
+            // router that maps the port it keeps anyway gave it already.
             if !out.iter().any(|c| c.wg == wg) {
                 out.push(Candidate {
                     kind: Kind::WgStun,

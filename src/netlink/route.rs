@@ -19,6 +19,11 @@ use crate::wg::AllowedIp;
 pub struct RouteEntry {
     pub dst: AllowedIp,
     pub oif: Option<u32>,
+    /// The next hop, for routes through a router (the default route's is
+    /// where port-mapping requests go).
+    pub gateway: Option<IpAddr>,
+    /// Lower wins among routes to the same destination.
+    pub metric: u32,
 }
 
 fn route_message(dst: AllowedIp, index: u32) -> RouteMessage {
@@ -41,11 +46,16 @@ pub(super) fn route_of(msg: &RouteMessage) -> Option<RouteEntry> {
     let mut table = msg.header.table as u32;
     let mut dst: Option<IpAddr> = None;
     let mut oif = None;
+    let mut gateway = None;
+    let mut metric = 0;
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some((*a).into()),
             RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some((*a).into()),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some((*a).into()),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some((*a).into()),
+            RouteAttribute::Priority(p) => metric = *p,
             RouteAttribute::Table(t) => table = *t,
             _ => {}
         }
@@ -65,7 +75,12 @@ pub(super) fn route_of(msg: &RouteMessage) -> Option<RouteEntry> {
         None => return None,
     };
     let dst = AllowedIp::new(dst, msg.header.destination_prefix_length).ok()?;
-    Some(RouteEntry { dst, oif })
+    Some(RouteEntry {
+        dst,
+        oif,
+        gateway,
+        metric,
+    })
 }
 
 impl Rtnl {
@@ -107,5 +122,20 @@ impl Rtnl {
             }));
         }
         Ok(out)
+    }
+
+    /// The IPv4 default route's next hop and link (lowest metric wins): the
+    /// home router, which port-mapping requests go to.
+    pub fn default_gateway_v4(&mut self) -> Result<Option<(std::net::Ipv4Addr, u32)>> {
+        let routes = self.routes()?;
+        Ok(routes
+            .iter()
+            .filter(|r| r.dst.cidr == 0 && r.dst.addr.is_ipv4())
+            .filter_map(|r| match (r.gateway, r.oif) {
+                (Some(IpAddr::V4(g)), Some(oif)) => Some((r.metric, g, oif)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, g, oif)| (g, oif)))
     }
 }

@@ -316,7 +316,8 @@ impl Backend for UserspaceBackend {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                // The agent blocks its stop signals (src/signals.rs); this one must not.
+                crate::signals::clear_mask_in_child()
             });
         }
         let child = cmd.spawn().map_err(|e| {

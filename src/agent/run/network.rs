@@ -61,6 +61,18 @@ impl Agent {
         self.need_apply = true;
     }
 
+    /// Port mapping asks the IPv4 default route's next hop.
+    pub(super) fn refresh_router(&mut self, now: Instant) {
+        let router = match self.rtnl.default_gateway_v4() {
+            Ok(r) => r.map(|(g, _)| g),
+            Err(e) => {
+                eprintln!("agent: reading the default route: {e:#}");
+                return;
+            }
+        };
+        self.portmap.set_router(self.poll.registry(), now, router);
+    }
+
     pub(super) fn net_changed(&mut self, now: Instant) {
         match self.monitor.read_events() {
             Ok(evs) => {
@@ -104,6 +116,9 @@ impl Agent {
                 }
                 if addresses {
                     self.update_candidates(now);
+                }
+                if addresses || routes {
+                    self.refresh_router(now);
                 }
                 if routes && !addresses {
                     self.nat.network_changed(now);

@@ -40,6 +40,34 @@ impl Agent {
                 })
                 .collect(),
             relays: self.relay.status(),
+            portmap: self.portmap_status(),
+        }
+    }
+
+    fn portmap_status(&self) -> api::PortmapStatus {
+        let st = self.portmap.status();
+        let now = Instant::now();
+        api::PortmapStatus {
+            enabled: st.enabled,
+            gateway: st.gateway,
+            protocol: st.protocol.map(|p| p.as_str().to_string()),
+            probes: st
+                .probes
+                .into_iter()
+                .map(|(p, s)| (p.as_str().to_string(), s))
+                .collect(),
+            external_ip: st.external_ip,
+            mappings: st
+                .mappings
+                .into_iter()
+                .map(|(socket, internal_port, m)| api::PortmapMapping {
+                    socket: socket.as_str().to_string(),
+                    internal_port,
+                    external_port: m.external.port(),
+                    lease_secs_left: m.left(now).map(|d| d.as_secs()),
+                })
+                .collect(),
+            error: st.error,
         }
     }
 
