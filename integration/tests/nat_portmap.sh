@@ -28,7 +28,13 @@
 #    through the mapping where nothing else could work (the cone and plain
 #    symmetric node dial the mapped port; between two portmap nodes, one of
 #    the two mapped ports carries it); the agent says "direct", and the
-#    node facing a portmap node has that pair's remote_kind = the protocol;
+#    node facing a portmap node has that pair's remote_kind = the protocol
+#    when its WireGuard endpoint is the mapping (always so for the cone and
+#    plain symmetric node), else prflx (the open node, and one side of two
+#    portmap nodes: this lab's symmetric routers send even the mapped port's
+#    traffic out through a fresh random port, so one flow between two
+#    portmap nodes runs through one mapping, and its other end is seen at a
+#    random port: learned by roaming);
 #  - q maps nothing (its router would have answered) and s-q stays on the
 #    relay;
 #  - `warren down` on pp removes its mappings from its router;
@@ -433,7 +439,7 @@ wire_once() {
 }
 WHY=
 prove_direct() {
-    local x=$1 y=$2 i rc ok=0 path kind
+    local x=$1 y=$2 i rc ok=0 path kind e want_kind
     shift 2
     for ((i = 0; i < 10; i++)); do
         rc=0
@@ -451,12 +457,21 @@ prove_direct() {
             WHY+=", ✗ $a says '$path'"
             ok=0
         fi
+        # Facing a portmap node: the kind must say how the path really runs.
+        # Through b's mapping, it is b's protocol. Else (the wire check above
+        # allows that only where something else can work: an open node, or
+        # between two portmap nodes, where the one flow uses one of the two
+        # mappings and the other side sees its peer's random NAT port), it is
+        # the address WireGuard learned by roaming: prflx.
         if [ "${PROTO[$b]}" != - ]; then
             kind=$(chk peer "$snap/$a.json" "${KEY[$b]}" pair.remote_kind)
-            if [ "$kind" = "${PROTO[$b]}" ]; then WHY+=", ✓ $a's remote_kind for $b $kind"; else
-                WHY+=", ✗ $a's remote_kind for $b '$kind', want ${PROTO[$b]}"
+            e=$(lab_wg_endpoint "$a" "${IF[$a]}" "${KEY[$b]}")
+            if [ "$e" = "$(m "$b")" ]; then want_kind=${PROTO[$b]}; else want_kind=prflx; fi
+            if [ "$kind" = "$want_kind" ]; then WHY+=", ✓ $a's remote_kind for $b $kind"; else
+                WHY+=", ✗ $a's remote_kind for $b '$kind' with wg endpoint $e, want $want_kind"
                 ok=0
             fi
+            [ "$want_kind" = prflx ] && WHY+=" (not through $b's mapping $(m "$b"))"
         fi
     done
     if lab_poll 15 lab_exec "$x" ping -c1 -W1 "${ADDR[$y]}"; then WHY+=", ✓ ping"; else
