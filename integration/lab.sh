@@ -40,6 +40,10 @@ LAB_CLEANUP_HOOKS=()
 declare -gA LAB_LAN_GW=() LAB_LAN_PREFIX=() LAB_KIND=() LAB_WAN_IP=()
 declare -gA LAB_UPNP_PID=() LAB_UPNP_PROTOCOLS=() LAB_UPNP_STARTS=()
 
+# Every bridge's own address (locally administered). No two bridges share a
+# segment: a router's WAN is a veth, so one address serves them all.
+LAB_BRIDGE_MAC=02:00:00:00:00:01
+
 lab_log() { echo "lab: $*" >&2; }
 lab_fail() {
     echo "FAIL: $*" >&2
@@ -192,7 +196,12 @@ lab_internet() {
     local ns
     ns=$(lab_ns inet)
     lab_new_ns inet
-    ip -n "$ns" link add br0 type bridge
+    # A bridge without an address of its own takes the lowest of its ports'
+    # and changes it as ports are plugged in later; hosts that already know
+    # the old one then send frames the bridge no longer takes as its own
+    # (dropped as for another host) until their neighbour entry times out,
+    # tens of seconds without the internet. A fixed address never changes.
+    ip -n "$ns" link add br0 address "$LAB_BRIDGE_MAC" type bridge
     ip -n "$ns" addr add 203.0.113.254/24 dev br0
     ip -n "$ns" addr add 198.51.100.254/24 dev br0
     ip -n "$ns" link set br0 up
@@ -241,7 +250,8 @@ lab_router() {
     else
         ip -n "$ns" route add default via "${LAB_LAN_GW[$upstream]}"
     fi
-    ip -n "$ns" link add br0 type bridge
+    # A fixed address, as for the internet's bridge (lab_internet).
+    ip -n "$ns" link add br0 address "$LAB_BRIDGE_MAC" type bridge
     ip -n "$ns" addr add "$lan" dev br0
     ip -n "$ns" link set br0 up
     lab_no_bridge_nf "$name"
