@@ -35,6 +35,8 @@ pub const REPROBE_INITIAL: Duration = Duration::from_secs(60);
 pub const REPROBE_MAX: Duration = Duration::from_secs(30 * 60);
 /// A refused request (an error answer) is tried again after this, doubling.
 pub const REFUSED_RETRY: Duration = Duration::from_secs(60);
+/// UPnP tells the external address only when asked: asked again this often.
+pub const UPNP_REDISCOVER: Duration = Duration::from_secs(10 * 60);
 /// A UPnP command the worker has not answered in this long counts as failed.
 pub const UPNP_DEADLINE: Duration = Duration::from_secs(15);
 /// Shown on the router's UPnP mapping list.
@@ -279,6 +281,7 @@ pub struct PortMapper {
     next_ext: Instant,
     upnp_discover: Option<(u64, Instant)>,
     upnp_found: Option<(Ipv4Addr, Option<IpAddr>)>,
+    next_rediscover: Instant,
     epoch: Option<Epoch>,
     slots: [Slot; 2],
     reprobe: Duration,
@@ -323,6 +326,7 @@ impl PortMapper {
             next_ext: now,
             upnp_discover: None,
             upnp_found: None,
+            next_rediscover: now,
             epoch: None,
             slots: [slot(wg_port), slot(check_port)],
             reprobe: REPROBE_INITIAL,
@@ -660,9 +664,25 @@ impl PortMapper {
             self.upnp_discover = None;
             match reply.outcome {
                 upnp::Outcome::Discovered { local, external, .. } => {
+                    let before = self.upnp_found.and_then(|(_, e)| e);
                     self.upnp_found = Some((local, external));
+                    self.next_rediscover = now + UPNP_REDISCOVER;
                     if matches!(self.phase, Phase::Probing) {
                         self.probes[Protocol::Upnp.index()] = Probe::Answered;
+                    } else if let Some(ip) = external.filter(|e| Some(*e) != before) {
+                        // The router's public address changed under the mappings.
+                        for (i, s) in self.slots.iter_mut().enumerate() {
+                            if let Some(m) = &mut s.mapping {
+                                m.external = SocketAddr::new(ip, m.external.port());
+                                self.events.push_back(Event::Mapped {
+                                    protocol: Protocol::Upnp,
+                                    socket: SOCKETS[i],
+                                    internal: s.internal,
+                                    external: m.external,
+                                    lease: m.granted,
+                                });
+                            }
+                        }
                     }
                 }
                 upnp::Outcome::Failed(why) => {
@@ -845,6 +865,11 @@ impl PortMapper {
             self.lose(now, p, format!("the router stopped answering {p}"));
             return;
         }
+        if p == Protocol::Upnp && self.upnp_discover.is_none() && now >= self.next_rediscover {
+            let id = self.id();
+            self.upnp_discover = Some((id, now));
+            self.commands.push_back((id, upnp::Command::Discover));
+        }
         if p == Protocol::NatPmp && self.natpmp_ext.is_none() && now >= self.next_ext {
             self.natpmp_ext = Some(Retry::new(
                 now,
@@ -949,7 +974,9 @@ impl PortMapper {
                     .filter(|s| s.request.is_none() && s.upnp.is_none())
                     .map(|s| s.next);
                 let ext = (p == Protocol::NatPmp && self.natpmp_ext.is_none()).then_some(self.next_ext);
-                slots.chain(ext).min()
+                let rediscover =
+                    (p == Protocol::Upnp && self.upnp_discover.is_none()).then_some(self.next_rediscover);
+                slots.chain(ext).chain(rediscover).min()
             }
         };
         retries.chain(upnp).chain(phase).min()

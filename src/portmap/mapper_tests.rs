@@ -401,17 +401,20 @@ fn restarted_upnp_router_loses_entries_and_gets_them_back() {
 
 #[test]
 fn external_address_change_reaches_the_candidate() {
-    for natpmp_only in [false, true] {
-        let mut w = World::new(|r| r.pcp = !natpmp_only);
+    for (pcp, natpmp) in [(true, true), (false, true), (false, false)] {
+        let mut w = World::new(|r| {
+            r.pcp = pcp;
+            r.natpmp = natpmp;
+        });
         w.run(Duration::from_secs(10));
         assert_eq!(w.candidate().unwrap().wg.ip(), IpAddr::from([198, 51, 100, 20]));
         w.r.external = Ipv4Addr::new(198, 51, 100, 99);
-        w.run(CONFIRM_INTERVAL * 6);
+        w.run(UPNP_REDISCOVER + CONFIRM_INTERVAL);
         let c = w.candidate().unwrap();
         assert_eq!(
             c.wg.ip(),
             IpAddr::from([198, 51, 100, 99]),
-            "natpmp only: {natpmp_only}"
+            "pcp {pcp} natpmp {natpmp}"
         );
         assert_eq!(c.check.ip(), c.wg.ip());
     }
