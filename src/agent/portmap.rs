@@ -151,6 +151,7 @@ impl PortMap {
         let Some(s) = &self.socket else { return };
         let mut answers = Vec::new();
         let mut error = None;
+        let mut closed = false;
         for _ in 0..READ_BUDGET {
             match s.recv_from(&mut self.buf) {
                 Ok((n, from)) if n <= MAX_MESSAGE => answers.push((from, self.buf[..n].to_vec())),
@@ -158,7 +159,7 @@ impl PortMap {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 // ICMP port unreachable: the router runs no PCP/NAT-PMP server.
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => closed = true,
                 Err(e) => {
                     error = Some(format!("reading from the router: {e}"));
                     break;
@@ -170,6 +171,9 @@ impl PortMap {
         }
         for (from, bytes) in answers {
             self.mapper.handle_datagram(now, from, &bytes);
+        }
+        if closed {
+            self.mapper.handle_port_closed(now);
         }
     }
 

@@ -658,6 +658,24 @@ impl PortMapper {
         slot.error = Some(why);
     }
 
+    /// ICMP port unreachable from the router's 5351: it runs neither PCP nor
+    /// NAT-PMP, no need to wait out their probes. Ignored once a protocol
+    /// is chosen (a daemon restarting; renewals go on and time out if not).
+    pub fn handle_port_closed(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Probing) {
+            return;
+        }
+        for p in [Protocol::Pcp, Protocol::NatPmp] {
+            if self.probes[p.index()] == Probe::Waiting {
+                self.probes[p.index()] = Probe::Refused(format!("port {} closed", pcp::SERVER_PORT));
+            }
+        }
+        self.pcp_probe = None;
+        self.natpmp_ext = None;
+        self.decide(now);
+        self.flush(now);
+    }
+
     /// An answer from the UPnP worker.
     pub fn handle_upnp(&mut self, now: Instant, reply: upnp::Reply) {
         if self.upnp_discover.is_some_and(|(id, _)| id == reply.id) {

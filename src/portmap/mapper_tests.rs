@@ -327,6 +327,20 @@ fn upnp_only_router_after_both_udp_protocols_time_out() {
 }
 
 #[test]
+fn closed_port_5351_moves_on_to_upnp_at_once() {
+    let mut w = World::new(|r| {
+        r.pcp = false;
+        r.natpmp = false;
+    });
+    assert_eq!(w.candidate(), None, "still waiting for PCP and NAT-PMP");
+    let now = w.now;
+    w.m.handle_port_closed(now);
+    w.exchange();
+    assert_eq!(w.candidate().map(|c| c.kind), Some(Kind::Upnp));
+    assert!(w.m.status().probes[0].1.contains("closed"));
+}
+
+#[test]
 fn taken_port_gets_what_the_router_grants() {
     let w = World::new(|r| r.taken = vec![WG]);
     let c = w.candidate().unwrap();
