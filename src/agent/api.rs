@@ -196,3 +196,35 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response> {
         ok => Ok(ok),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// An agent that refuses a client answers one line and closes without
+    /// reading the request: the client says why, whichever of its write or
+    /// read notices the close first.
+    #[test]
+    fn a_refusal_without_reading_the_request_is_reported() {
+        let dir = crate::coord::store::tests::TempDir::new("api-refusal");
+        let path = dir.0.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut line = serde_json::to_vec(&Response::Error {
+                    reason: NOT_ROOT.into(),
+                })
+                .unwrap();
+                line.push(b'\n');
+                s.write_all(&line).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            let err = format!("{:#}", request(&path, &Request::Status).unwrap_err());
+            assert_eq!(err, NOT_ROOT);
+        }
+        server.join().unwrap();
+    }
+}
