@@ -99,6 +99,8 @@ lab_cleanup() {
     for ns in "${LAB_NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null; done
     # wireguard-go leaves its UAPI socket behind when killed; ours all start with $LAB.
     [ -n "$LAB" ] && rm -f /var/run/wireguard/"$LAB"*.sock
+    # A killed agent leaves its interface lock and wireguard-go's log (a stopped one does not).
+    [ -n "$LAB" ] && rm -f /run/warren/"$LAB"*.lock /var/log/warren/"$LAB"*-userspace.log
     if [ "$status" -ne 0 ] && [ "$status" -ne 77 ] && [ -d "$LAB_DIR" ]; then
         for f in "$LAB_DIR"/*.log; do
             [ -s "$f" ] || continue

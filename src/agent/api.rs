@@ -19,6 +19,9 @@ pub const DEFAULT_SOCKET: &str = "/run/warren/warren.sock";
 /// `warren down` waits for the interface to be deleted, which can take a few seconds in userspace.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_REQUEST_LEN: usize = 4096;
+/// What a user who is not root is told, whether the socket's mode stopped
+/// them (EACCES) or the agent's uid check did.
+pub const NOT_ROOT: &str = "permission denied: this needs root (the agent's socket is root-only)";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -170,20 +173,58 @@ pub enum Response {
 
 pub fn request(socket: &Path, req: &Request) -> Result<Response> {
     let what = || format!("connecting to the agent at {} (is warren up?)", socket.display());
-    let mut stream = UnixStream::connect(socket).with_context(what)?;
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(NOT_ROOT),
+        Err(e) => return Err(e).with_context(what),
+    };
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).with_context(what)?;
     let mut line = serde_json::to_vec(req).context("encoding request")?;
     line.push(b'\n');
-    stream.write_all(&line).context("sending request to the agent")?;
+    // An agent that refuses us answers and closes without reading: the write
+    // may then fail, but its answer is still there to read.
+    let sent = stream.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .context("reading the agent's answer")?;
+    let read = BufReader::new(stream).read_line(&mut answer);
     if answer.is_empty() {
+        sent.context("sending request to the agent")?;
+        read.context("reading the agent's answer")?;
         bail!("the agent closed the connection without answering");
     }
     match serde_json::from_str(&answer).context("decoding the agent's answer")? {
         Response::Error { reason } => Err(anyhow!(reason)),
         ok => Ok(ok),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// An agent that refuses a client answers one line and closes without
+    /// reading the request: the client says why, whichever of its write or
+    /// read notices the close first.
+    #[test]
+    fn a_refusal_without_reading_the_request_is_reported() {
+        let dir = crate::coord::store::tests::TempDir::new("api-refusal");
+        let path = dir.0.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut line = serde_json::to_vec(&Response::Error {
+                    reason: NOT_ROOT.into(),
+                })
+                .unwrap();
+                line.push(b'\n');
+                s.write_all(&line).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            let err = format!("{:#}", request(&path, &Request::Status).unwrap_err());
+            assert_eq!(err, NOT_ROOT);
+        }
+        server.join().unwrap();
     }
 }

@@ -22,6 +22,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First retry delay, doubled per failure up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A node that has not joined yet and sees this many handshakes hung up,
+/// none completed, gives up: the key pinned from its token is not the
+/// coordinator's (an IK responder that cannot decrypt just hangs up). More
+/// than one, so a coordinator that drops one connection (restarting, shedding
+/// load) is not mistaken for the wrong one. A member keeps retrying: the key
+/// it pinned has worked before.
+pub const JOIN_HANDSHAKE_HANGUPS: u32 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -96,6 +103,8 @@ pub struct ControlConn {
     pending_key: Option<Key>,
     /// Why the last connection ended or failed, for `warren status` and `warren up`.
     last_error: Option<String>,
+    /// Handshakes the coordinator hung up on since one last completed.
+    handshake_hangups: u32,
     events: VecDeque<Event>,
 }
 
@@ -118,6 +127,7 @@ impl ControlConn {
             candidates: Vec::new(),
             pending_key: None,
             last_error: None,
+            handshake_hangups: 0,
             events: VecDeque::new(),
         }
     }
@@ -235,6 +245,16 @@ impl ControlConn {
     pub fn handle_closed(&mut self, now: Instant) {
         let reason = match &self.phase {
             Phase::Connecting { server, .. } if !self.channel.as_ref().is_some_and(Channel::is_open) => {
+                self.handshake_hangups += 1;
+                if self.cfg.join_secret.is_some() && self.handshake_hangups >= JOIN_HANDSHAKE_HANGUPS {
+                    // Final: ErrorCode's "wrong server or forged token" case.
+                    let reason = format!(
+                        "coordinator {server} hung up during the handshake {} times: \
+                         the token's server key is wrong (or it is not a warren coordinator)",
+                        self.handshake_hangups
+                    );
+                    return self.fail(ErrorCode::InviteUnknown, reason);
+                }
                 format!(
                     "coordinator {server} closed the connection during the handshake: \
                      the token's server key may be wrong, or it is not a warren coordinator"
@@ -261,6 +281,9 @@ impl ControlConn {
         };
         if let Err(e) = channel.receive(bytes) {
             return self.lost(now, &format!("{e:#}"));
+        }
+        if channel.is_open() {
+            self.handshake_hangups = 0;
         }
         while let Some(raw) = self.channel.as_mut().and_then(Channel::next_message) {
             match messages::decode_server(&raw) {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -121,6 +121,10 @@ struct Agent {
     rebind_endpoints: bool,
     next_full_check: Instant,
     stop: Option<Result<()>>,
+    /// A join token the cached membership made unnecessary is in hand.
+    can_rejoin: bool,
+    /// Stopped to enroll again with that token (this node was removed).
+    rejoin: bool,
     last_error: Option<String>,
 }
 
@@ -133,25 +137,52 @@ pub fn hostname() -> String {
 /// Where per-interface locks live: one agent per WireGuard interface, whatever its state directory.
 const INTERFACE_LOCK_DIR: &str = "/run/warren";
 
+/// An exclusive lock on `path`, `None` if another process holds it. The
+/// file may be unlinked by its holder on the way out ([`InterfaceLock`]):
+/// a lock taken on a file that is no longer at `path` guards nothing, so
+/// that case opens the path again.
 fn flock(path: &Path) -> Result<Option<std::fs::File>> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(None);
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let held = f
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(f)),
+            _ => continue,
+        }
     }
-    Ok(Some(f))
+}
+
+/// The per-interface lock, whose file goes with the agent: interface names
+/// come and go (every lab test has its own), so keeping them would pile up
+/// files in /run/warren. The state directory's lock stays: one per node.
+struct InterfaceLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for InterfaceLock {
+    fn drop(&mut self) {
+        // Unlinked while still held, so a new agent locks a fresh file (see `flock`).
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Holds the state directory and the interface for this agent; a second
 /// agent on either fails here with a clear error. The kernel drops the locks
-/// when the process dies, so a crash leaves nothing stale.
-fn lock(state_dir: &Path, ifname: &str) -> Result<(std::fs::File, std::fs::File)> {
+/// when the process dies, so a crash leaves nothing stale but an unlocked file.
+fn lock(state_dir: &Path, ifname: &str) -> Result<(std::fs::File, InterfaceLock)> {
     let dir = flock(&state_dir.join(LOCK_FILE))?.with_context(|| {
         format!(
             "another warren agent is already running with state directory {}",
@@ -159,9 +190,10 @@ fn lock(state_dir: &Path, ifname: &str) -> Result<(std::fs::File, std::fs::File)
         )
     })?;
     private_dir(Path::new(INTERFACE_LOCK_DIR))?;
-    let iface = flock(&Path::new(INTERFACE_LOCK_DIR).join(format!("{ifname}.lock")))?
-        .with_context(|| format!("another warren agent already manages interface {ifname}"))?;
-    Ok((dir, iface))
+    let path = Path::new(INTERFACE_LOCK_DIR).join(format!("{ifname}.lock"));
+    let file =
+        flock(&path)?.with_context(|| format!("another warren agent already manages interface {ifname}"))?;
+    Ok((dir, InterfaceLock { path, _file: file }))
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -175,37 +207,47 @@ fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The agent's identity and coordinator: from the cache, or from a join token.
-fn prepare_state(cfg: &AgentConfig) -> Result<AgentState> {
+/// The agent's identity and coordinator: from the cache, or from a join
+/// token. A token for the mesh the cache is already a member of changes
+/// nothing and is handed back: if the coordinator has removed this node
+/// meanwhile (while its agent was down), the agent joins with it at once.
+fn prepare_state(cfg: &AgentConfig) -> Result<(AgentState, Option<JoinToken>)> {
     let cached = cache::load(&cfg.state_dir)?;
     let Some(token) = &cfg.join else {
-        return cached.with_context(|| {
+        let state = cached.with_context(|| {
             format!(
-                "this node has not joined a mesh yet (no {}); use --join TOKEN",
+                "this node has not joined a mesh yet (no {}); give it a join token \
+                 (--join-file FILE, or `warren up --join TOKEN`)",
                 cache::path(&cfg.state_dir).display()
             )
-        });
+        })?;
+        return Ok((state, None));
     };
     let token = JoinToken::parse(token)?;
     if let Some(c) = cached
         && c.server_key == token.server_key
         && (c.me.is_some() || c.join_secret.as_deref() == Some(token.secret.as_str()))
     {
-        // Already a member of (or joining) this mesh: the token changes nothing.
-        return Ok(c);
+        let spare = c.me.is_some().then_some(token);
+        return Ok((c, spare));
     }
-    Ok(AgentState {
+    Ok((joining_state(token, cfg.name.clone()), None))
+}
+
+/// A fresh identity that enrolls with `token`.
+fn joining_state(token: JoinToken, requested_name: Option<String>) -> AgentState {
+    AgentState {
         private_key: Key::generate_private(),
         server_key: token.server_key,
         servers: token.servers,
         join_secret: Some(token.secret),
-        requested_name: cfg.name.clone(),
+        requested_name,
         me: None,
         peers: Vec::new(),
         pending_private_key: None,
         relays: Vec::new(),
         wgstun: Vec::new(),
-    })
+    }
 }
 
 pub fn run(cfg: AgentConfig) -> Result<()> {
@@ -226,8 +268,30 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
     crate::coord::load::raise_fd_limit();
-    let state = prepare_state(&cfg)?;
-    cache::save(&cfg.state_dir, &state)?;
+    let (mut state, mut spare) = prepare_state(&cfg)?;
+    let (mut cfg, mut signals) = (cfg, signals);
+    loop {
+        cache::save(&cfg.state_dir, &state)?;
+        let mut agent = start(cfg, state, signals, spare.is_some())?;
+        let result = agent.run();
+        if !agent.rejoin {
+            return result;
+        }
+        let Some(token) = spare.take() else {
+            return result;
+        };
+        let Agent {
+            cfg: c, signals: sig, ..
+        } = agent;
+        eprintln!("agent: joining again with the token given");
+        state = joining_state(token, c.name.clone());
+        (cfg, signals) = (c, sig);
+    }
+}
+
+/// Everything the agent's loop owns, set up for `state`. `can_rejoin`: a
+/// token is in hand should the coordinator say this node was removed.
+fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: bool) -> Result<Agent> {
     let choice = BackendChoice::resolve(cfg.backend)?;
     let backend = match select::backend_for_existing(choice, &cfg.ifname)? {
         Some(b) => b,
@@ -335,12 +399,14 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         rebind_endpoints: false,
         next_full_check: now,
         stop: None,
+        can_rejoin,
+        rejoin: false,
         last_error: None,
     };
     agent.update_candidates(now);
     agent.configure_stun(now);
     agent.refresh_router(now);
-    agent.run()
+    Ok(agent)
 }
 
 impl Agent {
@@ -429,6 +495,7 @@ impl Agent {
             }
             if let Some(result) = self.stop.take() {
                 self.portmap.release();
+                self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
             }
@@ -607,6 +674,26 @@ impl Agent {
         self.client_io(id);
     }
 
+    /// On the way out: a userspace implementation is a process this agent
+    /// started, which nothing would supervise or stop once the agent is gone,
+    /// so it is stopped and the interface goes with it. A kernel interface is
+    /// kept: it costs no process, and across a restart (an upgrade, systemd's
+    /// restart) the mesh keeps carrying traffic on the last configuration.
+    fn release_interface(&mut self) {
+        if self.backend.kind() != crate::wg::BackendKind::Userspace {
+            return;
+        }
+        let ifname = self.cfg.ifname.clone();
+        match self.backend.exists(&ifname) {
+            Ok(true) => match self.backend.delete(&ifname) {
+                Ok(()) => eprintln!("agent: stopped the userspace WireGuard of {ifname}"),
+                Err(e) => eprintln!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
+            },
+            Ok(false) => {}
+            Err(e) => eprintln!("agent: {ifname}: {e:#}"),
+        }
+    }
+
     fn refused_for_good(&mut self, code: ErrorCode, reason: &str) {
         match code {
             ErrorCode::Removed | ErrorCode::UnknownNode => {
@@ -617,7 +704,13 @@ impl Agent {
                     eprintln!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
                 let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
-                self.stop = Some(Err(anyhow::anyhow!("coordinator: {reason}")));
+                if self.can_rejoin {
+                    // Removed while the agent was down, and started with a new token: use it.
+                    self.rejoin = true;
+                    self.stop = Some(Ok(()));
+                } else {
+                    self.stop = Some(Err(anyhow::anyhow!("coordinator: {reason}")));
+                }
             }
             ErrorCode::InviteUnknown
             | ErrorCode::InviteExpired
@@ -734,6 +827,14 @@ impl Agent {
             match self.api.accept() {
                 Ok((mut stream, _)) => {
                     if !peer_uid(stream.as_raw_fd()).is_ok_and(uid_allowed) {
+                        // One line that fits the empty socket buffer of a fresh
+                        // connection, so the refusal is said rather than a reset.
+                        let refusal = Response::Error {
+                            reason: api::NOT_ROOT.into(),
+                        };
+                        let mut line = serde_json::to_vec(&refusal).unwrap_or_default();
+                        line.push(b'\n');
+                        let _ = stream.write(&line);
                         continue;
                     }
                     let id = self.next_client;

@@ -1,7 +1,9 @@
 //! `warren agent`, `warren up`, `warren down`, `warren status`.
 
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,15 @@ const UP_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// Join token from `warren server invite` (needed once; remembered after).
-    #[arg(long)]
+    /// Join token from `warren server invite` (needed once; remembered after);
+    /// `-` reads it from stdin. Given here it is in this process's command
+    /// line, which every local user can read: prefer `-` or --join-file.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "join_file")]
     pub join: Option<String>,
+    /// Read the join token from FILE (keep it mode 0600; `-` is stdin). For
+    /// `warren agent`, a missing file is no token once the node has joined.
+    #[arg(long, value_name = "FILE")]
+    pub join_file: Option<PathBuf>,
     /// Name to ask for (default: the hostname; an invite's name wins).
     #[arg(long)]
     pub name: Option<String>,
@@ -54,12 +62,70 @@ pub struct SocketArgs {
     pub json: bool,
 }
 
-fn config(a: AgentArgs) -> AgentConfig {
+/// Where `warren up` hands the token to the agent it starts: its stdin, a
+/// pipe, so the token is never in a command line (/proc/PID/cmdline).
+const JOIN_FROM_STDIN: &str = "-";
+
+/// The join token given by --join or --join-file, read from stdin or the file.
+/// `missing_ok`: a --join-file that does not exist is no token.
+fn read_token(a: &AgentArgs, missing_ok: bool) -> Result<Option<String>> {
+    let token = match (&a.join, &a.join_file) {
+        (Some(t), _) if t == JOIN_FROM_STDIN => read_stdin_token()?,
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) if f.as_os_str() == JOIN_FROM_STDIN => read_stdin_token()?,
+        (None, Some(f)) => match read_token_file(f)? {
+            Some(t) => t,
+            None if missing_ok => return Ok(None),
+            None => bail!("reading the join token: {} does not exist", f.display()),
+        },
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(token.trim().to_string()))
+}
+
+fn read_stdin_token() -> Result<String> {
+    let mut token = String::new();
+    // A token is at most MAX_TOKEN_LEN; more is not a token (parse says so).
+    std::io::stdin()
+        .take(crate::coord::invite::MAX_TOKEN_LEN as u64 + 1)
+        .read_to_string(&mut token)
+        .context("reading the join token from stdin")?;
+    if token.trim().is_empty() {
+        bail!("reading the join token from stdin: nothing there");
+    }
+    Ok(token)
+}
+
+/// The token in `path`, `None` if there is no such file. A file other local
+/// users can read is used, with a warning: they can add nodes with it.
+fn read_token_file(path: &Path) -> Result<Option<String>> {
+    let what = || format!("reading the join token from {}", path.display());
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(what),
+    };
+    let mode = file.metadata().with_context(what)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "warren: warning: {} is readable by other users (mode {mode:04o}); \
+             anyone who reads the token can add nodes: chmod 600 it",
+            path.display()
+        );
+    }
+    let mut token = String::new();
+    file.take(crate::coord::invite::MAX_TOKEN_LEN as u64 + 1)
+        .read_to_string(&mut token)
+        .with_context(what)?;
+    Ok(Some(token))
+}
+
+fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
     AgentConfig {
         state_dir: a.state_dir,
         ifname: a.interface,
         listen_port: a.port,
-        join: a.join,
+        join,
         name: a.name,
         socket: a.socket,
         backend: a.backend,
@@ -68,7 +134,27 @@ fn config(a: AgentArgs) -> AgentConfig {
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
-    run::run(config(a))
+    let joined = crate::agent::cache::path(&a.state_dir).exists();
+    let join = match read_token(&a, joined) {
+        Ok(t) => t,
+        // The file is where a service manager's unit says; the node needs it once.
+        Err(_) if a.join_file.as_ref().is_some_and(|f| !f.exists()) => bail!(
+            "this node has not joined a mesh yet and {} does not exist: put the token from \
+             `warren server invite` there (mode 0600)",
+            a.join_file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default()
+        ),
+        Err(e) => return Err(e),
+    };
+    if a.join.as_deref().is_some_and(|t| t != JOIN_FROM_STDIN) {
+        eprintln!(
+            "agent: warning: --join TOKEN leaves the token in the process list for every local \
+             user to read; use --join-file FILE"
+        );
+    }
+    run::run(config(a, join))
 }
 
 /// Starts the agent in the background and waits until it is in the mesh.
@@ -79,7 +165,8 @@ pub fn up(a: AgentArgs) -> Result<()> {
             a.socket.display()
         );
     }
-    if let Some(j) = &a.join {
+    let token = read_token(&a, false)?;
+    if let Some(j) = &token {
         // A mistyped token is reported here, before anything is started.
         crate::coord::invite::JoinToken::parse(j)?;
     }
@@ -97,8 +184,8 @@ pub fn up(a: AgentArgs) -> Result<()> {
         .arg(a.port.to_string())
         .arg("--socket")
         .arg(&a.socket);
-    if let Some(j) = &a.join {
-        cmd.arg("--join").arg(j);
+    if token.is_some() {
+        cmd.arg("--join-file").arg(JOIN_FROM_STDIN);
     }
     if let Some(n) = &a.name {
         cmd.arg("--name").arg(n);
@@ -109,7 +196,12 @@ pub fn up(a: AgentArgs) -> Result<()> {
     if a.no_portmap {
         cmd.arg("--no-portmap");
     }
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let stdin = if token.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.stdin(stdin).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the agent from our terminal.
     unsafe {
         cmd.pre_exec(|| {
@@ -118,6 +210,11 @@ pub fn up(a: AgentArgs) -> Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the agent")?;
+    if let (Some(t), Some(mut pipe)) = (&token, child.stdin.take()) {
+        // Far less than a pipe's buffer, so this never blocks; an agent that
+        // died before reading it is reported below, from its log.
+        let _ = pipe.write_all(t.as_bytes());
+    }
     let deadline = Instant::now() + UP_TIMEOUT;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {

@@ -223,10 +223,18 @@ impl UserspaceBackend {
         UnixStream::connect(self.socket_path(ifname)).is_ok()
     }
 
+    /// One log per interface, appended to: what the implementation said
+    /// before it died is kept for the next start to append to; a clean
+    /// stop removes it (see [`Backend::delete`]), so the logs of interfaces
+    /// that come and go do not pile up.
+    fn log_path(&self, ifname: &str) -> PathBuf {
+        self.log_dir.join(format!("{ifname}-userspace.log"))
+    }
+
     fn open_log(&self, ifname: &str) -> Result<(std::fs::File, PathBuf)> {
         std::fs::create_dir_all(&self.log_dir)
             .with_context(|| format!("creating {}", self.log_dir.display()))?;
-        let path = self.log_dir.join(format!("{ifname}-userspace.log"));
+        let path = self.log_path(ifname);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -376,6 +384,9 @@ impl Backend for UserspaceBackend {
                 .map_err(|link| anyhow!("deleting {ifname}: {signal:#}; {link:#}")),
         };
         self.reap_exiting(ifname, Instant::now() + SHUTDOWN_DEADLINE);
+        if result.is_ok() {
+            let _ = std::fs::remove_file(self.log_path(ifname));
+        }
         result
     }
 
