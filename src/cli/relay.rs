@@ -9,7 +9,7 @@ use clap::Args;
 use super::out::outln;
 use crate::relay::admission::SourceLimits;
 use crate::relay::client_conn::Limits;
-use crate::relay::server::{DEFAULT_MAX_CLIENTS, RelayConfig, RelayGuards, RelayServer};
+use crate::relay::server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_PENDING, RelayConfig, RelayGuards, RelayServer};
 use crate::relay::{DEFAULT_PORT, KEY_FILE};
 use crate::wgstun::key;
 
@@ -28,6 +28,11 @@ pub struct RelayArgs {
     /// Raise both by that arithmetic on a bigger machine.
     #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, verbatim_doc_comment)]
     pub max_clients: usize,
+    /// Connections still in their handshake, all sources together. They do
+    /// not take --max-clients slots; when this pool is full the oldest
+    /// pending connection is closed for the new one.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
+    pub max_pending: usize,
     /// Sustained rate one client may send through the relay, in MiB/s.
     #[arg(long, default_value_t = 64)]
     pub client_rate_mib: u64,
@@ -65,6 +70,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     let defaults = SourceLimits::for_relay(args.max_clients);
     let guards = RelayGuards {
         total_queue_bytes: args.max_queue_mib.saturating_mul(1024 * 1024),
+        max_pending: args.max_pending,
         per_source: SourceLimits {
             connects_per_sec: args.source_connect_rate,
             connect_burst: args.source_connect_burst,

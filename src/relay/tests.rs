@@ -93,6 +93,8 @@ struct Client {
     stream: TcpStream,
     ch: Channel,
     key: Key,
+    /// What the client wrote to register: its first handshake message, then its first sealed message.
+    handshake_wire: [Vec<u8>; 2],
 }
 
 impl Client {
@@ -117,13 +119,20 @@ impl Client {
         let mut ch = Channel::client_with(profile, &key, &relay.public).unwrap();
         // Registration happens on the first sealed message.
         ch.send(&RelayFrame::KeepAlive.encode().unwrap()).unwrap();
-        let mut c = Client { stream, ch, key };
+        let mut c = Client {
+            stream,
+            ch,
+            key,
+            handshake_wire: Default::default(),
+        };
+        c.handshake_wire[0] = c.ch.outgoing().to_vec();
         c.flush();
         let end = Instant::now() + DEADLINE;
         while !c.ch.is_open() {
             assert!(Instant::now() < end, "handshake did not finish");
             c.read_some().unwrap();
         }
+        c.handshake_wire[1] = c.ch.outgoing().to_vec();
         c.flush();
         c
     }
@@ -295,23 +304,37 @@ fn impersonation_is_impossible() {
     let mut m = Client::connect(&relay, Key::generate_private());
     m.send_to(b.public(), b"i am a");
     assert_eq!(b.recv().unwrap(), recv_from(m.public(), b"i am a"));
+    relay.wait_stats("three registered", |s| s.registered == 3);
 
-    // Mallory replays A's captured first handshake message on a new connection:
-    // the relay answers, but she cannot finish the handshake, so A stays registered.
-    let (_, first) = crate::control::noise::initiate_with(&RELAY_PROFILE, &a_key, &relay.public).unwrap();
-    let mut wire = Vec::new();
-    crate::control::frame::encode(crate::control::frame::FrameKind::Handshake, &first, &mut wire);
+    // Mallory replays what A wrote to register on a new connection. The relay
+    // answers the handshake message, as it answers anyone's...
     let mut replay = TcpStream::connect(relay.addr).unwrap();
-    replay.write_all(&wire).unwrap();
-    replay.write_all(&wire[..10]).unwrap();
+    replay.set_read_timeout(Some(DEADLINE)).unwrap();
+    replay.write_all(&a.handshake_wire[0]).unwrap();
+    let answered = replay.read(&mut [0u8; 4096]).unwrap_or(0);
+    assert!(answered > 0, "the relay answered the replayed handshake");
+    // ...but A's sealed message belongs to A's session, not to this one: the
+    // relay closes the connection and A stays registered.
+    replay.write_all(&a.handshake_wire[1]).unwrap();
+    let closed = loop {
+        let mut buf = [0u8; 4096];
+        match replay.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => panic!("the relay sent {n} more bytes to the replaying connection"),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "the relay closed the replaying connection");
+    let s = relay.wait_stats("the replay counted as bad input", |s| s.closed_bad_input == 1);
+    assert_eq!((s.replaced, s.registered), (0, 3), "{s:?}");
     // A pinned relay key Mallory does not hold cannot answer A either (no relay impersonation).
+    let (_, first) = crate::control::noise::initiate_with(&RELAY_PROFILE, &a_key, &relay.public).unwrap();
     assert!(crate::control::noise::respond_with(&RELAY_PROFILE, &Key::generate_private(), &first).is_err());
 
+    // A's own connection still is A: it gets what is sent to A.
     b.send_to(a.public(), b"for a only");
     assert_eq!(a.recv().unwrap(), recv_from(b.public(), b"for a only"));
-    let s = relay.handle.stats();
-    assert_eq!(s.replaced, 0, "{s:?}");
-    drop(replay);
 }
 
 #[test]
@@ -450,6 +473,8 @@ fn max_clients_refuses_more() {
     let relay = Relay::from_server(server);
     let _a = Client::connect(&relay, Key::generate_private());
     let _b = Client::connect(&relay, Key::generate_private());
+    // Registered on their first sealed message, just after the handshake.
+    relay.wait_stats("two registered", |s| s.registered == 2);
     let mut c = TcpStream::connect(relay.addr).unwrap();
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(
@@ -649,6 +674,7 @@ fn a_flooding_source_does_not_crowd_out_other_clients() {
             stream,
             ch,
             key: Key::generate_private(),
+            handshake_wire: Default::default(),
         };
         c.flush();
         // A refused connection is closed before it is answered.
@@ -790,4 +816,137 @@ fn a_burst_of_connections_beyond_one_accept_turn_is_all_accepted() {
     let held: Vec<TcpStream> = (0..120).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let relay = Relay::from_server(server);
     relay.wait_stats("all 120 accepted", |s| s.clients == held.len());
+}
+
+/// Per-source limits that never bind, for tests of the relay-wide pools.
+fn no_source_limits(pool: usize, max_clients: usize) -> RelayGuards {
+    RelayGuards {
+        max_pending: pool,
+        per_source: SourceLimits::unlimited(),
+        ..RelayGuards::for_relay(max_clients)
+    }
+}
+
+/// Holds `n` connections from `local` that never send a byte.
+fn hold_silent(relay: &Relay, local: Ipv4Addr, n: usize) -> Vec<TcpStream> {
+    (0..n).map(|_| connect_from(local, relay.addr).unwrap()).collect()
+}
+
+/// Strangers keep far more connections in their handshake than there are
+/// client slots: they wait in their own pool (the oldest pushed out), and a
+/// new client still registers into a free slot and gets its traffic.
+#[test]
+fn pending_handshakes_never_take_registered_slots() {
+    let relay = Relay::start_guarded(Limits::default(), 3, no_source_limits(8, 3));
+    let mut a = Client::connect(&relay, Key::generate_private());
+    let _b = Client::connect(&relay, Key::generate_private());
+    relay.wait_stats("two registered", |s| s.registered == 2);
+    let held: Vec<TcpStream> = (10..15)
+        .flat_map(|i| hold_silent(&relay, Ipv4Addr::new(127, 0, 0, i), 8))
+        .collect();
+    let s = relay.wait_stats("the strangers' 40 connections taken in", |s| {
+        s.evicted_pending + s.pending as u64 == 40
+    });
+    assert_eq!((s.pending, s.evicted_pending), (8, 32), "{s:?}");
+
+    let mut c = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 2), Key::generate_private());
+    a.send_to(c.public(), b"through");
+    assert_eq!(c.recv().unwrap(), recv_from(a.public(), b"through"));
+    let s = relay.wait_stats("three registered", |s| s.registered == 3);
+    assert_eq!(s.rejected_full, 0, "{s:?}");
+    assert!(s.pending <= 8, "{s:?}");
+
+    // Every slot is taken by a registered client: the next one is refused at once.
+    let mut d = connect_from(Ipv4Addr::new(127, 0, 0, 3), relay.addr).unwrap();
+    d.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(d.read(&mut [0u8; 16]).unwrap_or(0), 0, "closed when full");
+    relay.wait_stats("refused as full", |s| s.rejected_full == 1 && s.registered == 3);
+    drop(held);
+}
+
+/// Being pushed out of the pending pool costs the source a token, as a
+/// refusal does: a source that keeps the pool full runs out of its rate.
+#[test]
+fn eviction_from_the_pending_pool_costs_the_source_its_rate() {
+    let guards = RelayGuards {
+        max_pending: 10,
+        per_source: SourceLimits {
+            connects_per_sec: 1,
+            connect_burst: 30,
+            max_pending: 0,
+            max_clients: 0,
+        },
+        ..RelayGuards::for_relay(10)
+    };
+    let relay = Relay::start_guarded(Limits::default(), 10, guards);
+    let flooder = Ipv4Addr::new(127, 0, 0, 20);
+    let mut held = hold_silent(&relay, flooder, 10);
+    relay.wait_stats("the flooder fills the pool", |s| s.pending == 10);
+    // Another source pushes out all ten: ten tokens the flooder pays.
+    held.extend(hold_silent(&relay, Ipv4Addr::new(127, 0, 0, 21), 10));
+    relay.wait_stats("the flooder's ten pushed out", |s| s.evicted_pending == 10);
+    // 30 - 10 - 10 = 10 tokens left (plus one a second): of 20 more attempts
+    // about half are refused by the rate. Without the charge all 20 get in.
+    held.extend(hold_silent(&relay, flooder, 20));
+    let s = relay.wait_stats("the 20 attempts taken in", |s| {
+        s.refused_rate + s.evicted_pending == 10 + 20
+    });
+    assert!(s.refused_rate >= 8, "eviction cost the flooder nothing: {s:?}");
+}
+
+/// "Relay full" costs the refused source a token: once a slot frees, a source
+/// that kept knocking at the full relay has spent its rate.
+#[test]
+fn relay_full_refusals_cost_the_source_its_rate() {
+    let guards = RelayGuards {
+        per_source: SourceLimits {
+            connects_per_sec: 1,
+            connect_burst: 30,
+            max_pending: 0,
+            max_clients: 0,
+        },
+        ..RelayGuards::for_relay(1)
+    };
+    let relay = Relay::start_guarded(Limits::default(), 1, guards);
+    let only = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 22), Key::generate_private());
+    relay.wait_stats("the one slot taken", |s| s.registered == 1);
+    let knocker = Ipv4Addr::new(127, 0, 0, 23);
+    let held = hold_silent(&relay, knocker, 30);
+    relay.wait_stats("30 refused as full", |s| s.rejected_full == 30);
+    drop(only);
+    relay.wait_stats("the slot freed", |s| s.registered == 0);
+    let held2 = hold_silent(&relay, knocker, 10);
+    let s = relay.wait_stats("10 more attempts taken in", |s| {
+        s.refused_rate + s.pending as u64 == 10
+    });
+    assert!(s.refused_rate >= 8, "refusals cost the source nothing: {s:?}");
+    drop((held, held2));
+}
+
+/// A key the relay was told to refuse (the coordinator removed its node):
+/// its connection is closed at once, those who talk to it hear it is gone,
+/// and a new connection with it is refused.
+#[test]
+fn a_refused_key_is_closed_at_once_and_cannot_register_again() {
+    let relay = Relay::start(Limits::default());
+    let a_key = Key::generate_private();
+    let mut a = Client::connect(&relay, a_key);
+    let mut b = Client::connect(&relay, Key::generate_private());
+    b.send_to(a.public(), b"hi");
+    assert_eq!(a.recv().unwrap(), recv_from(b.public(), b"hi"));
+
+    relay.handle.refuse_key(a.public());
+    assert!(a.closed_by_relay(), "the removed key's connection is closed");
+    assert_eq!(b.recv().unwrap(), RelayFrame::PeerGone { key: a.public() });
+
+    let mut again = Client::connect(&relay, a_key);
+    assert!(
+        again.closed_by_relay(),
+        "a new connection with the removed key is closed"
+    );
+    b.send_to(a_key.public_key(), b"anyone?");
+    let s = relay.wait_stats("both refusals counted", |s| {
+        s.refused_removed == 2 && s.dropped_no_peer == 1
+    });
+    assert_eq!((s.registered, s.forwarded), (1, 1), "{s:?}");
 }
