@@ -950,3 +950,144 @@ fn a_refused_key_is_closed_at_once_and_cannot_register_again() {
     });
     assert_eq!((s.registered, s.forwarded), (1, 1), "{s:?}");
 }
+
+/// A coordinator and a relay wired as `warren server` wires its embedded
+/// relay: every removed node's key is handed to the relay.
+struct Mesh {
+    coord_addr: SocketAddr,
+    admin: std::path::PathBuf,
+    stopper: crate::coord::server::Stopper,
+    thread: Option<JoinHandle<()>>,
+    relay: Relay,
+}
+
+impl Mesh {
+    fn start(state: &std::path::Path) -> Mesh {
+        use crate::coord::server::{Server, ServerConfig};
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: state.to_path_buf(),
+            db: state.join("server.db"),
+            advertise: vec![],
+        };
+        let mut server = Server::bind(&cfg).unwrap();
+        let relay = Relay::start(Limits::default());
+        let handle = relay.handle.clone();
+        server.set_on_removed(move |k| handle.refuse_key(k)).unwrap();
+        let (coord_addr, stopper) = (server.local_addr(), server.stopper());
+        let thread = std::thread::spawn(move || server.run().unwrap());
+        Mesh {
+            coord_addr,
+            admin: cfg.admin_socket(),
+            stopper,
+            thread: Some(thread),
+            relay,
+        }
+    }
+
+    fn admin(&self, req: crate::coord::admin::AdminRequest) -> crate::coord::admin::AdminResponse {
+        crate::coord::admin::request(&self.admin, &req).unwrap()
+    }
+
+    /// Joins a node with `key` through a fresh invite, as `warren up --join` does.
+    fn join(&self, key: &Key, name: &str) {
+        use crate::control::messages::{self, ClientMessage, PROTOCOL_VERSION, ServerMessage};
+        use crate::coord::admin::{AdminRequest, AdminResponse};
+        let AdminResponse::Invite { token, .. } = self.admin(AdminRequest::Invite {
+            reusable: false,
+            expires_in: None,
+            name: None,
+        }) else {
+            panic!("no invite");
+        };
+        let token = crate::coord::invite::JoinToken::parse(&token).unwrap();
+        let mut stream = TcpStream::connect(self.coord_addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut ch = Channel::client(key, &token.server_key).unwrap();
+        ch.send(&messages::encode(&ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: token.secret,
+            name: Some(name.into()),
+            hostname: name.into(),
+            candidates: vec![],
+        }))
+        .unwrap();
+        let mut buf = [0u8; 65536];
+        loop {
+            stream.write_all(ch.outgoing()).unwrap();
+            let n = ch.outgoing().len();
+            ch.consume_outgoing(n);
+            while let Some(m) = ch.next_message() {
+                if let Ok(ServerMessage::Welcome { .. }) = messages::decode_server(&m) {
+                    return;
+                }
+            }
+            let n = stream.read(&mut buf).expect("welcome from the coordinator");
+            assert!(n > 0, "coordinator closed before welcoming {name}");
+            ch.receive(&buf[..n]).unwrap();
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `warren server remove`: the removed node's relay connection is closed at
+/// once and a new one refused, also by a relay started after the removal
+/// (a restarted server hands it the keys removed before).
+#[test]
+fn a_node_removed_by_the_coordinator_loses_the_relay_at_once() {
+    use crate::coord::admin::AdminRequest;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "warren-relay-removal-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mesh = Mesh::start(&dir);
+    let (c_key, d_key) = (Key::generate_private(), Key::generate_private());
+    mesh.join(&c_key, "node-c");
+    mesh.join(&d_key, "node-d");
+    let mut c = Client::connect(&mesh.relay, c_key);
+    let mut d = Client::connect(&mesh.relay, d_key);
+    d.send_to(c.public(), b"still a member");
+    assert_eq!(c.recv().unwrap(), recv_from(d.public(), b"still a member"));
+
+    mesh.admin(AdminRequest::Remove {
+        node: "node-c".into(),
+    });
+    assert!(
+        c.closed_by_relay(),
+        "the removed node's relay connection is closed"
+    );
+    assert_eq!(d.recv().unwrap(), RelayFrame::PeerGone { key: c.public() });
+    let mut again = Client::connect(&mesh.relay, c_key);
+    assert!(
+        again.closed_by_relay(),
+        "a new relay connection with the removed key is refused"
+    );
+    let s = mesh.relay.wait_stats("both refusals", |s| s.refused_removed == 2);
+    assert_eq!(s.registered, 1, "{s:?}");
+
+    // Server and relay restarted: the key removed before is refused from the start.
+    drop((d, mesh));
+    let mesh = Mesh::start(&dir);
+    let mut after = Client::connect(&mesh.relay, c_key);
+    assert!(
+        after.closed_by_relay(),
+        "a relay started later refuses the removed key too"
+    );
+    let d = Client::connect(&mesh.relay, d_key);
+    mesh.relay
+        .wait_stats("the member registered, the removed one refused", |s| {
+            s.registered == 1 && s.refused_removed == 1
+        });
+    drop((d, mesh));
+    let _ = std::fs::remove_dir_all(&dir);
+}
