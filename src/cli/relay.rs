@@ -114,7 +114,8 @@ pub enum LoadCommand {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Send numbered datagrams to an echoing key; prints sent, received and the worst round trip.
+    /// Send numbered datagrams to an echoing key; prints the time to register,
+    /// sent, received and the worst round trip.
     Ping {
         #[arg(long)]
         relay: SocketAddr,
@@ -124,6 +125,20 @@ pub enum LoadCommand {
         to: crate::keys::Key,
         #[arg(long, default_value_t = 10)]
         count: u32,
+    },
+    /// A stranger's flood: from each --source address, --hold connections that
+    /// never handshake (reopened when closed) and connections opened and
+    /// dropped as fast as possible, for --seconds; prints the attempts.
+    Flood {
+        #[arg(long)]
+        relay: SocketAddr,
+        /// Source address to connect from (repeatable); must be local.
+        #[arg(long = "source", required = true)]
+        sources: Vec<std::net::Ipv4Addr>,
+        #[arg(long, default_value_t = 128)]
+        hold: usize,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
     },
     /// One pair forwards datagrams as fast as it can; prints sent, received and packets/s.
     Forward {
@@ -157,8 +172,28 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_secs(hold));
             drop(held);
         }
+        LoadCommand::Flood {
+            relay,
+            sources,
+            hold,
+            seconds,
+        } => {
+            let started = std::time::Instant::now();
+            let r = load::flood(relay, &sources, hold, seconds, || {
+                outln!(
+                    "holding={} ms={}",
+                    hold * sources.len(),
+                    started.elapsed().as_millis()
+                )
+            })?;
+            outln!("attempts={} reopened={}", r.attempts, r.reopened)?;
+        }
         LoadCommand::Echo { relay, key, seconds } => {
-            let echoed = load::echo(relay, &key, seconds, |me| outln!("key={me}"))?;
+            // Handshake done and first sealed message sent: the relay registers on it.
+            let started = std::time::Instant::now();
+            let echoed = load::echo(relay, &key, seconds, |me| {
+                outln!("key={me} registered_ms={}", started.elapsed().as_millis())
+            })?;
             outln!("echoed={echoed}")?;
         }
         LoadCommand::Ping {
@@ -169,7 +204,8 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
         } => {
             let r = load::ping(relay, &key, to, count)?;
             outln!(
-                "sent={} received={} max_rtt_ms={:.1}",
+                "registered_ms={} sent={} received={} max_rtt_ms={:.1}",
+                r.registered.as_millis(),
                 r.sent,
                 r.received,
                 r.max_rtt.as_secs_f64() * 1000.0

@@ -2,7 +2,7 @@
 //! the protocol over blocking sockets.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -13,6 +13,7 @@ use super::admission::SourceLimits;
 use super::client::{Event, RelayClient};
 use super::client_conn::Limits;
 use super::frame::RelayFrame;
+use super::load::connect_from;
 use super::server::{RelayConfig, RelayGuards, RelayHandle, RelayServer, RelayStats};
 use crate::control::channel::Channel;
 use crate::control::noise::Profile;
@@ -197,48 +198,6 @@ impl Client {
             }
         }
         false
-    }
-}
-
-/// A TCP connection from `local` (port chosen by the kernel) to `to`; std
-/// cannot bind before connecting.
-fn connect_from(local: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(to) = to else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh descriptor that the TcpStream takes over (and closes)
-    // at once; bind and connect get pointers to live sockaddr_in values of
-    // the stated length.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let from = sockaddr(SocketAddrV4::new(local, 0));
-        if libc::bind(
-            fd,
-            &from as *const libc::sockaddr_in as *const libc::sockaddr,
-            len,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        let to = sockaddr(to);
-        if libc::connect(fd, &to as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
     }
 }
 
