@@ -37,6 +37,14 @@ const READS_PER_TURN: usize = 8;
 /// connection attempts (each refused cheaply) cannot keep the loop accepting.
 const ACCEPTS_PER_TURN: usize = 64;
 const READ_BUF_LEN: usize = 64 * 1024;
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`). mio listens with 128: under a connect flood that
+/// queue overflows, the kernel drops SYNs, and a real client's dropped SYN
+/// is retried only after 1 s, then 3 s: it misses its registration deadline
+/// although the relay would have taken it. The relay drains the queue far
+/// faster than it fills; a longer one only absorbs bursts (about 2 KiB of
+/// kernel memory per queued connection).
+const LISTEN_BACKLOG: libc::c_int = 4096;
 /// Unsent bytes the kernel may hold per client: more only delays the
 /// tunnel's packets (TCP inside the tunnel slows down with the delay).
 const UNSENT_LIMIT: libc::c_int = 64 * 1024;
@@ -260,6 +268,12 @@ impl RelayServer {
         let poll = Poll::new().context("creating relay poll")?;
         let mut listener =
             TcpListener::bind(cfg.listen).with_context(|| format!("relay: listening on {}", cfg.listen))?;
+        // SAFETY: listen on the descriptor the listener owns; calling it again
+        // only changes the backlog.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), LISTEN_BACKLOG) } != 0 {
+            let e = std::io::Error::last_os_error();
+            eprintln!("warren relay: raising the listen backlog on {}: {e}", cfg.listen);
+        }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .context("relay: registering listener")?;
