@@ -21,7 +21,8 @@ pub struct RelayArgs {
     /// Directory holding the relay key (relay.key, mode 0600).
     #[arg(long, default_value = "/var/lib/warren")]
     pub state_dir: PathBuf,
-    /// Most clients connected at once; further connections are refused. Each
+    /// Most registered clients at once; further connections are refused
+    /// (connections still in the handshake wait in --max-pending). Each
     /// client can make the relay hold up to about 254 KiB besides its queue
     /// (partial frames, presence keys; an idle one a few KiB), so the default
     /// 700 clients plus --max-queue-mib 64 stay near 256 MiB in the worst case.
