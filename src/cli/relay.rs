@@ -9,7 +9,7 @@ use clap::Args;
 use super::out::outln;
 use crate::relay::admission::SourceLimits;
 use crate::relay::client_conn::Limits;
-use crate::relay::server::{DEFAULT_MAX_CLIENTS, RelayConfig, RelayGuards, RelayServer};
+use crate::relay::server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_PENDING, RelayConfig, RelayGuards, RelayServer};
 use crate::relay::{DEFAULT_PORT, KEY_FILE};
 use crate::wgstun::key;
 
@@ -21,13 +21,19 @@ pub struct RelayArgs {
     /// Directory holding the relay key (relay.key, mode 0600).
     #[arg(long, default_value = "/var/lib/warren")]
     pub state_dir: PathBuf,
-    /// Most clients connected at once; further connections are refused. Each
+    /// Most registered clients at once; further connections are refused
+    /// (connections still in the handshake wait in --max-pending). Each
     /// client can make the relay hold up to about 254 KiB besides its queue
     /// (partial frames, presence keys; an idle one a few KiB), so the default
     /// 700 clients plus --max-queue-mib 64 stay near 256 MiB in the worst case.
     /// Raise both by that arithmetic on a bigger machine.
     #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, verbatim_doc_comment)]
     pub max_clients: usize,
+    /// Connections still in their handshake, all sources together. They do
+    /// not take --max-clients slots; when this pool is full the oldest
+    /// pending connection is closed for the new one.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
+    pub max_pending: usize,
     /// Sustained rate one client may send through the relay, in MiB/s.
     #[arg(long, default_value_t = 64)]
     pub client_rate_mib: u64,
@@ -65,6 +71,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     let defaults = SourceLimits::for_relay(args.max_clients);
     let guards = RelayGuards {
         total_queue_bytes: args.max_queue_mib.saturating_mul(1024 * 1024),
+        max_pending: args.max_pending,
         per_source: SourceLimits {
             connects_per_sec: args.source_connect_rate,
             connect_burst: args.source_connect_burst,
@@ -108,7 +115,8 @@ pub enum LoadCommand {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Send numbered datagrams to an echoing key; prints sent, received and the worst round trip.
+    /// Send numbered datagrams to an echoing key; prints the time to register,
+    /// sent, received and the worst round trip.
     Ping {
         #[arg(long)]
         relay: SocketAddr,
@@ -118,6 +126,20 @@ pub enum LoadCommand {
         to: crate::keys::Key,
         #[arg(long, default_value_t = 10)]
         count: u32,
+    },
+    /// A stranger's flood: from each --source address, --hold connections that
+    /// never handshake (reopened when closed) and connections opened and
+    /// dropped as fast as possible, for --seconds; prints the attempts.
+    Flood {
+        #[arg(long)]
+        relay: SocketAddr,
+        /// Source address to connect from (repeatable); must be local.
+        #[arg(long = "source", required = true)]
+        sources: Vec<std::net::Ipv4Addr>,
+        #[arg(long, default_value_t = 128)]
+        hold: usize,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
     },
     /// One pair forwards datagrams as fast as it can; prints sent, received and packets/s.
     Forward {
@@ -151,8 +173,28 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_secs(hold));
             drop(held);
         }
+        LoadCommand::Flood {
+            relay,
+            sources,
+            hold,
+            seconds,
+        } => {
+            let started = std::time::Instant::now();
+            let r = load::flood(relay, &sources, hold, seconds, || {
+                outln!(
+                    "holding={} ms={}",
+                    hold * sources.len(),
+                    started.elapsed().as_millis()
+                )
+            })?;
+            outln!("attempts={} reopened={}", r.attempts, r.reopened)?;
+        }
         LoadCommand::Echo { relay, key, seconds } => {
-            let echoed = load::echo(relay, &key, seconds, |me| outln!("key={me}"))?;
+            // Handshake done and first sealed message sent: the relay registers on it.
+            let started = std::time::Instant::now();
+            let echoed = load::echo(relay, &key, seconds, |me| {
+                outln!("key={me} registered_ms={}", started.elapsed().as_millis())
+            })?;
             outln!("echoed={echoed}")?;
         }
         LoadCommand::Ping {
@@ -163,7 +205,8 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
         } => {
             let r = load::ping(relay, &key, to, count)?;
             outln!(
-                "sent={} received={} max_rtt_ms={:.1}",
+                "registered_ms={} sent={} received={} max_rtt_ms={:.1}",
+                r.registered.as_millis(),
                 r.sent,
                 r.received,
                 r.max_rtt.as_secs_f64() * 1000.0

@@ -13,7 +13,7 @@ use crate::coord::invite;
 use crate::coord::server::{ADMIN_SOCKET, DB_FILE, DEFAULT_PORT, Server, ServerConfig};
 use crate::coord::store::human_duration;
 use crate::keys::Key;
-use crate::relay::server::{RelayConfig, RelayServer};
+use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -128,7 +128,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
             } else {
                 advertised_addrs(args.relay_listen, server.advertise())
             };
-            let key = start_relay(&cfg.state_dir, args.relay_listen)?;
+            let (key, relay) = start_relay(&cfg.state_dir, args.relay_listen)?;
+            // Removed nodes lose the relay at once, not only their peers.
+            server.set_on_removed(move |k| relay.refuse_key(k))?;
             relays.insert(
                 0,
                 RelayInfo {
@@ -299,9 +301,9 @@ fn advertised_addrs(listen: SocketAddr, coordinator: &[String]) -> Vec<String> {
 }
 
 /// Runs the relay beside the coordinator, as `warren relay` would with its
-/// defaults; returns its public key. If it stops on an I/O error the
+/// defaults; returns its public key and handle. If it stops on an I/O error the
 /// coordinator keeps serving; the error is logged.
-fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
+fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<(Key, RelayHandle)> {
     let private_key =
         crate::wgstun::key::load_or_create_file(state_dir, crate::relay::KEY_FILE, "relay key")?;
     // The relay's own defaults bound its memory; a mesh that outgrows them
@@ -309,6 +311,7 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
     let relay = RelayServer::bind(RelayConfig::new(listen, private_key))
         .context("starting the relay beside the coordinator (or pass --no-relay)")?;
     let key = relay.public_key();
+    let handle = relay.handle();
     std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || match relay.run() {
@@ -316,7 +319,7 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<Key> {
             Err(e) => eprintln!("warren: relay stopped: {e:#}"),
         })
         .context("starting the relay thread")?;
-    Ok(key)
+    Ok((key, handle))
 }
 
 /// Runs WG-STUN beside the coordinator, as `warren wgstun` would with its defaults;

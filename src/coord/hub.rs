@@ -44,6 +44,8 @@ pub struct Hub {
     relays: Vec<RelayInfo>,
     /// WG-STUN servers published to nodes in every Welcome.
     wgstun: Vec<WgStunInfo>,
+    /// Told the key of every removed node (the embedded relay refuses them).
+    on_removed: Option<Box<dyn FnMut(Key) + Send>>,
 }
 
 impl Hub {
@@ -60,12 +62,23 @@ impl Hub {
             dirty: BTreeSet::new(),
             relays: Vec::new(),
             wgstun: Vec::new(),
+            on_removed: None,
         }
     }
 
     /// Sets the relays nodes use; call before nodes connect (they learn them on connect).
     pub fn set_relays(&mut self, relays: Vec<RelayInfo>) {
         self.relays = relays;
+    }
+
+    /// Calls `f` with the key of every node removed so far, then of each
+    /// node removed from now on, at once.
+    pub fn set_on_removed(&mut self, mut f: impl FnMut(Key) + Send + 'static) -> Result<()> {
+        for key in self.store.removed_keys()? {
+            f(key);
+        }
+        self.on_removed = Some(Box::new(f));
+        Ok(())
     }
 
     /// Sets the WG-STUN servers nodes use; call before nodes connect (they learn them on connect).
@@ -402,6 +415,9 @@ impl Hub {
                 let n = self.store.find_node(&node)?;
                 let n = self.store.remove(n.id, unix_now())?;
                 eprintln!("coordinator: node {} ({}) removed", n.name, n.public_key.short());
+                if let Some(f) = &mut self.on_removed {
+                    f(n.public_key);
+                }
                 if let Some(cid) = self.online.remove(&n.id) {
                     conn_fail(
                         &mut self.conns,

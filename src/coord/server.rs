@@ -165,6 +165,11 @@ impl Server {
         self.hub.set_relays(relays);
     }
 
+    /// Tells `f` every removed node's key, past and future (see [`Hub::set_on_removed`]).
+    pub fn set_on_removed(&mut self, f: impl FnMut(Key) + Send + 'static) -> Result<()> {
+        self.hub.set_on_removed(f)
+    }
+
     /// WG-STUN servers to publish in every Welcome.
     pub fn set_wgstun(&mut self, wgstun: Vec<crate::control::messages::WgStunInfo>) {
         self.hub.set_wgstun(wgstun);

@@ -201,6 +201,19 @@ impl Store {
             .context("listing nodes")
     }
 
+    /// Keys of removed nodes (relays refuse them).
+    pub fn removed_keys(&self) -> Result<Vec<Key>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE removed IS NOT NULL ORDER BY id");
+        let mut stmt = self.conn.prepare(&sql).flat().context("listing removed nodes")?;
+        let rows = stmt
+            .query_map([], |row| node_from_row(row).map(|n| n.public_key))
+            .flat()
+            .context("listing removed nodes")?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .flat()
+            .context("listing removed nodes")
+    }
+
     /// The node with this key, removed ones included.
     pub fn node_by_key(&self, key: &Key) -> Result<Option<Node>> {
         let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE public_key = ?1");

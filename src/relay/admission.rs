@@ -142,8 +142,13 @@ impl Admission {
     }
 
     /// A new connection from `source` arrived: admit it (and count it as
-    /// pending) or say why not. A refused connection costs no token.
+    /// pending) or say why not. Every attempt that gets past the rate takes a
+    /// token, refused by a cap or not: a source that keeps knocking at a cap
+    /// spends its bucket and is then refused by the rate, the cheapest refusal.
     pub fn admit(&mut self, now: Instant, source: Source) -> Result<(), Refusal> {
+        if self.limits.connects_per_sec > 0 && !self.take_token(now, source) {
+            return Err(Refusal::Rate);
+        }
         let counts = self.open.get(&source).copied().unwrap_or_default();
         if self.limits.max_clients > 0 && counts.total >= self.limits.max_clients {
             return Err(Refusal::Clients);
@@ -151,13 +156,19 @@ impl Admission {
         if self.limits.max_pending > 0 && counts.pending >= self.limits.max_pending {
             return Err(Refusal::Pending);
         }
-        if self.limits.connects_per_sec > 0 && !self.take_token(now, source) {
-            return Err(Refusal::Rate);
-        }
         let c = self.open.entry(source).or_default();
         c.pending += 1;
         c.total += 1;
         Ok(())
+    }
+
+    /// A refusal decided elsewhere (the relay is full, or the source's
+    /// connection was pushed out of the pending pool) costs `source` a token
+    /// as a refusal here does, so a flood of them is paid for by the flooder.
+    pub fn charge(&mut self, now: Instant, source: Source) {
+        if self.limits.connects_per_sec > 0 {
+            self.take_token(now, source);
+        }
     }
 
     /// An admitted connection finished its handshake.
@@ -324,6 +335,29 @@ mod tests {
             a.open.is_empty(),
             "no entry left for a source without connections"
         );
+    }
+
+    /// Knocking at a cap, or being refused elsewhere (relay full, evicted
+    /// from the pending pool), spends the source's bucket like an admission.
+    #[test]
+    fn refusals_by_a_cap_or_elsewhere_cost_the_source_a_token() {
+        let now = Instant::now();
+        let mut a = Admission::new(SourceLimits {
+            connects_per_sec: 1,
+            connect_burst: 4,
+            max_pending: 1,
+            max_clients: 0,
+        });
+        let s = v4(1);
+        assert!(a.admit(now, s).is_ok());
+        assert_eq!(a.admit(now, s), Err(Refusal::Pending));
+        a.charge(now, s);
+        assert_eq!(a.admit(now, s), Err(Refusal::Pending));
+        // Four tokens: one admission, two cap refusals, one charge. Now the
+        // rate refuses, even once the pending connection is gone.
+        a.closed(s, false);
+        assert_eq!(a.admit(now, s), Err(Refusal::Rate));
+        assert!(a.admit(now, v4(2)).is_ok(), "other sources keep their own bucket");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Limits {
     /// Nothing received for this long (keepalives included): the client is gone.
     pub idle_timeout: Duration,
     /// The handshake must finish within this after the TCP connection opened.
+    /// It takes a real client one round trip, so a short deadline costs it
+    /// nothing and frees a pending slot held by one that never finishes.
     pub handshake_timeout: Duration,
     /// Nothing sent for this long: send a keepalive so the client can tell a live relay from a dead one.
     pub keepalive_interval: Duration,
@@ -42,7 +44,7 @@ impl Default for Limits {
             rate_bytes_per_sec: 64 * 1024 * 1024,
             burst_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(75),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(30),
         }
     }

@@ -3,7 +3,7 @@
 //! Clients are blocking sockets driving the same Noise channel as real ones.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +14,55 @@ use super::RELAY_PROFILE;
 use super::frame::RelayFrame;
 use crate::control::channel::Channel;
 use crate::keys::Key;
+
+/// A TCP connection from `local` (port chosen by the kernel) to `to`; std
+/// cannot bind before connecting.
+pub fn connect_from(local: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::net::SocketAddrV4;
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh descriptor that the TcpStream takes over (and closes)
+    // at once; bind and connect get pointers to live sockaddr_in values of
+    // the stated length.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        // Bounds a connect whose SYN the server's full listen queue drops.
+        stream.set_write_timeout(Some(CONNECT_FROM_TIMEOUT))?;
+        let from = sockaddr(SocketAddrV4::new(local, 0));
+        if libc::bind(
+            fd,
+            &from as *const libc::sockaddr_in as *const libc::sockaddr,
+            len,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let to = sockaddr(to);
+        if libc::connect(fd, &to as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        stream.set_write_timeout(None)?;
+        Ok(stream)
+    }
+}
+
+/// A connect from [`connect_from`] fails after this (SO_SNDTIMEO bounds connect on Linux).
+const CONNECT_FROM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A registered client on a blocking socket.
 pub struct LoadClient {
@@ -193,6 +242,8 @@ pub fn echo(
 
 #[derive(Debug)]
 pub struct PingReport {
+    /// From the first connection attempt to the handshake done and the first sealed message sent.
+    pub registered: Duration,
     pub sent: u32,
     pub received: u32,
     pub max_rtt: Duration,
@@ -200,10 +251,12 @@ pub struct PingReport {
 
 /// Sends `count` numbered datagrams to `to`, each awaiting its echo for up to a second.
 pub fn ping(relay: SocketAddr, relay_key: &Key, to: Key, count: u32) -> Result<PingReport> {
+    let started = Instant::now();
     let mut c = LoadClient::connect(relay, relay_key)?;
     c.stream.set_read_timeout(Some(Duration::from_millis(100)))?;
     let mut buf = vec![0u8; 65536];
     let mut report = PingReport {
+        registered: started.elapsed(),
         sent: 0,
         received: 0,
         max_rtt: Duration::ZERO,
@@ -225,4 +278,117 @@ pub fn ping(relay: SocketAddr, relay_key: &Key, to: Key, count: u32) -> Result<P
         }
     }
     Ok(report)
+}
+
+/// Connection attempts each flooding source makes between two checks of the
+/// connections it holds.
+const FLOOD_BURST: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct FloodReport {
+    /// Connections opened (the relay may have closed them at once).
+    pub attempts: u64,
+    /// Held connections found closed by the relay and opened again.
+    pub reopened: u64,
+}
+
+/// A stranger's flood, one thread per source address: each holds `hold`
+/// connections that never send a byte (reopening those the relay closes)
+/// and in between opens and drops connections as fast as it can, for
+/// `seconds`. Dropped ones are reset (linger 0), so the flood does not run
+/// out of ports on TIME_WAIT. Calls `holding` once every source has opened
+/// its `hold` connections.
+pub fn flood(
+    relay: SocketAddr,
+    sources: &[Ipv4Addr],
+    hold: usize,
+    seconds: f64,
+    holding: impl FnOnce() -> Result<()>,
+) -> Result<FloodReport> {
+    crate::coord::load::raise_fd_limit();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let filled = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = sources
+        .iter()
+        .map(|&src| {
+            let filled = filled.clone();
+            std::thread::spawn(move || flood_from(relay, src, hold, end, &filled))
+        })
+        .collect();
+    while filled.load(Ordering::Relaxed) < sources.len() as u64 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    holding()?;
+    let mut report = FloodReport::default();
+    for t in threads {
+        let r = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a flood thread panicked"))??;
+        report.attempts += r.attempts;
+        report.reopened += r.reopened;
+    }
+    Ok(report)
+}
+
+fn flood_from(
+    relay: SocketAddr,
+    src: Ipv4Addr,
+    hold: usize,
+    end: Instant,
+    filled: &AtomicU64,
+) -> Result<FloodReport> {
+    let mut r = FloodReport::default();
+    let mut first_round = true;
+    let mut held: Vec<Option<TcpStream>> = (0..hold).map(|_| None).collect();
+    let mut buf = [0u8; 64];
+    while Instant::now() < end {
+        for slot in held.iter_mut() {
+            let alive = slot.as_mut().is_some_and(|s| match s.read(&mut buf) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            });
+            if alive {
+                continue;
+            }
+            if slot.is_some() {
+                r.reopened += 1;
+            }
+            *slot = None;
+            r.attempts += 1;
+            if let Ok(s) = connect_from(src, relay) {
+                s.set_nonblocking(true)?;
+                *slot = Some(s);
+            }
+        }
+        if std::mem::take(&mut first_round) {
+            filled.fetch_add(1, Ordering::Relaxed);
+        }
+        for _ in 0..FLOOD_BURST {
+            r.attempts += 1;
+            if let Ok(s) = connect_from(src, relay) {
+                reset_on_close(&s);
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Closing sends a reset instead of a FIN: no TIME_WAIT on the flooder's port.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a descriptor we own, with a live value of the stated size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }

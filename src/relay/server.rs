@@ -6,7 +6,7 @@
 //! `PeerPresent` when that key connects and `PeerGone` when it leaves. This
 //! costs nothing for keys nobody talks to and needs no extra request frame.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,14 @@ const READS_PER_TURN: usize = 8;
 /// connection attempts (each refused cheaply) cannot keep the loop accepting.
 const ACCEPTS_PER_TURN: usize = 64;
 const READ_BUF_LEN: usize = 64 * 1024;
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`). mio listens with 128: under a connect flood that
+/// queue overflows, the kernel drops SYNs, and a real client's dropped SYN
+/// is retried only after 1 s, then 3 s: it misses its registration deadline
+/// although the relay would have taken it. The relay drains the queue far
+/// faster than it fills; a longer one only absorbs bursts (about 2 KiB of
+/// kernel memory per queued connection).
+const LISTEN_BACKLOG: libc::c_int = 4096;
 /// Unsent bytes the kernel may hold per client: more only delays the
 /// tunnel's packets (TCP inside the tunnel slows down with the delay).
 const UNSENT_LIMIT: libc::c_int = 64 * 1024;
@@ -52,7 +60,7 @@ const SOCKET_SEND_BUFFER: libc::c_int = 512 * 1024;
 /// node sends through one relay to far fewer peers at once.
 const MAX_WATCHED_PER_CLIENT: usize = 256;
 
-/// Clients a relay accepts by default, sized so the worst case stays under
+/// Registered clients a relay accepts by default, sized so the worst case stays under
 /// 256 MiB. A client can make the relay hold, besides its queue:
 ///   - a partial frame plus one read in the frame decoder:  128 KiB
 ///   - a partial Noise message (a frame over two fragments): 64 KiB
@@ -64,8 +72,19 @@ const MAX_WATCHED_PER_CLIENT: usize = 256;
 /// few KiB (bench-relay), so a relay with more memory can raise
 /// `--max-clients` by that arithmetic. Kernel socket buffers (up to twice
 /// `SOCKET_SEND_BUFFER` per slow reader) are the kernel's and bounded by its
-/// own `tcp_mem` pressure limits.
+/// own `tcp_mem` pressure limits. Connections still in their handshake do
+/// not take these slots: they wait in a pool of their own
+/// ([`DEFAULT_MAX_PENDING`]).
 pub const DEFAULT_MAX_CLIENTS: usize = 700;
+/// Connections in their handshake, all sources together. Before it registers
+/// a connection holds at most 1 KiB of input and its Noise state (a few KiB
+/// in all), so the pool costs about 1 MiB. When it is full the oldest
+/// pending connection is closed for the newest: a stranger who keeps
+/// connections open without finishing the handshake only ever pushes out his
+/// own (or anyone's) oldest, never a registered client, and a real client,
+/// which finishes within a round trip, is long registered before that many
+/// newer ones arrive.
+pub const DEFAULT_MAX_PENDING: usize = 512;
 /// Refused connections are summed up in one log line at most this often, so a
 /// flood does not become a flood of log lines.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -96,6 +115,8 @@ impl RelayConfig {
 pub struct RelayGuards {
     /// Bytes queued for all clients together (see `budget.rs`).
     pub total_queue_bytes: usize,
+    /// Connections in their handshake, all sources together (see [`DEFAULT_MAX_PENDING`]).
+    pub max_pending: usize,
     pub per_source: SourceLimits,
 }
 
@@ -104,6 +125,7 @@ impl RelayGuards {
     pub fn for_relay(max_clients: usize) -> RelayGuards {
         RelayGuards {
             total_queue_bytes: DEFAULT_TOTAL_QUEUE_BYTES,
+            max_pending: DEFAULT_MAX_PENDING,
             per_source: SourceLimits::for_relay(max_clients),
         }
     }
@@ -129,8 +151,17 @@ pub struct RelayStats {
     pub closed_bad_input: u64,
     /// Handshakes refused because the relay had no queue room left to answer.
     pub closed_budget: u64,
-    /// Connections refused because the relay had `max_clients`.
+    /// Connections refused because the relay had `max_clients` registered.
     pub rejected_full: u64,
+    /// Connections in their handshake now, and those closed because the
+    /// pending pool was full and they were the oldest.
+    pub pending: usize,
+    pub evicted_pending: u64,
+    /// Unregistered connections closed for any reason (summed in the log).
+    pub closed_unregistered: u64,
+    /// Connections closed, or registrations refused, because the key was
+    /// removed from the mesh.
+    pub refused_removed: u64,
     /// Connections refused by the per-source limits: too fast, too many
     /// handshakes in progress, too many connections.
     pub refused_rate: u64,
@@ -160,8 +191,16 @@ pub struct RelayServer {
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
     shared_stats: Arc<Mutex<RelayStats>>,
+    /// Keys handed over by [`RelayHandle::refuse_key`], taken in on the next wake.
+    refuse_inbox: Arc<Mutex<Vec<Key>>>,
+    /// Keys removed from the mesh: never registered again. Only grows, by
+    /// what the coordinator removes, so it stays small.
+    refused: HashSet<Key>,
     stats: RelayStats,
     cfg: RelayConfig,
+    max_pending: usize,
+    /// Connections in their handshake, oldest first (tokens only grow).
+    pending: BTreeSet<Token>,
     budget: QueueBudget,
     admission: Admission,
     /// Refusals counted when the last summary was logged, and when.
@@ -186,6 +225,7 @@ pub struct RelayHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     stats: Arc<Mutex<RelayStats>>,
+    refuse_inbox: Arc<Mutex<Vec<Key>>>,
 }
 
 impl RelayHandle {
@@ -196,6 +236,15 @@ impl RelayHandle {
 
     pub fn stats(&self) -> RelayStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// `key` was removed from the mesh: close its connection now and refuse
+    /// it from then on.
+    pub fn refuse_key(&self, key: Key) {
+        if let Ok(mut inbox) = self.refuse_inbox.lock() {
+            inbox.push(key);
+        }
+        let _ = self.waker.wake();
     }
 }
 
@@ -219,6 +268,12 @@ impl RelayServer {
         let poll = Poll::new().context("creating relay poll")?;
         let mut listener =
             TcpListener::bind(cfg.listen).with_context(|| format!("relay: listening on {}", cfg.listen))?;
+        // SAFETY: listen on the descriptor the listener owns; calling it again
+        // only changes the backlog.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), LISTEN_BACKLOG) } != 0 {
+            let e = std::io::Error::last_os_error();
+            eprintln!("warren relay: raising the listen backlog on {}: {e}", cfg.listen);
+        }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .context("relay: registering listener")?;
@@ -229,11 +284,15 @@ impl RelayServer {
             waker,
             stop: Arc::new(AtomicBool::new(false)),
             shared_stats: Arc::new(Mutex::new(RelayStats::default())),
+            refuse_inbox: Arc::new(Mutex::new(Vec::new())),
+            refused: HashSet::new(),
             stats: RelayStats {
                 queue_budget_bytes: guards.total_queue_bytes,
                 ..RelayStats::default()
             },
             cfg,
+            max_pending: guards.max_pending.max(1),
+            pending: BTreeSet::new(),
             budget: QueueBudget::new(guards.total_queue_bytes),
             admission: Admission::new(guards.per_source),
             refusals_logged: 0,
@@ -262,15 +321,17 @@ impl RelayServer {
             stop: self.stop.clone(),
             waker: self.waker.clone(),
             stats: self.shared_stats.clone(),
+            refuse_inbox: self.refuse_inbox.clone(),
         }
     }
 
     pub fn run(mut self) -> Result<()> {
         eprintln!(
-            "warren relay: listening on {} (key {}), max {} clients, {} MiB for queues",
+            "warren relay: listening on {} (key {}), max {} clients and {} in the handshake, {} MiB for queues",
             self.local_addr()?,
             self.public_key().to_base64(),
             self.cfg.max_clients,
+            self.max_pending,
             self.budget.limit() >> 20
         );
         let mut events = Events::with_capacity(1024);
@@ -291,7 +352,7 @@ impl RelayServer {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_ready = true,
-                    WAKER => {}
+                    WAKER => self.take_refused_keys(),
                     t => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.mark_ready(t);
@@ -319,6 +380,7 @@ impl RelayServer {
                 self.flush(t);
             }
             self.stats.clients = self.conns.len();
+            self.stats.pending = self.pending.len();
             self.stats.registered = self.by_key.len();
             self.stats.total_queued_bytes = self.budget.used();
             self.stats.max_total_queued_bytes = self.budget.peak();
@@ -360,12 +422,13 @@ impl RelayServer {
                 }
             };
             // Dropping the stream closes it at once: a refused connection costs
-            // neither a slot nor a handshake.
-            if self.conns.len() >= self.cfg.max_clients {
+            // neither a slot nor a handshake, and costs its source a token.
+            let source = Source::of(addr.ip());
+            if self.registered_count() >= self.cfg.max_clients {
                 self.stats.rejected_full += 1;
+                self.admission.charge(now, source);
                 continue;
             }
-            let source = Source::of(addr.ip());
             match self.admission.admit(now, source) {
                 Ok(()) => {}
                 Err(Refusal::Rate) => {
@@ -380,6 +443,9 @@ impl RelayServer {
                     self.stats.refused_source_full += 1;
                     continue;
                 }
+            }
+            if self.pending.len() >= self.max_pending {
+                self.evict_oldest_pending(now);
             }
             let _ = stream.set_nodelay(true);
             sockopt::set_buffer(&stream, libc::SO_SNDBUF, SOCKET_SEND_BUFFER);
@@ -410,10 +476,46 @@ impl RelayServer {
                     in_dirty: false,
                 },
             );
+            self.pending.insert(token);
         }
         // Budget used up before the queue ran dry: the listener's readiness
         // edge is spent, so come back next turn without waiting for another.
         self.accept_ready = true;
+    }
+
+    /// Connections that finished their handshake (the rest wait in `pending`).
+    fn registered_count(&self) -> usize {
+        self.conns.len() - self.pending.len()
+    }
+
+    /// The pending pool is full: the oldest connection in it goes, and its
+    /// source pays a token for the slot it held.
+    fn evict_oldest_pending(&mut self, now: Instant) {
+        let Some(&oldest) = self.pending.first() else {
+            return;
+        };
+        if let Some(c) = self.conns.get(&oldest) {
+            self.admission.charge(now, c.source);
+        }
+        self.stats.evicted_pending += 1;
+        self.close(oldest, "pushed out of the full pending pool");
+    }
+
+    /// Takes in keys the coordinator removed and closes their connections.
+    fn take_refused_keys(&mut self) {
+        let keys = match self.refuse_inbox.lock() {
+            Ok(mut inbox) => std::mem::take(&mut *inbox),
+            Err(_) => return,
+        };
+        for key in keys {
+            if !self.refused.insert(key) {
+                continue;
+            }
+            if let Some(&t) = self.by_key.get(&key) {
+                self.stats.refused_removed += 1;
+                self.close(t, "key removed from the mesh");
+            }
+        }
     }
 
     fn read_conn(&mut self, now: Instant, t: Token) {
@@ -456,6 +558,21 @@ impl RelayServer {
     fn route(&mut self, now: Instant, from: Token, req: Request) {
         match req {
             Request::Registered(key) => {
+                self.pending.remove(&from);
+                let source = self.conns.get(&from).map(|c| c.source);
+                if self.refused.contains(&key) {
+                    self.stats.refused_removed += 1;
+                    return self.close(from, "key removed from the mesh");
+                }
+                // A key that replaces its own connection takes no new slot.
+                let replacing = self.by_key.contains_key(&key);
+                if !replacing && self.registered_count() > self.cfg.max_clients {
+                    self.stats.rejected_full += 1;
+                    if let Some(source) = source {
+                        self.admission.charge(now, source);
+                    }
+                    return self.close(from, "relay full");
+                }
                 if let Some(old) = self.by_key.insert(key, from)
                     && old != from
                 {
@@ -585,15 +702,24 @@ impl RelayServer {
     fn log_refusals(&mut self, now: Instant) {
         let s = &self.stats;
         let refused = s.rejected_full + s.refused_rate + s.refused_pending + s.refused_source_full;
-        if refused == self.refusals_logged || now < self.next_refusal_log {
+        let seen = refused + s.closed_unregistered + s.refused_removed;
+        if seen == self.refusals_logged || now < self.next_refusal_log {
             return;
         }
         eprintln!(
             "warren relay: refused {} connections (relay full {}, source too fast {}, too many handshakes {}, \
-             too many connections {}) in total",
-            refused, s.rejected_full, s.refused_rate, s.refused_pending, s.refused_source_full
+             too many connections {}), closed {} before registering ({} pushed out of the pending pool), \
+             {} of removed keys, in total",
+            refused,
+            s.rejected_full,
+            s.refused_rate,
+            s.refused_pending,
+            s.refused_source_full,
+            s.closed_unregistered,
+            s.evicted_pending,
+            s.refused_removed
         );
-        self.refusals_logged = refused;
+        self.refusals_logged = seen;
         self.next_refusal_log = now + REFUSAL_LOG_INTERVAL;
     }
 
@@ -602,6 +728,7 @@ impl RelayServer {
             return;
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
+        self.pending.remove(&t);
         self.budget.adjust(c.charged, 0);
         self.admission.closed(c.source, c.registered);
         for k in &c.watching {
@@ -612,12 +739,15 @@ impl RelayServer {
                 }
             }
         }
-        let who = c
-            .state
-            .key()
-            .map(|k| k.short())
-            .unwrap_or_else(|| "unregistered".into());
-        eprintln!("warren relay: {who} from {} closed: {why}", c.addr);
+        // Strangers' connections are counted and summed up in the periodic
+        // line, never logged one by one: a flood must not become a log flood.
+        if c.registered
+            && let Some(key) = c.state.key()
+        {
+            eprintln!("warren relay: {} from {} closed: {why}", key.short(), c.addr);
+        } else {
+            self.stats.closed_unregistered += 1;
+        }
         if let Some(key) = c.state.key()
             && self.by_key.get(&key) == Some(&t)
         {

@@ -2,7 +2,7 @@
 //! the protocol over blocking sockets.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -13,6 +13,7 @@ use super::admission::SourceLimits;
 use super::client::{Event, RelayClient};
 use super::client_conn::Limits;
 use super::frame::RelayFrame;
+use super::load::connect_from;
 use super::server::{RelayConfig, RelayGuards, RelayHandle, RelayServer, RelayStats};
 use crate::control::channel::Channel;
 use crate::control::noise::Profile;
@@ -93,6 +94,8 @@ struct Client {
     stream: TcpStream,
     ch: Channel,
     key: Key,
+    /// What the client wrote to register: its first handshake message, then its first sealed message.
+    handshake_wire: [Vec<u8>; 2],
 }
 
 impl Client {
@@ -117,13 +120,20 @@ impl Client {
         let mut ch = Channel::client_with(profile, &key, &relay.public).unwrap();
         // Registration happens on the first sealed message.
         ch.send(&RelayFrame::KeepAlive.encode().unwrap()).unwrap();
-        let mut c = Client { stream, ch, key };
+        let mut c = Client {
+            stream,
+            ch,
+            key,
+            handshake_wire: Default::default(),
+        };
+        c.handshake_wire[0] = c.ch.outgoing().to_vec();
         c.flush();
         let end = Instant::now() + DEADLINE;
         while !c.ch.is_open() {
             assert!(Instant::now() < end, "handshake did not finish");
             c.read_some().unwrap();
         }
+        c.handshake_wire[1] = c.ch.outgoing().to_vec();
         c.flush();
         c
     }
@@ -191,48 +201,6 @@ impl Client {
     }
 }
 
-/// A TCP connection from `local` (port chosen by the kernel) to `to`; std
-/// cannot bind before connecting.
-fn connect_from(local: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(to) = to else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh descriptor that the TcpStream takes over (and closes)
-    // at once; bind and connect get pointers to live sockaddr_in values of
-    // the stated length.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let from = sockaddr(SocketAddrV4::new(local, 0));
-        if libc::bind(
-            fd,
-            &from as *const libc::sockaddr_in as *const libc::sockaddr,
-            len,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        let to = sockaddr(to);
-        if libc::connect(fd, &to as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
-}
-
 fn recv_from(key: Key, payload: &[u8]) -> RelayFrame {
     RelayFrame::RecvFrom {
         key,
@@ -295,23 +263,35 @@ fn impersonation_is_impossible() {
     let mut m = Client::connect(&relay, Key::generate_private());
     m.send_to(b.public(), b"i am a");
     assert_eq!(b.recv().unwrap(), recv_from(m.public(), b"i am a"));
+    relay.wait_stats("three registered", |s| s.registered == 3);
 
-    // Mallory replays A's captured first handshake message on a new connection:
-    // the relay answers, but she cannot finish the handshake, so A stays registered.
-    let (_, first) = crate::control::noise::initiate_with(&RELAY_PROFILE, &a_key, &relay.public).unwrap();
-    let mut wire = Vec::new();
-    crate::control::frame::encode(crate::control::frame::FrameKind::Handshake, &first, &mut wire);
+    // Mallory replays what A wrote to register on a new connection. The relay
+    // answers the handshake message, as it answers anyone's...
     let mut replay = TcpStream::connect(relay.addr).unwrap();
-    replay.write_all(&wire).unwrap();
-    replay.write_all(&wire[..10]).unwrap();
+    replay.set_read_timeout(Some(DEADLINE)).unwrap();
+    replay.write_all(&a.handshake_wire[0]).unwrap();
+    let answered = replay.read(&mut [0u8; 4096]).unwrap_or(0);
+    assert!(answered > 0, "the relay answered the replayed handshake");
+    // ...but A's sealed message belongs to A's session, not to this one: the
+    // relay closes the connection and A stays registered.
+    replay.write_all(&a.handshake_wire[1]).unwrap();
+    // (The answer above is one small write, read whole.)
+    let closed = match replay.read(&mut [0u8; 4096]) {
+        Ok(0) => true,
+        Ok(n) => panic!("the relay sent {n} more bytes to the replaying connection"),
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => false,
+        Err(_) => true,
+    };
+    assert!(closed, "the relay closed the replaying connection");
+    let s = relay.wait_stats("the replay counted as bad input", |s| s.closed_bad_input == 1);
+    assert_eq!((s.replaced, s.registered), (0, 3), "{s:?}");
     // A pinned relay key Mallory does not hold cannot answer A either (no relay impersonation).
+    let (_, first) = crate::control::noise::initiate_with(&RELAY_PROFILE, &a_key, &relay.public).unwrap();
     assert!(crate::control::noise::respond_with(&RELAY_PROFILE, &Key::generate_private(), &first).is_err());
 
+    // A's own connection still is A: it gets what is sent to A.
     b.send_to(a.public(), b"for a only");
     assert_eq!(a.recv().unwrap(), recv_from(b.public(), b"for a only"));
-    let s = relay.handle.stats();
-    assert_eq!(s.replaced, 0, "{s:?}");
-    drop(replay);
 }
 
 #[test]
@@ -450,6 +430,8 @@ fn max_clients_refuses_more() {
     let relay = Relay::from_server(server);
     let _a = Client::connect(&relay, Key::generate_private());
     let _b = Client::connect(&relay, Key::generate_private());
+    // Registered on their first sealed message, just after the handshake.
+    relay.wait_stats("two registered", |s| s.registered == 2);
     let mut c = TcpStream::connect(relay.addr).unwrap();
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(
@@ -649,6 +631,7 @@ fn a_flooding_source_does_not_crowd_out_other_clients() {
             stream,
             ch,
             key: Key::generate_private(),
+            handshake_wire: Default::default(),
         };
         c.flush();
         // A refused connection is closed before it is answered.
@@ -785,9 +768,284 @@ fn a_burst_of_connections_beyond_one_accept_turn_is_all_accepted() {
     };
     let server = RelayServer::bind_guarded(cfg, guards).unwrap();
     // The kernel completes these into the listen queue before the relay runs
-    // (120: more than one accept turn, fewer than the 128 the listener asks the kernel to queue).
+    // (120: more than one accept turn, fewer than the 128 of the smallest
+    // listen queue a kernel gives).
     let addr = server.local_addr().unwrap();
     let held: Vec<TcpStream> = (0..120).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let relay = Relay::from_server(server);
     relay.wait_stats("all 120 accepted", |s| s.clients == held.len());
+}
+
+/// Per-source limits that never bind, for tests of the relay-wide pools.
+fn no_source_limits(pool: usize, max_clients: usize) -> RelayGuards {
+    RelayGuards {
+        max_pending: pool,
+        per_source: SourceLimits::unlimited(),
+        ..RelayGuards::for_relay(max_clients)
+    }
+}
+
+/// Holds `n` connections from `local` that never send a byte.
+fn hold_silent(relay: &Relay, local: Ipv4Addr, n: usize) -> Vec<TcpStream> {
+    (0..n).map(|_| connect_from(local, relay.addr).unwrap()).collect()
+}
+
+/// Strangers keep far more connections in their handshake than there are
+/// client slots: they wait in their own pool (the oldest pushed out), and a
+/// new client still registers into a free slot and gets its traffic.
+#[test]
+fn pending_handshakes_never_take_registered_slots() {
+    let relay = Relay::start_guarded(Limits::default(), 3, no_source_limits(8, 3));
+    let mut a = Client::connect(&relay, Key::generate_private());
+    let _b = Client::connect(&relay, Key::generate_private());
+    relay.wait_stats("two registered", |s| s.registered == 2);
+    let held: Vec<TcpStream> = (10..15)
+        .flat_map(|i| hold_silent(&relay, Ipv4Addr::new(127, 0, 0, i), 8))
+        .collect();
+    let s = relay.wait_stats("the strangers' 40 connections taken in", |s| {
+        s.evicted_pending + s.pending as u64 == 40
+    });
+    assert_eq!((s.pending, s.evicted_pending), (8, 32), "{s:?}");
+
+    let mut c = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 2), Key::generate_private());
+    a.send_to(c.public(), b"through");
+    assert_eq!(c.recv().unwrap(), recv_from(a.public(), b"through"));
+    let s = relay.wait_stats("three registered", |s| s.registered == 3);
+    assert_eq!(s.rejected_full, 0, "{s:?}");
+    assert!(s.pending <= 8, "{s:?}");
+
+    // Every slot is taken by a registered client: the next one is refused at once.
+    let mut d = connect_from(Ipv4Addr::new(127, 0, 0, 3), relay.addr).unwrap();
+    d.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(d.read(&mut [0u8; 16]).unwrap_or(0), 0, "closed when full");
+    relay.wait_stats("refused as full", |s| s.rejected_full == 1 && s.registered == 3);
+    drop(held);
+}
+
+/// Being pushed out of the pending pool costs the source a token, as a
+/// refusal does: a source that keeps the pool full runs out of its rate.
+#[test]
+fn eviction_from_the_pending_pool_costs_the_source_its_rate() {
+    let guards = RelayGuards {
+        max_pending: 10,
+        per_source: SourceLimits {
+            connects_per_sec: 1,
+            connect_burst: 30,
+            max_pending: 0,
+            max_clients: 0,
+        },
+        ..RelayGuards::for_relay(10)
+    };
+    let relay = Relay::start_guarded(Limits::default(), 10, guards);
+    let flooder = Ipv4Addr::new(127, 0, 0, 20);
+    let mut held = hold_silent(&relay, flooder, 10);
+    relay.wait_stats("the flooder fills the pool", |s| s.pending == 10);
+    // Another source pushes out all ten: ten tokens the flooder pays.
+    held.extend(hold_silent(&relay, Ipv4Addr::new(127, 0, 0, 21), 10));
+    relay.wait_stats("the flooder's ten pushed out", |s| s.evicted_pending == 10);
+    // 30 - 10 - 10 = 10 tokens left (plus one a second): of 20 more attempts
+    // about half are refused by the rate. Without the charge all 20 get in.
+    held.extend(hold_silent(&relay, flooder, 20));
+    let s = relay.wait_stats("the 20 attempts taken in", |s| {
+        s.refused_rate + s.evicted_pending == 10 + 20
+    });
+    assert!(s.refused_rate >= 8, "eviction cost the flooder nothing: {s:?}");
+}
+
+/// "Relay full" costs the refused source a token: once a slot frees, a source
+/// that kept knocking at the full relay has spent its rate.
+#[test]
+fn relay_full_refusals_cost_the_source_its_rate() {
+    let guards = RelayGuards {
+        per_source: SourceLimits {
+            connects_per_sec: 1,
+            connect_burst: 30,
+            max_pending: 0,
+            max_clients: 0,
+        },
+        ..RelayGuards::for_relay(1)
+    };
+    let relay = Relay::start_guarded(Limits::default(), 1, guards);
+    let only = Client::connect_from(&relay, Ipv4Addr::new(127, 0, 0, 22), Key::generate_private());
+    relay.wait_stats("the one slot taken", |s| s.registered == 1);
+    let knocker = Ipv4Addr::new(127, 0, 0, 23);
+    let held = hold_silent(&relay, knocker, 30);
+    relay.wait_stats("30 refused as full", |s| s.rejected_full == 30);
+    drop(only);
+    relay.wait_stats("the slot freed", |s| s.registered == 0);
+    let held2 = hold_silent(&relay, knocker, 10);
+    let s = relay.wait_stats("10 more attempts taken in", |s| {
+        s.refused_rate + s.pending as u64 == 10
+    });
+    assert!(s.refused_rate >= 8, "refusals cost the source nothing: {s:?}");
+    drop((held, held2));
+}
+
+/// A key the relay was told to refuse (the coordinator removed its node):
+/// its connection is closed at once, those who talk to it hear it is gone,
+/// and a new connection with it is refused.
+#[test]
+fn a_refused_key_is_closed_at_once_and_cannot_register_again() {
+    let relay = Relay::start(Limits::default());
+    let a_key = Key::generate_private();
+    let mut a = Client::connect(&relay, a_key);
+    let mut b = Client::connect(&relay, Key::generate_private());
+    b.send_to(a.public(), b"hi");
+    assert_eq!(a.recv().unwrap(), recv_from(b.public(), b"hi"));
+
+    relay.handle.refuse_key(a.public());
+    assert!(a.closed_by_relay(), "the removed key's connection is closed");
+    assert_eq!(b.recv().unwrap(), RelayFrame::PeerGone { key: a.public() });
+
+    let mut again = Client::connect(&relay, a_key);
+    assert!(
+        again.closed_by_relay(),
+        "a new connection with the removed key is closed"
+    );
+    b.send_to(a_key.public_key(), b"anyone?");
+    let s = relay.wait_stats("both refusals counted", |s| {
+        s.refused_removed == 2 && s.dropped_no_peer == 1
+    });
+    assert_eq!((s.registered, s.forwarded), (1, 1), "{s:?}");
+}
+
+/// A coordinator and a relay wired as `warren server` wires its embedded
+/// relay: every removed node's key is handed to the relay.
+struct Mesh {
+    coord_addr: SocketAddr,
+    admin: std::path::PathBuf,
+    stopper: crate::coord::server::Stopper,
+    thread: Option<JoinHandle<()>>,
+    relay: Relay,
+}
+
+impl Mesh {
+    fn start(state: &std::path::Path) -> Mesh {
+        use crate::coord::server::{Server, ServerConfig};
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: state.to_path_buf(),
+            db: state.join("server.db"),
+            advertise: vec![],
+        };
+        let mut server = Server::bind(&cfg).unwrap();
+        let relay = Relay::start(Limits::default());
+        let handle = relay.handle.clone();
+        server.set_on_removed(move |k| handle.refuse_key(k)).unwrap();
+        let (coord_addr, stopper) = (server.local_addr(), server.stopper());
+        let thread = std::thread::spawn(move || server.run().unwrap());
+        Mesh {
+            coord_addr,
+            admin: cfg.admin_socket(),
+            stopper,
+            thread: Some(thread),
+            relay,
+        }
+    }
+
+    fn admin(&self, req: crate::coord::admin::AdminRequest) -> crate::coord::admin::AdminResponse {
+        crate::coord::admin::request(&self.admin, &req).unwrap()
+    }
+
+    /// Joins a node with `key` through a fresh invite, as `warren up --join` does.
+    fn join(&self, key: &Key, name: &str) {
+        use crate::control::messages::{self, ClientMessage, PROTOCOL_VERSION, ServerMessage};
+        use crate::coord::admin::{AdminRequest, AdminResponse};
+        let AdminResponse::Invite { token, .. } = self.admin(AdminRequest::Invite {
+            reusable: false,
+            expires_in: None,
+            name: None,
+        }) else {
+            panic!("no invite");
+        };
+        let token = crate::coord::invite::JoinToken::parse(&token).unwrap();
+        let mut stream = TcpStream::connect(self.coord_addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut ch = Channel::client(key, &token.server_key).unwrap();
+        ch.send(&messages::encode(&ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: token.secret,
+            name: Some(name.into()),
+            hostname: name.into(),
+            candidates: vec![],
+        }))
+        .unwrap();
+        let mut buf = [0u8; 65536];
+        loop {
+            stream.write_all(ch.outgoing()).unwrap();
+            let n = ch.outgoing().len();
+            ch.consume_outgoing(n);
+            while let Some(m) = ch.next_message() {
+                if let Ok(ServerMessage::Welcome { .. }) = messages::decode_server(&m) {
+                    return;
+                }
+            }
+            let n = stream.read(&mut buf).expect("welcome from the coordinator");
+            assert!(n > 0, "coordinator closed before welcoming {name}");
+            ch.receive(&buf[..n]).unwrap();
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `warren server remove`: the removed node's relay connection is closed at
+/// once and a new one refused, also by a relay started after the removal
+/// (a restarted server hands it the keys removed before).
+#[test]
+fn a_node_removed_by_the_coordinator_loses_the_relay_at_once() {
+    use crate::coord::admin::AdminRequest;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "warren-relay-removal-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mesh = Mesh::start(&dir);
+    let (c_key, d_key) = (Key::generate_private(), Key::generate_private());
+    mesh.join(&c_key, "node-c");
+    mesh.join(&d_key, "node-d");
+    let mut c = Client::connect(&mesh.relay, c_key);
+    let mut d = Client::connect(&mesh.relay, d_key);
+    d.send_to(c.public(), b"still a member");
+    assert_eq!(c.recv().unwrap(), recv_from(d.public(), b"still a member"));
+
+    mesh.admin(AdminRequest::Remove {
+        node: "node-c".into(),
+    });
+    assert!(
+        c.closed_by_relay(),
+        "the removed node's relay connection is closed"
+    );
+    assert_eq!(d.recv().unwrap(), RelayFrame::PeerGone { key: c.public() });
+    let mut again = Client::connect(&mesh.relay, c_key);
+    assert!(
+        again.closed_by_relay(),
+        "a new relay connection with the removed key is refused"
+    );
+    let s = mesh.relay.wait_stats("both refusals", |s| s.refused_removed == 2);
+    assert_eq!(s.registered, 1, "{s:?}");
+
+    // Server and relay restarted: the key removed before is refused from the start.
+    drop((d, mesh));
+    let mesh = Mesh::start(&dir);
+    let mut after = Client::connect(&mesh.relay, c_key);
+    assert!(
+        after.closed_by_relay(),
+        "a relay started later refuses the removed key too"
+    );
+    let d = Client::connect(&mesh.relay, d_key);
+    mesh.relay
+        .wait_stats("the member registered, the removed one refused", |s| {
+            s.registered == 1 && s.refused_removed == 1
+        });
+    drop((d, mesh));
+    let _ = std::fs::remove_dir_all(&dir);
 }
