@@ -337,7 +337,9 @@ fn start_wgstun(
         stun_listen,
         private_key,
         max_sessions: crate::wgstun::responder::DEFAULT_MAX_SESSIONS,
+        max_sessions_per_source: crate::wgstun::responder::DEFAULT_MAX_SESSIONS_PER_SOURCE,
         handshakes_per_sec: crate::wgstun::responder::DEFAULT_HANDSHAKES_PER_SEC,
+        handshakes_per_source: crate::wgstun::responder::DEFAULT_HANDSHAKES_PER_SOURCE,
         stun_requests_per_source: crate::stun::server::DEFAULT_REQUESTS_PER_SOURCE,
         stats_interval: None,
     })

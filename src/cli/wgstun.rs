@@ -24,12 +24,21 @@ pub struct WgstunArgs {
     /// Directory holding the server key (wgstun.key, mode 0600).
     #[arg(long, default_value = "/var/lib/warren")]
     state_dir: PathBuf,
-    /// Most sessions kept; the least recently used is evicted beyond this.
+    /// Most sessions kept; beyond this a new one evicts a session that never
+    /// asked a STUN question, from the source holding most, before any other.
     #[arg(long, default_value_t = responder::DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
+    /// Most sessions one source (IPv4 address, IPv6 /64) holds; beyond this a
+    /// new one from it replaces one of its own.
+    #[arg(long, default_value_t = responder::DEFAULT_MAX_SESSIONS_PER_SOURCE)]
+    max_sessions_per_source: usize,
     /// Handshakes per second before cookie replies are demanded.
     #[arg(long, default_value_t = responder::DEFAULT_HANDSHAKES_PER_SEC)]
     handshake_rate: u64,
+    /// Handshakes per second one source gets with a proven address (cookie);
+    /// half as many without proof, the rest must prove or are dropped.
+    #[arg(long, default_value_t = responder::DEFAULT_HANDSHAKES_PER_SOURCE)]
+    source_handshake_rate: u32,
     /// Plain STUN requests per source IP per second (0 = unlimited).
     #[arg(long, default_value_t = crate::stun::server::DEFAULT_REQUESTS_PER_SOURCE)]
     stun_rate: u32,
@@ -64,7 +73,9 @@ pub fn run(args: WgstunArgs) -> Result<()> {
         stun_listen: (!args.no_stun).then_some(args.stun_listen),
         private_key,
         max_sessions: args.max_sessions,
+        max_sessions_per_source: args.max_sessions_per_source,
         handshakes_per_sec: args.handshake_rate,
+        handshakes_per_source: args.source_handshake_rate,
         stun_requests_per_source: args.stun_rate,
         stats_interval: args.stats_interval.map(Duration::from_secs),
     })
@@ -83,6 +94,22 @@ pub enum LoadCommand {
         count: usize,
         #[arg(long, default_value_t = 64)]
         ports: usize,
+    },
+    /// Fresh keys from one source that answer cookie replies and confirm their
+    /// sessions, as fast as the server lets them (issue 12's flood).
+    ProvingFlood {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        key: crate::keys::Key,
+        /// Fresh keys in flight at once.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Each session also asks one STUN question, as a client would.
+        #[arg(long)]
+        ask: bool,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// Connect clients, then send STUN Binding requests inside their tunnels.
     Tunnel {
@@ -123,6 +150,21 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
                 r.sent,
                 r.handshake_responses,
                 r.cookie_replies
+            )?;
+        }
+        LoadCommand::ProvingFlood {
+            server,
+            key,
+            window,
+            ask,
+            seconds,
+        } => {
+            let r = load::proving_flood(server, key, window, ask, Duration::from_secs_f64(seconds))?;
+            outln!(
+                "initiations={} cookie_replies={} sessions={}",
+                r.initiations,
+                r.cookie_replies,
+                r.sessions
             )?;
         }
         LoadCommand::Tunnel {

@@ -87,6 +87,126 @@ pub fn flood(server: SocketAddr, server_key: Key, count: usize, ports: usize) ->
     Ok(report)
 }
 
+#[derive(Debug, Default)]
+pub struct ProvingFloodReport {
+    pub initiations: u64,
+    pub cookie_replies: u64,
+    /// Handshake responses: sessions the server created (or re-keyed) for us.
+    pub sessions: u64,
+}
+
+/// How long a proving-flood slot waits for an answer before it sends its
+/// initiation again (the server drops what is over its per-source budget).
+const PROVING_RETRY: Duration = Duration::from_millis(50);
+
+/// One in-flight fresh key of a proving flood.
+struct Slot {
+    tunn: Tunn,
+    sent: Instant,
+}
+
+/// The flood of issue 12: one source creating sessions as fast as the server
+/// lets it, as a determined attacker would. `window` fresh keys are in flight
+/// at once; each answers its cookie reply (so it proves its address), confirms
+/// the session the server gives it, optionally asks one STUN question inside
+/// it (so it looks like a client), and is replaced by a fresh key. Runs for
+/// `duration`.
+pub fn proving_flood(
+    server: SocketAddr,
+    server_key: Key,
+    window: usize,
+    ask: bool,
+    duration: Duration,
+) -> Result<ProvingFloodReport> {
+    let sock = bind_any(server)?;
+    sock.set_nonblocking(true)
+        .context("making the flood socket non-blocking")?;
+    let server_public = PublicKey::from(server_key.0);
+    let fresh = |i: usize| {
+        let private = StaticSecret::from(Key::generate_private().0);
+        Tunn::new(private, server_public, None, None, i as u32, None)
+    };
+    let mut report = ProvingFloodReport::default();
+    let mut buf = vec![0u8; 65_536];
+    let mut out = vec![0u8; 2048];
+    let mut stun = Vec::new();
+    let mut inner_pkt = Vec::new();
+    // A full socket buffer is the flood working; sends that fail are retried by the timer.
+    let initiate = |slot: &mut Slot, buf: &mut [u8], report: &mut ProvingFloodReport| {
+        if let TunnResult::WriteToNetwork(p) = slot.tunn.format_handshake_initiation(buf, true) {
+            let _ = sock.send_to(p, server);
+            report.initiations += 1;
+        }
+        slot.sent = Instant::now();
+    };
+    let mut slots: Vec<Slot> = (0..window.max(1))
+        .map(|i| Slot {
+            tunn: fresh(i),
+            sent: Instant::now(),
+        })
+        .collect();
+    for slot in &mut slots {
+        initiate(slot, &mut buf, &mut report);
+    }
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let mut idle = true;
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            idle = false;
+            let packet = buf[..n].to_vec();
+            let at = if packet.first() == Some(&WG_HANDSHAKE_RESPONSE) {
+                8
+            } else {
+                4
+            };
+            let Some(i) = le32(&packet, at).map(|x| (x >> 8) as usize) else {
+                continue;
+            };
+            let Some(slot) = slots.get_mut(i) else {
+                continue;
+            };
+            match (
+                packet[0],
+                slot.tunn.decapsulate(Some(server.ip()), &packet, &mut out),
+            ) {
+                (WG_COOKIE_REPLY, TunnResult::Done) => {
+                    report.cookie_replies += 1;
+                    initiate(slot, &mut buf, &mut report);
+                }
+                (WG_HANDSHAKE_RESPONSE, TunnResult::WriteToNetwork(keepalive)) => {
+                    report.sessions += 1;
+                    let _ = sock.send_to(keepalive, server);
+                    if ask {
+                        stun.clear();
+                        binding_request(&mut stun, &[7; 12], true);
+                        inner_pkt.clear();
+                        inner::build_udp_to_server(&mut inner_pkt, CLIENT_INNER, 40_000, STUN_PORT, &stun);
+                        if let TunnResult::WriteToNetwork(p) = slot.tunn.encapsulate(&inner_pkt, &mut out) {
+                            let _ = sock.send_to(p, server);
+                        }
+                        // The answer comes back for the key this slot drops now: the
+                        // server counts it (stun_answered), the flood does not.
+                    }
+                    slot.tunn = fresh(i);
+                    initiate(slot, &mut buf, &mut report);
+                }
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        for slot in &mut slots {
+            if now.duration_since(slot.sent) >= PROVING_RETRY {
+                idle = false;
+                initiate(slot, &mut buf, &mut report);
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(report)
+}
+
 struct Client {
     tunn: Tunn,
     connected: bool,

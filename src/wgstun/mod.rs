@@ -3,9 +3,11 @@
 //! STUN on a second socket.
 //!
 //! `responder` is the sans-IO core, `peers` its bounded session table,
+//! `budget` the handshakes it takes on per second (in total, per source),
 //! `inner` the packets inside the tunnel, `server` the mio shell that owns
 //! the sockets, `key` the persistent server key.
 
+pub mod budget;
 pub mod inner;
 pub mod key;
 pub mod load;
@@ -32,7 +34,11 @@ pub struct Config {
     pub stun_listen: Option<SocketAddr>,
     pub private_key: Key,
     pub max_sessions: usize,
+    /// Sessions one source (IPv4 address, IPv6 /64) may hold.
+    pub max_sessions_per_source: usize,
     pub handshakes_per_sec: u64,
+    /// Proven handshakes per source per second (half as many without proof).
+    pub handshakes_per_source: u32,
     /// Per source IP per second on the plain STUN socket; 0 = unlimited.
     pub stun_requests_per_source: u32,
     /// Log a stats line this often (also on SIGUSR1); `None` only on SIGUSR1.

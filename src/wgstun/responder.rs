@@ -15,8 +15,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use super::budget::{Budget, Gate};
 use super::inner::{self, Inner, STUN_PORT};
-use super::peers::{ClientKey, Sessions};
+use super::peers::{Admission, ClientKey, Sessions, Source};
 use crate::keys::Key;
 use crate::stun::Message;
 use crate::stun::server::answer_binding;
@@ -28,6 +29,15 @@ pub const DEFAULT_MAX_SESSIONS: usize = 4_096;
 /// Handshake initiations per second accepted before WireGuard's cookie reply
 /// (proof of source address) is demanded from every initiator.
 pub const DEFAULT_HANDSHAKES_PER_SEC: u64 = 100;
+/// Sessions one source (IPv4 address, IPv6 /64) may hold; beyond it a new
+/// one replaces one of its own. A home or office NAT holds a handful of
+/// nodes; at 64, one address can take at most 1/64 of the default table.
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: usize = 64;
+/// Proven handshakes per source per second (see `budget`).
+pub const DEFAULT_HANDSHAKES_PER_SOURCE: u32 = super::budget::DEFAULT_PROVEN_PER_SOURCE;
+/// boringtun's RateLimiter compares its count with these limits.
+const NEVER_UNDER_LOAD: u64 = u64::MAX;
+const ALWAYS_UNDER_LOAD: u64 = 0;
 /// Housekeeping period: the rate limiter's window and the session sweep.
 const TICK: Duration = Duration::from_secs(1);
 /// A session that received nothing for this long holds no usable keys:
@@ -36,7 +46,6 @@ const TICK: Duration = Duration::from_secs(1);
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Room for any datagram boringtun may hand back (max UDP payload).
 const SCRATCH_LEN: usize = 65_536;
-const WG_COOKIE_REPLY: u8 = 3;
 /// Header and tag boringtun adds when sealing a data packet.
 const WG_DATA_OVERHEAD: usize = 32;
 /// Bound on queued outgoing datagrams; beyond it new answers are dropped and counted.
@@ -46,7 +55,10 @@ const MAX_QUEUED_TRANSMITS: usize = 4_096;
 pub struct ResponderConfig {
     pub private_key: Key,
     pub max_sessions: usize,
+    pub max_sessions_per_source: usize,
     pub handshakes_per_sec: u64,
+    /// Proven handshakes per source per second (half as many without proof).
+    pub handshakes_per_source: u32,
 }
 
 impl ResponderConfig {
@@ -54,7 +66,9 @@ impl ResponderConfig {
         ResponderConfig {
             private_key,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_source: DEFAULT_MAX_SESSIONS_PER_SOURCE,
             handshakes_per_sec: DEFAULT_HANDSHAKES_PER_SEC,
+            handshakes_per_source: DEFAULT_HANDSHAKES_PER_SOURCE,
         }
     }
 }
@@ -71,11 +85,17 @@ pub struct Stats {
     pub handshakes: u64,
     pub sessions_created: u64,
     pub sessions_evicted: u64,
+    /// Evictions of a source's own session because it was at its cap.
+    pub evicted_at_source_cap: u64,
+    /// Evictions of a session that had asked a STUN question (a real client).
+    pub evicted_asked: u64,
     pub sessions_expired: u64,
     pub cookie_replies: u64,
+    /// Proven initiations dropped: their source used its handshakes for this second.
+    pub source_over_budget: u64,
     /// Not a WireGuard message at all (wrong type or size).
     pub not_wireguard: u64,
-    /// Handshake with a bad mac1 (not meant for our key), or refused under load.
+    /// Handshake with a bad mac1 (not meant for our key).
     pub bad_mac: u64,
     /// mac1 fine but the handshake did not decrypt, or was a replay.
     pub handshake_rejected: u64,
@@ -127,7 +147,15 @@ impl Outbox {
 pub struct Responder {
     private: StaticSecret,
     public: PublicKey,
-    limiter: Arc<RateLimiter>,
+    /// boringtun's limiter used for its mac1 check only (it is never under
+    /// load); every session's `Tunn` re-checks mac1 with it.
+    mac1: Arc<RateLimiter>,
+    /// boringtun's limiter used for its mac2 check only (always under load):
+    /// the one cookie secret, so a cookie a client got stays good whatever
+    /// made us demand it.
+    cookie: Arc<RateLimiter>,
+    /// Load is decided here, on our clock, not inside boringtun.
+    budget: Budget,
     sessions: Sessions,
     outbox: Outbox,
     scratch: Box<[u8]>,
@@ -144,15 +172,13 @@ impl Responder {
         let public = PublicKey::from(&private);
         // boringtun runs each handshake through the limiter twice (our mac1
         // check before choosing a session, then inside the session's Tunn).
-        let limiter = Arc::new(RateLimiter::new(
-            &public,
-            config.handshakes_per_sec.saturating_mul(2),
-        ));
         Responder {
+            mac1: Arc::new(RateLimiter::new(&public, NEVER_UNDER_LOAD)),
+            cookie: Arc::new(RateLimiter::new(&public, ALWAYS_UNDER_LOAD)),
             private,
             public,
-            limiter,
-            sessions: Sessions::new(config.max_sessions),
+            budget: Budget::new(config.handshakes_per_sec, config.handshakes_per_source),
+            sessions: Sessions::new(config.max_sessions, config.max_sessions_per_source),
             outbox: Outbox::default(),
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
             sealed: vec![0u8; SCRATCH_LEN + WG_DATA_OVERHEAD].into_boxed_slice(),
@@ -182,6 +208,10 @@ impl Responder {
         self.sessions.capacity()
     }
 
+    pub fn session_capacity_per_source(&self) -> usize {
+        self.sessions.capacity_per_source()
+    }
+
     /// One datagram that arrived on the WireGuard socket from `from`.
     pub fn handle_input(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         if self.next_tick.is_none() {
@@ -200,15 +230,16 @@ impl Responder {
         self.handle_for_session(now, from, receiver_index, bytes);
     }
 
+    /// Cookies before state: the cheap mac1 check, then (under load) proof of
+    /// the source address before any DH, then the DH to learn the key, then
+    /// (if a new session would cost someone theirs) proof again, and only then
+    /// a session.
     fn handle_initiation(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let mut cookie = [0u8; 64];
-        // mac1 and load check first: it is cheap and keeps floods away from the DH below.
-        let packet = match self.limiter.verify_packet(Some(from.ip()), bytes, &mut cookie) {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(reply)) => {
-                self.stats.cookie_replies += 1;
-                let reply = reply.to_vec();
-                self.queue(from, &reply);
+        let init = match self.mac1.verify_packet(Some(from.ip()), bytes, &mut cookie) {
+            Ok(Packet::HandshakeInit(init)) => init,
+            Ok(_) => {
+                self.stats.not_wireguard += 1;
                 return;
             }
             Err(_) => {
@@ -216,10 +247,14 @@ impl Responder {
                 return;
             }
         };
-        let Packet::HandshakeInit(init) = packet else {
-            self.stats.not_wireguard += 1;
-            return;
-        };
+        let source = Source::of(from.ip());
+        let mut proven = false;
+        if self.budget.unproven(source) == Gate::ProofNeeded {
+            if !self.prove_source(from, bytes) {
+                return;
+            }
+            proven = true;
+        }
         let Ok(half) = parse_handshake_anon(&self.private, &self.public, &init) else {
             self.stats.handshake_rejected += 1;
             return;
@@ -228,12 +263,22 @@ impl Responder {
         let (id, fresh) = match self.sessions.id_of(&key) {
             Some(id) => (id, false),
             None => {
-                let (private, limiter) = (self.private.clone(), self.limiter.clone());
+                let admission = self.sessions.admission(from);
+                if admission != Admission::Free && !proven && !self.prove_source(from, bytes) {
+                    return;
+                }
+                let (private, mac1) = (self.private.clone(), self.mac1.clone());
                 let (id, evicted) = self.sessions.insert(key, now, from, |id| {
-                    Tunn::new(private, PublicKey::from(key), None, None, id, Some(limiter))
+                    Tunn::new(private, PublicKey::from(key), None, None, id, Some(mac1))
                 });
-                if evicted.is_some() {
+                if let Some(e) = evicted {
                     self.stats.sessions_evicted += 1;
+                    if e.admission == Admission::EvictsOwn {
+                        self.stats.evicted_at_source_cap += 1;
+                    }
+                    if e.asked {
+                        self.stats.evicted_asked += 1;
+                    }
                 }
                 (id, true)
             }
@@ -249,13 +294,6 @@ impl Responder {
             _ => None,
         };
         match out {
-            Some(p) if p.first() == Some(&WG_COOKIE_REPLY) => {
-                self.stats.cookie_replies += 1;
-                self.queue(from, &p);
-                if fresh {
-                    self.sessions.remove(id);
-                }
-            }
             Some(p) => {
                 self.stats.handshakes += 1;
                 if fresh {
@@ -273,6 +311,32 @@ impl Responder {
         }
     }
 
+    /// WireGuard's cookie mechanism: true if the initiation's mac2 proves that
+    /// its sender receives at `from` and that source has budget left (else it
+    /// is dropped); without mac2 a cookie reply is queued, so a real client's
+    /// next initiation (wireguard-go retries after REKEY_TIMEOUT) carries the
+    /// proof, and a spoofed source never does.
+    fn prove_source(&mut self, from: SocketAddr, bytes: &[u8]) -> bool {
+        let mut cookie = [0u8; 64];
+        match self.cookie.verify_packet(Some(from.ip()), bytes, &mut cookie) {
+            Ok(_) if self.budget.proven(Source::of(from.ip())) => true,
+            Ok(_) => {
+                self.stats.source_over_budget += 1;
+                false
+            }
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                self.stats.cookie_replies += 1;
+                let reply = reply.to_vec();
+                self.queue(from, &reply);
+                false
+            }
+            Err(_) => {
+                self.stats.bad_mac += 1;
+                false
+            }
+        }
+    }
+
     fn handle_for_session(&mut self, now: Instant, from: SocketAddr, receiver_index: u32, bytes: &[u8]) {
         let id = Sessions::id_for_receiver_index(receiver_index);
         let Some(session) = self.sessions.get_mut(id) else {
@@ -280,13 +344,14 @@ impl Responder {
             return;
         };
         let mut authenticated = true;
+        let mut asked = false;
         match session
             .tunn
             .decapsulate(Some(from.ip()), bytes, &mut self.scratch)
         {
             TunnResult::WriteToTunnelV4(packet, _) => {
                 self.inner_out.clear();
-                answer_inner(
+                asked = answer_inner(
                     packet,
                     from,
                     &mut self.inner_out,
@@ -323,6 +388,9 @@ impl Responder {
         if authenticated {
             self.sessions.touch(id, now, from);
         }
+        if asked {
+            self.sessions.mark_asked(id);
+        }
     }
 
     fn queue(&mut self, dst: SocketAddr, bytes: &[u8]) {
@@ -348,7 +416,7 @@ impl Responder {
             _ => return,
         }
         self.next_tick = Some(now + TICK);
-        self.limiter.reset_count();
+        self.budget.tick();
         let expired = self.sessions.expire_idle(now, SESSION_IDLE_TIMEOUT);
         self.stats.sessions_expired += expired as u64;
 
@@ -380,8 +448,11 @@ impl Responder {
             ("handshakes", s.handshakes),
             ("created", s.sessions_created),
             ("evicted", s.sessions_evicted),
+            ("evicted_at_source_cap", s.evicted_at_source_cap),
+            ("evicted_asked", s.evicted_asked),
             ("expired", s.sessions_expired),
             ("cookie_replies", s.cookie_replies),
+            ("source_over_budget", s.source_over_budget),
             ("not_wireguard", s.not_wireguard),
             ("bad_mac", s.bad_mac),
             ("handshake_rejected", s.handshake_rejected),
@@ -406,17 +477,19 @@ impl Responder {
 }
 
 /// Decides the answer to one decrypted inner packet; writes it to `out` (empty = no answer).
+/// Returns whether it was a STUN Binding request (what marks a session as a real client's).
 fn answer_inner(
     packet: &[u8],
     outer_from: SocketAddr,
     out: &mut Vec<u8>,
     stun: &mut Vec<u8>,
     stats: &mut Stats,
-) {
+) -> bool {
     match inner::parse(packet) {
         Ok(Inner::EchoRequest { src, rest }) => {
             inner::build_echo_reply(out, src, rest);
             stats.echo_answered += 1;
+            return false;
         }
         Ok(Inner::Udp {
             src,
@@ -429,6 +502,7 @@ fn answer_inner(
                 if answer_binding(&m, outer_from, stun) {
                     inner::build_udp(out, STUN_PORT, src, src_port, stun);
                     stats.stun_answered += 1;
+                    return true;
                 } else {
                     stats.inner_not_served += 1;
                 }
@@ -441,4 +515,5 @@ fn answer_inner(
         Err(inner::Drop::NotForUs) => stats.inner_not_for_us += 1,
         Err(inner::Drop::NotServed) => stats.inner_not_served += 1,
     }
+    false
 }

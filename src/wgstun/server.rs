@@ -60,7 +60,9 @@ impl Server {
         let responder = Responder::new(&ResponderConfig {
             private_key: config.private_key,
             max_sessions: config.max_sessions,
+            max_sessions_per_source: config.max_sessions_per_source,
             handshakes_per_sec: config.handshakes_per_sec,
+            handshakes_per_source: config.handshakes_per_source,
         });
         Ok(Server {
             poll,
@@ -101,31 +103,40 @@ impl Server {
             libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
         }
         eprintln!(
-            "warren wgstun: listening on {} (WireGuard, key {}){}; max {} sessions",
+            "warren wgstun: listening on {} (WireGuard, key {}){}; max {} sessions, {} per source",
             self.wg_addr()?,
             self.responder.public_key().short(),
             self.stun_addr()
                 .map(|a| format!(" and {a} (STUN)"))
                 .unwrap_or_default(),
             self.responder.session_capacity(),
+            self.responder.session_capacity_per_source(),
         );
         let mut events = Events::with_capacity(16);
         let mut buf = vec![0u8; RECV_BUF];
         let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
+        // Sockets that may still hold datagrams. Readiness is edge-triggered, so
+        // a socket not drained to WouldBlock stays marked here and the next
+        // poll does not sleep; a batch at a time, with the timers between,
+        // so a flood that never lets the socket go empty still leaves the
+        // housekeeping (budget reset, expiry, stats) running.
+        let (mut wg_ready, mut stun_ready) = (false, false);
         loop {
             let now = Instant::now();
             let deadline = [self.responder.poll_timeout(), next_stats]
                 .into_iter()
                 .flatten()
                 .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            let timeout = if wg_ready || stun_ready {
+                Some(Duration::ZERO)
+            } else {
+                deadline.map(|d| d.saturating_duration_since(now))
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("waiting for WG-STUN sockets"),
             }
-            let mut wg_ready = false;
-            let mut stun_ready = false;
             for ev in events.iter() {
                 match ev.token() {
                     WG => wg_ready = true,
@@ -133,13 +144,11 @@ impl Server {
                     _ => {}
                 }
             }
-            while wg_ready || stun_ready {
-                if wg_ready {
-                    wg_ready = self.drain_wg(&mut buf)?;
-                }
-                if stun_ready {
-                    stun_ready = self.drain_stun(&mut buf)?;
-                }
+            if wg_ready {
+                wg_ready = self.drain_wg(&mut buf)?;
+            }
+            if stun_ready {
+                stun_ready = self.drain_stun(&mut buf)?;
             }
             let now = Instant::now();
             self.responder.handle_timeout(now);

@@ -8,12 +8,16 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use super::inner::{self, STUN_PORT};
-use super::responder::{Responder, ResponderConfig, SESSION_IDLE_TIMEOUT};
+use super::responder::{
+    DEFAULT_HANDSHAKES_PER_SOURCE, DEFAULT_MAX_SESSIONS_PER_SOURCE, Responder, ResponderConfig,
+    SESSION_IDLE_TIMEOUT,
+};
 use crate::keys::Key;
 use crate::stun::Message;
 use crate::stun::message::binding_request;
 
 const CLIENT_INNER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
+const WG_COOKIE_REPLY: u8 = 3;
 
 struct Client {
     tunn: Tunn,
@@ -63,8 +67,13 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn responder(max_sessions: usize, handshakes_per_sec: u64) -> Responder {
+    responder_capped(max_sessions, DEFAULT_MAX_SESSIONS_PER_SOURCE, handshakes_per_sec)
+}
+
+fn responder_capped(max_sessions: usize, per_source: usize, handshakes_per_sec: u64) -> Responder {
     let mut c = ResponderConfig::new(Key::generate_private());
     c.max_sessions = max_sessions;
+    c.max_sessions_per_source = per_source;
     c.handshakes_per_sec = handshakes_per_sec;
     Responder::new(&c)
 }
@@ -229,38 +238,178 @@ fn garbage_truncated_forged_and_replayed_handshakes_are_counted_and_ignored() {
     assert_eq!(ask(&mut server, &mut client, now, from), from);
 }
 
+/// Handshakes `client` from `from` as WireGuard does when the server demands
+/// a cookie: the cookie reply is taken in and the initiation sent again, now
+/// with mac2. Confirms the session with the client's keepalive. Returns how
+/// many cookie replies it took (0 or 1), or None if the server dropped the
+/// initiation (its source used up this second's handshakes).
+fn connect_proving(
+    server: &mut Responder,
+    client: &mut Client,
+    now: Instant,
+    from: SocketAddr,
+) -> Option<usize> {
+    for cookies in 0..2 {
+        server.handle_input(now, from, &client.initiation());
+        let t = server.poll_transmit()?;
+        assert_eq!(t.dst, from);
+        match client.receive(&t.payload) {
+            (Some(keepalive), _) => {
+                server.handle_input(now, from, &keepalive);
+                assert!(server.poll_transmit().is_none());
+                return Some(cookies);
+            }
+            (None, None) => assert_eq!(t.payload[0], WG_COOKIE_REPLY),
+            other => panic!("unexpected answer to an initiation: {other:?}"),
+        }
+    }
+    panic!("no session after answering a cookie reply");
+}
+
+/// Moves the clock one housekeeping tick on.
+fn next_second(server: &mut Responder, now: &mut Instant) {
+    *now += Duration::from_secs(1);
+    server.handle_timeout(*now);
+    while server.poll_transmit().is_some() {}
+}
+
+/// `n` fresh keys from `ip` (one port each), as fast as the server lets them:
+/// each answers its cookie reply and confirms its session, and when the
+/// server drops one (budget spent) it tries again the next second. `ask_each`
+/// makes each send a STUN request too. Returns the seconds it took.
+fn flood_proving(server: &mut Responder, now: &mut Instant, ip: &str, n: usize, ask_each: bool) -> u32 {
+    let mut seconds = 0;
+    for i in 0..n {
+        let mut c = Client::new(server);
+        let from = SocketAddr::new(ip.parse().unwrap(), 1024 + (i % 60_000) as u16);
+        while connect_proving(server, &mut c, *now, from).is_none() {
+            next_second(server, now);
+            seconds += 1;
+            c = Client::new(server);
+        }
+        if ask_each {
+            assert_eq!(ask(server, &mut c, *now, from), from);
+        }
+    }
+    seconds
+}
+
 #[test]
-fn session_table_stays_bounded_under_a_flood_of_distinct_keys() {
-    const FLOOD: usize = 10_000;
-    const MAX: usize = 500;
+fn a_flooding_source_that_answers_cookies_gets_few_handshakes_and_replaces_only_its_own_sessions() {
+    const MAX: usize = 64;
+    const PER_SOURCE: usize = 8;
+    const FLOOD: usize = 4 * MAX;
+    let mut server = responder_capped(MAX, PER_SOURCE, 10);
+    let mut now = Instant::now();
+    let legit_from = addr("203.0.113.20:51820");
+    let mut legit = Client::new(&server);
+    connect(&mut server, &mut legit, now, legit_from);
+    assert_eq!(ask(&mut server, &mut legit, now, legit_from), legit_from);
+    let seconds = flood_proving(&mut server, &mut now, "198.51.100.50", FLOOD, false);
+    let s = server.stats();
+    // Its handshakes per second are the per-source budget, not what it can send.
+    assert!(
+        seconds as usize >= FLOOD / DEFAULT_HANDSHAKES_PER_SOURCE as usize - 1,
+        "{FLOOD} sessions in {seconds} s: {s:?}"
+    );
+    assert!(s.source_over_budget >= seconds as u64, "{s:?}");
+    assert_eq!(s.sessions_created as usize, FLOOD + 1, "{s:?}");
+    assert_eq!(server.session_count(), PER_SOURCE + 1, "{s:?}");
+    assert_eq!(s.evicted_at_source_cap, s.sessions_evicted, "{s:?}");
+    assert_eq!(s.evicted_asked, 0, "{s:?}");
+    // The real client never lost its session.
+    assert_eq!(ask(&mut server, &mut legit, now, legit_from), legit_from);
+    // Its re-key while everyone must prove: a cookie first, then it is through.
+    for i in 0..20 {
+        let mut c = Client::new(&server);
+        server.handle_input(
+            now,
+            addr(&format!("198.51.100.50:{}", 30_000 + i)),
+            &c.initiation(),
+        );
+    }
+    while server.poll_transmit().is_some() {}
+    assert_eq!(connect_proving(&mut server, &mut legit, now, legit_from), Some(1));
+    assert_eq!(ask(&mut server, &mut legit, now, legit_from), legit_from);
+}
+
+#[test]
+fn a_full_table_gives_way_to_never_asked_sessions_of_big_sources() {
+    const MAX: usize = 120;
+    const PER_SOURCE: usize = 40;
+    let mut server = responder_capped(MAX, PER_SOURCE, u64::MAX / 4);
+    let mut now = Instant::now();
+    let mut legit: Vec<(Client, SocketAddr)> = (0..10)
+        .map(|i| {
+            let from = addr(&format!("203.0.113.{}:51820", 20 + i));
+            let mut c = Client::new(&server);
+            connect(&mut server, &mut c, now, from);
+            assert_eq!(ask(&mut server, &mut c, now, from), from);
+            (c, from)
+        })
+        .collect();
+    // Five flooders at their caps together want 200 sessions: the table is full long before.
+    for f in 0..5 {
+        flood_proving(
+            &mut server,
+            &mut now,
+            &format!("198.51.100.{}", 50 + f),
+            PER_SOURCE,
+            f == 0,
+        );
+    }
+    assert_eq!(server.session_count(), MAX);
+    let s = server.stats();
+    assert_eq!(s.evicted_asked, 0, "only sessions that never asked went: {s:?}");
+    // Two more flooders that ask, as clients do: the 70 silent sessions go
+    // first, then those of the biggest sources, never a lone client's.
+    flood_proving(&mut server, &mut now, "198.51.100.98", PER_SOURCE, true);
+    flood_proving(&mut server, &mut now, "198.51.100.99", PER_SOURCE, true);
+    let s = server.stats();
+    assert_eq!(s.evicted_asked, 10, "{s:?}");
+    for (c, from) in &mut legit {
+        assert_eq!(
+            ask(&mut server, c, now, *from),
+            *from,
+            "a real client was evicted: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn a_spoofed_flood_fills_free_room_only_and_meets_cookies_at_a_full_table() {
+    const FLOOD: usize = 2_000;
+    const MAX: usize = 300;
     let mut server = responder(MAX, u64::MAX / 4);
     let now = Instant::now();
-    // One real client first; it goes quiet while the flood arrives.
+    // One real client first; it asked once and goes quiet while the flood arrives.
+    let early_from = addr("203.0.113.1:1");
     let mut early = Client::new(&server);
-    connect(&mut server, &mut early, now, addr("203.0.113.1:1"));
-    let mut last = None;
+    connect(&mut server, &mut early, now, early_from);
+    assert_eq!(ask(&mut server, &mut early, now, early_from), early_from);
+    // Initiations from addresses that never see the answers: no cookie is ever answered.
     for i in 0..FLOOD {
         let mut c = Client::new(&server);
-        let from = SocketAddr::new("198.51.100.1".parse().unwrap(), 1024 + (i % 60_000) as u16);
+        let from = SocketAddr::new(
+            std::net::Ipv4Addr::from(0xc633_6400 + i as u32).into(),
+            1024 + (i % 60_000) as u16,
+        );
         server.handle_input(now, from, &c.initiation());
         while server.poll_transmit().is_some() {}
         assert!(server.session_count() <= MAX);
-        last = Some((c, from));
     }
     let s = server.stats();
-    assert_eq!(s.handshakes as usize, FLOOD + 1);
     assert_eq!(server.session_count(), MAX);
-    assert_eq!(s.sessions_evicted as usize, FLOOD + 1 - MAX);
-    // The newest initiator still completes its handshake and gets answers.
-    let (mut c, from) = last.unwrap();
-    // Re-handshake: its response was drained above.
-    connect(&mut server, &mut c, now, from);
-    assert_eq!(ask(&mut server, &mut c, now, from), from);
-    // The early, least recently used client was evicted.
-    let sealed = early.seal(&stun_request([9; 12]));
-    server.handle_input(now, addr("203.0.113.1:1"), &sealed);
-    assert!(server.poll_transmit().is_none());
-    assert!(server.stats().unknown_session >= 1);
+    assert_eq!(s.sessions_created as usize, MAX, "{s:?}");
+    assert_eq!(s.sessions_evicted, 0, "{s:?}");
+    assert_eq!(s.cookie_replies as usize, FLOOD + 1 - MAX, "{s:?}");
+    // A newcomer who proves its address gets in, at a spoofed session's cost.
+    let (mut late, late_from) = (Client::new(&server), addr("192.0.2.77:4000"));
+    assert_eq!(connect_proving(&mut server, &mut late, now, late_from), Some(1));
+    assert_eq!(ask(&mut server, &mut late, now, late_from), late_from);
+    assert_eq!(server.stats().sessions_evicted, 1);
+    assert_eq!(server.stats().evicted_asked, 0);
+    assert_eq!(ask(&mut server, &mut early, now, early_from), early_from);
 }
 
 #[test]
@@ -286,7 +435,7 @@ fn cookie_replies_engage_under_a_handshake_flood() {
     assert!(cookies > 400, "cookie replies: {cookies}, {s:?}");
     assert_eq!(s.cookie_replies, cookies);
     assert!(
-        server.session_count() <= 2 * RATE as usize,
+        server.session_count() <= RATE as usize,
         "{}",
         server.session_count()
     );
@@ -360,7 +509,9 @@ fn spawned_server_answers_on_real_sockets() {
         stun_listen: Some(addr("127.0.0.1:0")),
         private_key: key,
         max_sessions: 16,
+        max_sessions_per_source: 16,
         handshakes_per_sec: 100,
+        handshakes_per_source: 100,
         stun_requests_per_source: 0,
         stats_interval: None,
     };
