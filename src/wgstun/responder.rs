@@ -3,6 +3,10 @@
 //! inside the tunnel only STUN Binding to 100.64.0.4:3478 and ICMP echo to
 //! 100.64.0.4 are answered. The STUN answer carries the *outer* address of
 //! the datagram that brought the request: the client's WireGuard mapping.
+//!
+//! A handshake passes `budget` (how many per second, in total and per source;
+//! past it, WireGuard's cookie reply demands proof of the source address)
+//! before any DH, and `peers` decides who gives way when a session is added.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -38,7 +42,7 @@ pub const DEFAULT_HANDSHAKES_PER_SOURCE: u32 = super::budget::DEFAULT_PROVEN_PER
 /// boringtun's RateLimiter compares its count with these limits.
 const NEVER_UNDER_LOAD: u64 = u64::MAX;
 const ALWAYS_UNDER_LOAD: u64 = 0;
-/// Housekeeping period: the rate limiter's window and the session sweep.
+/// Housekeeping period: the handshake budget's window and the session sweep.
 const TICK: Duration = Duration::from_secs(1);
 /// A session that received nothing for this long holds no usable keys:
 /// WireGuard rejects keys older than REJECT_AFTER_TIME (180 s), and the last
@@ -170,8 +174,6 @@ impl Responder {
     pub fn new(config: &ResponderConfig) -> Responder {
         let private = StaticSecret::from(config.private_key.0);
         let public = PublicKey::from(&private);
-        // boringtun runs each handshake through the limiter twice (our mac1
-        // check before choosing a session, then inside the session's Tunn).
         Responder {
             mac1: Arc::new(RateLimiter::new(&public, NEVER_UNDER_LOAD)),
             cookie: Arc::new(RateLimiter::new(&public, ALWAYS_UNDER_LOAD)),
