@@ -30,6 +30,8 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(600);
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// The map is considered settled after this long without traffic.
 const QUIET: Duration = Duration::from_secs(2);
+/// While held nodes are coming back, how often to say how many are.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 struct Light {
     /// Kept across reconnects: the node is enrolled under it.
@@ -140,6 +142,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
     let mut announced = false;
     // When the first held node lost its connection, until all are back.
     let mut lost_since: Option<Instant> = None;
+    let mut next_progress = Instant::now();
     let mut rng = u64::from(std::process::id()) | 1;
 
     loop {
@@ -231,6 +234,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                 }
                 if lost_since.is_none() && welcomed == nodes {
                     lost_since = Some(now2);
+                    next_progress = now2 + PROGRESS_EVERY;
                 }
                 lose(&poll, l, &mut welcomed, now2, &mut rng);
             }
@@ -259,6 +263,16 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                 }
                 Err(e) => return Err(e).context("writing to the coordinator"),
             }
+        }
+        if let Some(t) = lost_since
+            && welcomed < nodes
+            && now2 >= next_progress
+        {
+            next_progress = now2 + PROGRESS_EVERY;
+            eprintln!(
+                "load: {welcomed} of {nodes} nodes back {:.0} s after the first was lost",
+                now2.duration_since(t).as_secs_f64()
+            );
         }
         if let Some(t) = lost_since
             && welcomed == nodes
