@@ -2,7 +2,7 @@
 //! must hear about a change. No sockets here; the server's mio loop feeds
 //! bytes in and writes [`Hub::outgoing`] out, so tests can drive it directly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -18,6 +18,14 @@ use crate::control::messages::{
 use crate::keys::Key;
 
 pub type ConnId = usize;
+
+/// Connections whose full map is sealed but not yet taken by their socket:
+/// bounds the memory a herd of reconnecting nodes costs (each map is as big
+/// as the mesh) while the others wait their turn.
+pub const MAPS_IN_FLIGHT: usize = 64;
+/// Full maps sealed per loop turn, so one turn's work stays short and the
+/// handshakes of nodes still arriving keep being answered within their deadline.
+pub const MAPS_PER_TURN: usize = 16;
 
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -44,6 +52,16 @@ pub struct Hub {
     removed: BTreeSet<u64>,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
+    /// Welcomed connections waiting for their full map, first come first
+    /// served; they get no deltas until then (the map they get is current).
+    map_queue: VecDeque<ConnId>,
+    /// Connections whose full map is not yet all written: outgoing bytes
+    /// left until its end.
+    map_in_flight: HashMap<ConnId, usize>,
+    /// Full maps sealed in this loop turn (see [`MAPS_PER_TURN`]).
+    maps_this_turn: usize,
+    /// The clock as of the last [`Hub::handle_timeout`], the start of a loop turn.
+    turn: Option<Instant>,
     /// Relays published to nodes; each node's home is picked from these by its id.
     relays: Vec<RelayInfo>,
     /// WG-STUN servers published to nodes in every Welcome.
@@ -62,6 +80,10 @@ impl Hub {
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            map_queue: VecDeque::new(),
+            map_in_flight: HashMap::new(),
+            maps_this_turn: 0,
+            turn: None,
             relays: Vec::new(),
             wgstun: Vec::new(),
         }
@@ -265,15 +287,12 @@ impl Hub {
         };
         conn.authenticated(node.id, now);
         let me = self.peer_info(&node);
-        // The map as of its current version, shared with every connection;
-        // this node's coming online follows in the next delta to everyone.
         let map = self.map()?;
         // A node new to the mesh finds itself in its first map, as the
         // protocol promises; a reconnecting node is there already.
         if !map.contains(node.id) {
             map.upsert(&me);
         }
-        let map = map.full();
         let conn = self.conns.get_mut(&id).expect("checked above");
         conn.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
@@ -281,9 +300,48 @@ impl Hub {
             relays: self.relays.clone(),
             wgstun: self.wgstun.clone(),
         });
-        conn.send_encoded(&map);
+        // The map follows as soon as it is this connection's turn.
+        self.map_queue.push_back(id);
+        self.send_maps();
         self.changed.insert(node.id);
         Ok(())
+    }
+
+    /// Hands the full map, as of its current version and shared by all, to
+    /// waiting connections while the in-flight and per-turn bounds allow.
+    /// Each then gets the deltas after that version, like everyone else.
+    fn send_maps(&mut self) {
+        while self.map_in_flight.len() < MAPS_IN_FLIGHT
+            && self.maps_this_turn < MAPS_PER_TURN
+            && let Some(id) = self.map_queue.pop_front()
+        {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            if !matches!(conn.phase, Phase::Node(_)) {
+                continue;
+            }
+            self.dirty.insert(id);
+            let full = match self.map() {
+                Ok(m) => m.full(),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        log(conn, &format!("closing: {reason}"));
+                        conn.fail(
+                            self.turn.unwrap_or_else(Instant::now),
+                            ErrorCode::Internal,
+                            &reason,
+                        );
+                    }
+                    continue;
+                }
+            };
+            let conn = self.conns.get_mut(&id).expect("checked above");
+            conn.send_encoded(&full);
+            self.maps_this_turn += 1;
+            self.map_in_flight.insert(id, conn.outgoing().len());
+        }
     }
 
     /// The in-memory peer map, read from the store the first time.
@@ -330,6 +388,10 @@ impl Hub {
             self.went_offline(id, node);
         }
         self.dirty.remove(&id);
+        self.map_queue.retain(|&q| q != id);
+        if self.map_in_flight.remove(&id).is_some() {
+            self.send_maps();
+        }
     }
 
     /// Pushes batched changes to every connected node as one delta, and
@@ -368,15 +430,21 @@ impl Hub {
             upsert,
             remove,
         });
+        let waiting: BTreeSet<ConnId> = self.map_queue.iter().copied().collect();
         for (&cid, conn) in self.conns.iter_mut() {
-            if matches!(conn.phase, Phase::Node(_)) {
+            if matches!(conn.phase, Phase::Node(_)) && !waiting.contains(&cid) {
                 conn.send_encoded(&delta);
                 self.dirty.insert(cid);
             }
         }
     }
 
+    /// Called once per loop turn (the server's loop does): expires deadlines
+    /// and starts the turn's allowance of full maps.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.turn = Some(now);
+        self.maps_this_turn = 0;
+        self.send_maps();
         let expired: Vec<(ConnId, &'static str)> = self
             .conns
             .iter()
@@ -401,7 +469,12 @@ impl Hub {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns.values().map(Conn::deadline).min()
+        let deadlines = self.conns.values().map(Conn::deadline).min();
+        // Maps held back only by this turn's allowance go out next turn, at once.
+        let maps_due = (self.map_in_flight.len() < MAPS_IN_FLIGHT && !self.map_queue.is_empty())
+            .then_some(self.turn)
+            .flatten();
+        deadlines.into_iter().chain(maps_due).min()
     }
 
     /// Connections that have bytes to write or should be closed; drained.
@@ -416,6 +489,13 @@ impl Hub {
     pub fn consume_outgoing(&mut self, id: ConnId, n: usize) {
         if let Some(c) = self.conns.get_mut(&id) {
             c.consume_outgoing(n);
+            if let Some(left) = self.map_in_flight.get_mut(&id) {
+                *left = left.saturating_sub(n);
+                if *left == 0 {
+                    self.map_in_flight.remove(&id);
+                    self.send_maps();
+                }
+            }
         }
     }
 
@@ -623,8 +703,9 @@ mod tests {
             node
         }
 
-        /// Carries bytes both ways once.
+        /// Carries bytes both ways once, in one loop turn.
         fn pump(&mut self, node: &mut Node) {
+            self.hub.handle_timeout(self.now);
             let up = node.ch.outgoing().to_vec();
             node.ch.consume_outgoing(up.len());
             if !up.is_empty() {
@@ -761,5 +842,85 @@ mod tests {
         };
         let names: Vec<&str> = map.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c", "e"]);
+    }
+
+    #[test]
+    fn a_herd_gets_its_maps_a_bounded_number_at_a_time_and_no_delta_before() {
+        let mut mesh = Mesh::new();
+        let herd = MAPS_IN_FLIGHT + MAPS_PER_TURN;
+        let keys: Vec<Key> = (0..herd).map(|i| mesh.join(&format!("n{i}")).key).collect();
+        mesh.hub.flush();
+        for id in 1..mesh.next {
+            mesh.hub.closed(id);
+        }
+        mesh.hub.flush();
+        // The restart: everyone's Hello arrives in one turn, and nobody reads yet.
+        mesh.hub.handle_timeout(mesh.now);
+        let mut nodes = Vec::new();
+        for key in keys {
+            let id = mesh.next;
+            mesh.next += 1;
+            mesh.hub.accept(id, mesh.now);
+            let mut ch = Channel::client(&key, &mesh.token.server_key).unwrap();
+            let hello = ClientMessage::Hello {
+                version: PROTOCOL_VERSION,
+                hostname: "h".into(),
+                candidates: vec![],
+            };
+            ch.send(&messages::encode(&hello)).unwrap();
+            let init = ch.outgoing().to_vec();
+            ch.consume_outgoing(init.len());
+            mesh.hub.receive(id, mesh.now, &init);
+            ch.receive(mesh.hub.outgoing(id)).unwrap();
+            let n = mesh.hub.outgoing(id).len();
+            mesh.hub.consume_outgoing(id, n);
+            let hello = ch.outgoing().to_vec();
+            ch.consume_outgoing(hello.len());
+            mesh.hub.receive(id, mesh.now, &hello);
+            nodes.push(Node {
+                id,
+                key,
+                ch,
+                got: vec![],
+            });
+        }
+        assert_eq!(
+            mesh.hub.map_in_flight.len(),
+            MAPS_PER_TURN,
+            "one turn seals a bounded number of maps"
+        );
+        // The others' returns are flushed while most still wait for their map.
+        mesh.hub.flush();
+        for _ in 0..herd {
+            mesh.hub.handle_timeout(mesh.now);
+        }
+        assert_eq!(
+            mesh.hub.map_in_flight.len(),
+            MAPS_IN_FLIGHT,
+            "maps nobody reads are bounded in number"
+        );
+        assert!(mesh.hub.poll_timeout().is_some());
+        // Now everyone reads, turn after turn, until all have their map.
+        for _ in 0..herd {
+            for n in nodes.iter_mut() {
+                mesh.pump(n);
+            }
+        }
+        for n in &nodes {
+            let kinds: Vec<String> = n
+                .got
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m[..20.min(m.len())]).into_owned())
+                .collect();
+            let first_map = kinds.iter().position(|k| k.starts_with(r#"{"type":"peer_map""#));
+            let first_delta = kinds.iter().position(|k| k.starts_with(r#"{"type":"peer_map_"#));
+            assert_eq!(maps(n).len(), 1, "node {}: {kinds:?}", n.id);
+            assert!(
+                first_delta.is_none_or(|d| Some(d) > first_map),
+                "node {} got a delta before its map: {kinds:?}",
+                n.id
+            );
+        }
+        assert!(mesh.hub.map_queue.is_empty() && mesh.hub.map_in_flight.is_empty());
     }
 }

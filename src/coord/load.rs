@@ -204,7 +204,9 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                             break;
                         }
                         while let Some(msg) = l.ch.next_message() {
-                            if !l.welcomed && msg.starts_with(br#"{"type":"welcome""#) {
+                            // Back means the full map is in, not just the Welcome:
+                            // the coordinator may send the map a little later.
+                            if !l.welcomed && msg.starts_with(br#"{"type":"peer_map","#) {
                                 l.welcomed = true;
                                 l.enrolled = true;
                                 l.failures = 0;
