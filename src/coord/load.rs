@@ -38,6 +38,10 @@ struct Light {
     key: Key,
     stream: Option<TcpStream>,
     ch: Channel,
+    /// The coordinator's Welcome came: the connection is up (the agent's
+    /// connect timeout ends here).
+    greeted: bool,
+    /// The full map came too: the node is back.
     welcomed: bool,
     /// Welcomed once: reconnects say Hello, as an enrolled agent does.
     enrolled: bool,
@@ -155,6 +159,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                 key,
                 stream: Some(stream),
                 ch,
+                greeted: false,
                 welcomed: false,
                 enrolled: false,
                 got_change: None,
@@ -178,7 +183,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                             l.failures = l.failures.saturating_add(1);
                         }
                     }
-                } else if l.stream.is_some() && !l.welcomed && now >= l.deadline {
+                } else if l.stream.is_some() && !l.greeted && now >= l.deadline {
                     lose(&poll, l, &mut welcomed, now, &mut rng);
                 }
             }
@@ -204,6 +209,9 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                             break;
                         }
                         while let Some(msg) = l.ch.next_message() {
+                            if msg.starts_with(br#"{"type":"welcome""#) {
+                                l.greeted = true;
+                            }
                             // Back means the full map is in, not just the Welcome:
                             // the coordinator may send the map a little later.
                             if !l.welcomed && msg.starts_with(br#"{"type":"peer_map","#) {
@@ -349,6 +357,7 @@ fn lose(poll: &Poll, l: &mut Light, welcomed: &mut usize, now: Instant, rng: &mu
     if let Some(mut s) = l.stream.take() {
         let _ = poll.registry().deregister(&mut s);
     }
+    l.greeted = false;
     if l.welcomed {
         l.welcomed = false;
         *welcomed -= 1;
