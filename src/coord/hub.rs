@@ -2,14 +2,15 @@
 //! must hear about a change. No sockets here; the server's mio loop feeds
 //! bytes in and writes [`Hub::outgoing`] out, so tests can drive it directly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::admin::{AdminRequest, AdminResponse, NodeView};
 use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
+use super::peermap::PeerMap;
 use super::store::{JoinRequest, Node, Store};
 use crate::control::messages::{
     self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage, WgStunInfo,
@@ -17,6 +18,14 @@ use crate::control::messages::{
 use crate::keys::Key;
 
 pub type ConnId = usize;
+
+/// Connections whose full map is sealed but not yet taken by their socket:
+/// bounds the memory a herd of reconnecting nodes costs (each map is as big
+/// as the mesh) while the others wait their turn.
+pub const MAPS_IN_FLIGHT: usize = 64;
+/// Full maps sealed per loop turn, so one turn's work stays short and the
+/// handshakes of nodes still arriving keep being answered within their deadline.
+pub const MAPS_PER_TURN: usize = 16;
 
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -33,13 +42,26 @@ pub struct Hub {
     conns: HashMap<ConnId, Conn>,
     /// Which connection speaks for each online node.
     online: HashMap<u64, ConnId>,
-    map_version: u64,
+    /// The peer map served to connecting nodes, from memory: read from the
+    /// store once (on first use, when relays are known), then kept current by
+    /// [`Hub::flush`]. `None` until then.
+    map: Option<PeerMap>,
     /// Changes not yet pushed: nodes to upsert and nodes to drop. Batching them
     /// per loop turn means a burst of joins costs one delta, not one each.
     changed: BTreeSet<u64>,
     removed: BTreeSet<u64>,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
+    /// Welcomed connections waiting for their full map, first come first
+    /// served; they get no deltas until then (the map they get is current).
+    map_queue: VecDeque<ConnId>,
+    /// Connections whose full map is not yet all written: outgoing bytes
+    /// left until its end.
+    map_in_flight: HashMap<ConnId, usize>,
+    /// Full maps sealed in this loop turn (see [`MAPS_PER_TURN`]).
+    maps_this_turn: usize,
+    /// The clock as of the last [`Hub::handle_timeout`], the start of a loop turn.
+    turn: Option<Instant>,
     /// Relays published to nodes; each node's home is picked from these by its id.
     relays: Vec<RelayInfo>,
     /// WG-STUN servers published to nodes in every Welcome.
@@ -56,10 +78,14 @@ impl Hub {
             advertise,
             conns: HashMap::new(),
             online: HashMap::new(),
-            map_version: 0,
+            map: None,
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            map_queue: VecDeque::new(),
+            map_in_flight: HashMap::new(),
+            maps_this_turn: 0,
+            turn: None,
             relays: Vec::new(),
             wgstun: Vec::new(),
             on_removed: None,
@@ -69,6 +95,8 @@ impl Hub {
     /// Sets the relays nodes use; call before nodes connect (they learn them on connect).
     pub fn set_relays(&mut self, relays: Vec<RelayInfo>) {
         self.relays = relays;
+        // Entries name each node's home relay: build them again with these.
+        self.map = None;
     }
 
     /// Calls `f` with the key of every node removed so far, then of each
@@ -272,7 +300,12 @@ impl Hub {
         };
         conn.authenticated(node.id, now);
         let me = self.peer_info(&node);
-        let nodes = self.store.nodes()?.iter().map(|n| self.peer_info(n)).collect();
+        let map = self.map()?;
+        // A node new to the mesh finds itself in its first map, as the
+        // protocol promises; a reconnecting node is there already.
+        if !map.contains(node.id) {
+            map.upsert(&me);
+        }
         let conn = self.conns.get_mut(&id).expect("checked above");
         conn.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
@@ -280,12 +313,63 @@ impl Hub {
             relays: self.relays.clone(),
             wgstun: self.wgstun.clone(),
         });
-        conn.send(&ServerMessage::PeerMap {
-            version: self.map_version,
-            nodes,
-        });
+        // The map follows as soon as it is this connection's turn.
+        self.map_queue.push_back(id);
+        self.send_maps();
         self.changed.insert(node.id);
         Ok(())
+    }
+
+    /// Hands the full map, as of its current version and shared by all, to
+    /// waiting connections while the in-flight and per-turn bounds allow.
+    /// Each then gets the deltas after that version, like everyone else.
+    fn send_maps(&mut self) {
+        while self.map_in_flight.len() < MAPS_IN_FLIGHT
+            && self.maps_this_turn < MAPS_PER_TURN
+            && let Some(id) = self.map_queue.pop_front()
+        {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            if !matches!(conn.phase, Phase::Node(_)) {
+                continue;
+            }
+            self.dirty.insert(id);
+            let full = match self.map() {
+                Ok(m) => m.full(),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        log(conn, &format!("closing: {reason}"));
+                        conn.fail(
+                            self.turn.unwrap_or_else(Instant::now),
+                            ErrorCode::Internal,
+                            &reason,
+                        );
+                    }
+                    continue;
+                }
+            };
+            let conn = self.conns.get_mut(&id).expect("checked above");
+            conn.send_encoded(&full);
+            self.maps_this_turn += 1;
+            self.map_in_flight.insert(id, conn.outgoing().len());
+        }
+    }
+
+    /// The in-memory peer map, read from the store the first time.
+    fn map(&mut self) -> Result<&mut PeerMap> {
+        if self.map.is_none() {
+            let nodes: Vec<PeerInfo> = self
+                .store
+                .nodes()
+                .context("loading the peer map")?
+                .iter()
+                .map(|n| self.peer_info(n))
+                .collect();
+            self.map = Some(PeerMap::new(0, nodes));
+        }
+        Ok(self.map.as_mut().expect("loaded above"))
     }
 
     fn peer_info(&self, n: &Node) -> PeerInfo {
@@ -317,16 +401,27 @@ impl Hub {
             self.went_offline(id, node);
         }
         self.dirty.remove(&id);
+        self.map_queue.retain(|&q| q != id);
+        if self.map_in_flight.remove(&id).is_some() {
+            self.send_maps();
+        }
     }
 
-    /// Pushes batched changes to every connected node as one delta.
+    /// Pushes batched changes to every connected node as one delta, and
+    /// applies them to the in-memory map that connecting nodes get.
     pub fn flush(&mut self) {
         if self.changed.is_empty() && self.removed.is_empty() {
             return;
         }
-        self.map_version += 1;
+        if let Err(e) = self.map() {
+            // Retried on the next flush; the changes stay queued.
+            eprintln!("coordinator: {e:#}");
+            return;
+        }
         let mut upsert = Vec::new();
         for id in std::mem::take(&mut self.changed) {
+            // Read once per change (the node's row holds what a rename or key
+            // rotation changed), never once per connection.
             match self.store.node(id) {
                 Ok(Some(n)) if n.removed.is_none() => upsert.push(self.peer_info(&n)),
                 Ok(_) => {
@@ -336,20 +431,33 @@ impl Hub {
             }
         }
         let remove: Vec<u64> = std::mem::take(&mut self.removed).into_iter().collect();
+        let map = self.map.as_mut().expect("loaded above");
+        for n in &upsert {
+            map.upsert(n);
+        }
+        for &id in &remove {
+            map.remove(id);
+        }
         let delta = messages::encode(&ServerMessage::PeerMapDelta {
-            version: self.map_version,
+            version: map.bump(),
             upsert,
             remove,
         });
+        let waiting: BTreeSet<ConnId> = self.map_queue.iter().copied().collect();
         for (&cid, conn) in self.conns.iter_mut() {
-            if matches!(conn.phase, Phase::Node(_)) {
+            if matches!(conn.phase, Phase::Node(_)) && !waiting.contains(&cid) {
                 conn.send_encoded(&delta);
                 self.dirty.insert(cid);
             }
         }
     }
 
+    /// Called once per loop turn (the server's loop does): expires deadlines
+    /// and starts the turn's allowance of full maps.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.turn = Some(now);
+        self.maps_this_turn = 0;
+        self.send_maps();
         let expired: Vec<(ConnId, &'static str)> = self
             .conns
             .iter()
@@ -374,7 +482,12 @@ impl Hub {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns.values().map(Conn::deadline).min()
+        let deadlines = self.conns.values().map(Conn::deadline).min();
+        // Maps held back only by this turn's allowance go out next turn, at once.
+        let maps_due = (self.map_in_flight.len() < MAPS_IN_FLIGHT && !self.map_queue.is_empty())
+            .then_some(self.turn)
+            .flatten();
+        deadlines.into_iter().chain(maps_due).min()
     }
 
     /// Connections that have bytes to write or should be closed; drained.
@@ -389,6 +502,13 @@ impl Hub {
     pub fn consume_outgoing(&mut self, id: ConnId, n: usize) {
         if let Some(c) = self.conns.get_mut(&id) {
             c.consume_outgoing(n);
+            if let Some(left) = self.map_in_flight.get_mut(&id) {
+                *left = left.saturating_sub(n);
+                if *left == 0 {
+                    self.map_in_flight.remove(&id);
+                    self.send_maps();
+                }
+            }
         }
     }
 
@@ -503,5 +623,320 @@ fn log(conn: &Conn, what: &str) {
     match conn.peer() {
         Some(k) => eprintln!("coordinator: connection from {}: {what}", k.short()),
         None => eprintln!("coordinator: connection (no handshake yet): {what}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::channel::Channel;
+    use crate::coord::store::tests::TempDir;
+    use std::sync::Arc;
+
+    struct Node {
+        id: ConnId,
+        key: Key,
+        ch: Channel,
+        /// Every message received so far, as the bytes the coordinator sent.
+        got: Vec<Vec<u8>>,
+    }
+
+    struct Mesh {
+        _dir: TempDir,
+        hub: Hub,
+        token: JoinToken,
+        now: Instant,
+        next: ConnId,
+    }
+
+    impl Mesh {
+        fn new() -> Mesh {
+            let dir = TempDir::new("hub");
+            let store = Store::open(&dir.0.join("server.db")).unwrap();
+            let mut hub = Hub::new(store, Key::generate_private(), vec!["coord:7777".into()]);
+            let now = Instant::now();
+            let req = AdminRequest::Invite {
+                reusable: true,
+                expires_in: None,
+                name: None,
+            };
+            let AdminResponse::Invite { token, .. } = hub.admin(req, now) else {
+                panic!("no invite");
+            };
+            Mesh {
+                _dir: dir,
+                hub,
+                token: JoinToken::parse(&token).unwrap(),
+                now,
+                next: 1,
+            }
+        }
+
+        /// A new node joins (no flush: the test decides when a loop turn ends).
+        fn join(&mut self, name: &str) -> Node {
+            let join = ClientMessage::Join {
+                version: PROTOCOL_VERSION,
+                secret: self.token.secret.clone(),
+                name: Some(name.into()),
+                hostname: name.into(),
+                candidates: vec![],
+            };
+            self.connect(Key::generate_private(), &join)
+        }
+
+        /// An enrolled node connects again, as after a coordinator restart.
+        fn hello(&mut self, key: Key) -> Node {
+            let hello = ClientMessage::Hello {
+                version: PROTOCOL_VERSION,
+                hostname: "h".into(),
+                candidates: vec![],
+            };
+            self.connect(key, &hello)
+        }
+
+        fn connect(&mut self, key: Key, first: &ClientMessage) -> Node {
+            let id = self.next;
+            self.next += 1;
+            self.hub.accept(id, self.now);
+            let mut ch = Channel::client(&key, &self.token.server_key).unwrap();
+            ch.send(&messages::encode(first)).unwrap();
+            let mut node = Node {
+                id,
+                key,
+                ch,
+                got: vec![],
+            };
+            self.pump(&mut node);
+            self.pump(&mut node);
+            assert!(
+                node.got.iter().any(|m| m.starts_with(br#"{"type":"welcome""#)),
+                "node {id} was not welcomed: {:?}",
+                node.got
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(m))
+                    .collect::<Vec<_>>()
+            );
+            node
+        }
+
+        /// Carries bytes both ways once, in one loop turn.
+        fn pump(&mut self, node: &mut Node) {
+            self.hub.handle_timeout(self.now);
+            let up = node.ch.outgoing().to_vec();
+            node.ch.consume_outgoing(up.len());
+            if !up.is_empty() {
+                self.hub.receive(node.id, self.now, &up);
+            }
+            let down = self.hub.outgoing(node.id).to_vec();
+            self.hub.consume_outgoing(node.id, down.len());
+            node.ch.receive(&down).unwrap();
+            while let Some(m) = node.ch.next_message() {
+                node.got.push(m);
+            }
+        }
+
+        fn full_map(&mut self) -> Arc<[u8]> {
+            self.hub.map().unwrap().full()
+        }
+    }
+
+    fn maps(node: &Node) -> Vec<&Vec<u8>> {
+        node.got
+            .iter()
+            .filter(|m| m.starts_with(br#"{"type":"peer_map""#))
+            .collect()
+    }
+
+    fn decode(bytes: &[u8]) -> ServerMessage {
+        messages::decode_server(bytes).unwrap()
+    }
+
+    #[test]
+    fn reconnecting_nodes_share_one_encoding_of_the_map() {
+        let mut mesh = Mesh::new();
+        let joined: Vec<Node> = ["a", "b", "c"].iter().map(|n| mesh.join(n)).collect();
+        mesh.hub.flush();
+        // A newcomer finds itself in its first map.
+        let ServerMessage::PeerMap { nodes, .. } = decode(maps(&joined[2])[0]) else {
+            panic!("not a peer map");
+        };
+        assert_eq!(
+            nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        // Everyone drops off (a restart, from the nodes' side), then returns.
+        for n in &joined {
+            mesh.hub.closed(n.id);
+        }
+        mesh.hub.flush();
+        let shared = mesh.full_map();
+        let b = mesh.hello(joined[1].key);
+        let c = mesh.hello(joined[2].key);
+        assert!(
+            Arc::ptr_eq(&shared, &mesh.full_map()),
+            "a connect encoded the map again"
+        );
+        let (mb, mc) = (maps(&b), maps(&c));
+        assert_eq!((mb.len(), mc.len()), (1, 1));
+        assert_eq!(mb[0], mc[0], "two connections got different bytes");
+        assert_eq!(mb[0].as_slice(), &*shared);
+        let ServerMessage::PeerMap { nodes, .. } = decode(mb[0]) else {
+            panic!("not a peer map");
+        };
+        assert_eq!(nodes.len(), 3);
+        assert!(nodes.iter().all(|n| !n.online), "{nodes:?}");
+        // Their return reaches the others as one delta in the next turn.
+        mesh.hub.flush();
+        let mut c = c;
+        mesh.pump(&mut c);
+        let last = decode(c.got.last().unwrap());
+        let ServerMessage::PeerMapDelta { upsert, .. } = last else {
+            panic!("{last:?}");
+        };
+        assert_eq!(upsert.iter().filter(|n| n.online).count(), 2);
+    }
+
+    #[test]
+    fn a_change_makes_a_new_encoding_that_later_connections_get() {
+        let mut mesh = Mesh::new();
+        let mut a = mesh.join("a");
+        mesh.hub.flush();
+        let before = mesh.full_map();
+        let renamed = mesh.hub.admin(
+            AdminRequest::Rename {
+                node: "a".into(),
+                new_name: "alpha".into(),
+            },
+            mesh.now,
+        );
+        assert!(matches!(renamed, AdminResponse::Node { .. }), "{renamed:?}");
+        mesh.hub.flush();
+        mesh.pump(&mut a);
+        let after = mesh.full_map();
+        assert!(!Arc::ptr_eq(&before, &after));
+        let b = mesh.join("b");
+        let ServerMessage::PeerMap { version, nodes } = decode(maps(&b)[0]) else {
+            panic!("not a peer map");
+        };
+        assert_eq!(version, mesh.hub.map.as_ref().unwrap().version());
+        assert_eq!(
+            nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["alpha", "b"]
+        );
+        assert!(nodes[0].online);
+        // The connected node heard of the rename as a delta.
+        let last = decode(a.got.last().unwrap());
+        assert!(
+            matches!(&last, ServerMessage::PeerMapDelta { upsert, .. } if upsert[0].name == "alpha"),
+            "{last:?}"
+        );
+    }
+
+    #[test]
+    fn a_removal_reaches_every_connection_and_leaves_the_map() {
+        let mut mesh = Mesh::new();
+        let mut nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|n| mesh.join(n)).collect();
+        mesh.hub.flush();
+        let gone = nodes.pop().unwrap();
+        let gone_id = mesh.hub.conns[&gone.id].node().unwrap();
+        let r = mesh
+            .hub
+            .admin(AdminRequest::Remove { node: "d".into() }, mesh.now);
+        assert!(matches!(r, AdminResponse::Node { .. }), "{r:?}");
+        mesh.hub.flush();
+        for n in nodes.iter_mut() {
+            let seen = n.got.len();
+            mesh.pump(n);
+            let removed = n.got[seen..].iter().any(
+                |m| matches!(decode(m), ServerMessage::PeerMapDelta { remove, .. } if remove == [gone_id]),
+            );
+            assert!(removed, "node {} did not hear of the removal", n.id);
+        }
+        let late = mesh.join("e");
+        let ServerMessage::PeerMap { nodes: map, .. } = decode(maps(&late)[0]) else {
+            panic!("not a peer map");
+        };
+        let names: Vec<&str> = map.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "e"]);
+    }
+
+    #[test]
+    fn a_herd_gets_its_maps_a_bounded_number_at_a_time_and_no_delta_before() {
+        let mut mesh = Mesh::new();
+        let herd = MAPS_IN_FLIGHT + MAPS_PER_TURN;
+        let keys: Vec<Key> = (0..herd).map(|i| mesh.join(&format!("n{i}")).key).collect();
+        mesh.hub.flush();
+        for id in 1..mesh.next {
+            mesh.hub.closed(id);
+        }
+        mesh.hub.flush();
+        // The restart: everyone's Hello arrives in one turn, and nobody reads yet.
+        mesh.hub.handle_timeout(mesh.now);
+        let mut nodes = Vec::new();
+        for key in keys {
+            let id = mesh.next;
+            mesh.next += 1;
+            mesh.hub.accept(id, mesh.now);
+            let mut ch = Channel::client(&key, &mesh.token.server_key).unwrap();
+            let hello = ClientMessage::Hello {
+                version: PROTOCOL_VERSION,
+                hostname: "h".into(),
+                candidates: vec![],
+            };
+            ch.send(&messages::encode(&hello)).unwrap();
+            let init = ch.outgoing().to_vec();
+            ch.consume_outgoing(init.len());
+            mesh.hub.receive(id, mesh.now, &init);
+            ch.receive(mesh.hub.outgoing(id)).unwrap();
+            let n = mesh.hub.outgoing(id).len();
+            mesh.hub.consume_outgoing(id, n);
+            let hello = ch.outgoing().to_vec();
+            ch.consume_outgoing(hello.len());
+            mesh.hub.receive(id, mesh.now, &hello);
+            nodes.push(Node {
+                id,
+                key,
+                ch,
+                got: vec![],
+            });
+        }
+        assert_eq!(
+            mesh.hub.map_in_flight.len(),
+            MAPS_PER_TURN,
+            "one turn seals a bounded number of maps"
+        );
+        // The others' returns are flushed while most still wait for their map.
+        mesh.hub.flush();
+        for _ in 0..herd {
+            mesh.hub.handle_timeout(mesh.now);
+        }
+        assert_eq!(
+            mesh.hub.map_in_flight.len(),
+            MAPS_IN_FLIGHT,
+            "maps nobody reads are bounded in number"
+        );
+        assert!(mesh.hub.poll_timeout().is_some());
+        // Now everyone reads, turn after turn, until all have their map.
+        for _ in 0..herd {
+            for n in nodes.iter_mut() {
+                mesh.pump(n);
+            }
+        }
+        for n in &nodes {
+            let kinds: Vec<String> = n
+                .got
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m[..20.min(m.len())]).into_owned())
+                .collect();
+            let first_map = kinds.iter().position(|k| k.starts_with(r#"{"type":"peer_map""#));
+            let first_delta = kinds.iter().position(|k| k.starts_with(r#"{"type":"peer_map_"#));
+            assert_eq!(maps(n).len(), 1, "node {}: {kinds:?}", n.id);
+            assert!(
+                first_delta.is_none_or(|d| Some(d) > first_map),
+                "node {} got a delta before its map: {kinds:?}",
+                n.id
+            );
+        }
+        assert!(mesh.hub.map_queue.is_empty() && mesh.hub.map_in_flight.is_empty());
     }
 }

@@ -6,5 +6,6 @@ pub mod hub;
 pub mod invite;
 pub mod load;
 pub mod names;
+pub mod peermap;
 pub mod server;
 pub mod store;

@@ -4,7 +4,9 @@
 //! the SQL embedded below, so an upgraded binary upgrades its database.
 //! Times are Unix seconds passed in by the caller, which keeps tests exact.
 
+use std::io::ErrorKind;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,6 +50,10 @@ pub const FIRST_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 8);
 pub const LAST_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 254);
 /// How long a writer waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The database holds every node's key and the invites' secret hashes: owner only.
+const DB_MODE: u32 = 0o600;
+/// Files SQLite keeps beside the database in WAL mode.
+const DB_SIDE_FILES: &[&str] = &["-wal", "-shm"];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -136,6 +142,7 @@ fn node_from_row(row: &Row) -> rusqlite::Result<Node> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
+        restrict(path)?;
         let conn = Connection::open(path)
             .flat()
             .with_context(|| format!("opening database {}", path.display()))?;
@@ -440,6 +447,36 @@ impl Store {
     }
 }
 
+/// Makes the database owner-only before SQLite opens it. SQLite creates its
+/// `-wal` and `-shm` files with the database file's mode, so creating that
+/// file 0600 covers them; files left by an older warren are tightened too.
+fn restrict(path: &Path) -> Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(DB_MODE)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating database {}", path.display())),
+    }
+    let mut files = vec![path.to_path_buf()];
+    for side in DB_SIDE_FILES {
+        let mut p = path.as_os_str().to_owned();
+        p.push(side);
+        files.push(PathBuf::from(p));
+    }
+    for f in files {
+        match std::fs::set_permissions(&f, std::fs::Permissions::from_mode(DB_MODE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("restricting database file {}", f.display())),
+        }
+    }
+    Ok(())
+}
+
 fn unique_name(tx: &Connection, wanted: &str) -> Result<String> {
     // Bounded: there cannot be more clashing names than nodes, and the address pool caps nodes.
     for n in 1..=u32::MAX {
@@ -645,6 +682,53 @@ pub(crate) mod tests {
             1,
         );
         assert!(format!("{:#}", err.unwrap_err()).contains("exhausted"));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    fn db_files(db: &Path) -> Vec<PathBuf> {
+        ["", "-wal", "-shm"]
+            .iter()
+            .map(|s| PathBuf::from(format!("{}{s}", db.display())))
+            .collect()
+    }
+
+    #[test]
+    fn database_files_are_owner_only() {
+        // A fresh state directory, as `warren server` makes on first start.
+        let dir = TempDir::new("store-mode");
+        let db = dir.0.join("state").join("server.db");
+        std::fs::create_dir(db.parent().unwrap()).unwrap();
+        let mut s = Store::open(&db).unwrap();
+        // A write, so the WAL and its index exist while the store is open.
+        s.create_invite(b"i", true, None, None, 0).unwrap();
+        for f in db_files(&db) {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        drop(s);
+
+        // Files an older warren left readable by everyone are tightened on open.
+        for f in db_files(&db) {
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let mut s = Store::open(&db).unwrap();
+        s.create_invite(b"j", true, None, None, 0).unwrap();
+        for f in db_files(&db) {
+            assert_eq!(mode(&f), 0o600, "{} after reopening", f.display());
+        }
+        assert_eq!(
+            s.nodes().unwrap(),
+            vec![],
+            "the pre-created file is a valid empty database"
+        );
     }
 
     #[test]
