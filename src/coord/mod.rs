@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod admission;
 pub mod conn;
+pub mod flood;
 pub mod hub;
 pub mod inbound;
 pub mod invite;

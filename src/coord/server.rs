@@ -36,6 +36,10 @@ const LISTENER: Token = Token(0);
 const ADMIN: Token = Token(1);
 const WAKER: Token = Token(2);
 const FIRST_CONN: usize = 3;
+/// Connections the kernel queues until they are accepted. The default of
+/// 128 overflows under a burst of reconnecting nodes or a flood, and each
+/// dropped SYN costs a legitimate node a retransmission (1 s, then 3 s).
+const LISTEN_BACKLOG: libc::c_int = 4096;
 /// Bytes read from a socket per call.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connections accepted per loop turn: a flood of connection attempts (each
@@ -161,6 +165,9 @@ impl Server {
         let poll = Poll::new().context("creating poll")?;
         let mut listener =
             TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
+        // Listening again only changes the backlog (capped by net.core.somaxconn).
+        // SAFETY: listen on the descriptor the listener owns.
+        unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
         let local_addr = listener.local_addr().context("reading listen address")?;
         let admin_path = cfg.admin_socket();
         let mut admin = bind_admin(&admin_path)?;
