@@ -78,13 +78,20 @@ impl Coordinator {
         BufReader::new(f).lines().map_while(Result::ok).collect()
     }
 
-    fn wait_for_log(&self, what: &str, mut found: impl FnMut(&str) -> bool) -> String {
-        let deadline = Instant::now() + DEADLINE;
+    fn wait_for_log(&self, what: &str, found: impl FnMut(&str) -> bool) -> String {
+        self.log_within(DEADLINE, found)
+            .unwrap_or_else(|| panic!("coordinator never logged {what}"))
+    }
+
+    fn log_within(&self, wait: Duration, mut found: impl FnMut(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + wait;
         loop {
             if let Some(l) = self.log().into_iter().rev().find(|l| found(l)) {
-                return l;
+                return Some(l);
             }
-            assert!(Instant::now() < deadline, "coordinator never logged {what}");
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -190,15 +197,16 @@ fn two_thousand_hostile_connections_stay_under_64_mb_and_a_node_still_joins() {
     eprintln!("flood: {}; coordinator peak RSS {} MB", stats.line(), peak / 1024);
     assert!(c.alive(), "the coordinator died");
     assert!(
-        get(&stats.attempts) >= 2000 && get(&stats.handshakes) >= 2000,
-        "the flood was not the one asked for: {}",
-        stats.line()
-    );
-    assert!(
         peak < RSS_BOUND_KB,
         "coordinator peak RSS {} MB under the flood, bound {} MB",
         peak / 1024,
         RSS_BOUND_KB / 1024
+    );
+    // Each connection was a stranger's that the coordinator answered.
+    assert!(
+        get(&stats.handshakes) >= 2000,
+        "the flood was not the one asked for: {}",
+        stats.line()
     );
     assert!(c.node_joins(), "no Welcome for a node after the flood");
 }
@@ -224,7 +232,8 @@ fn a_garbage_flood_writes_at_most_100_log_lines() {
         let closed: u64 = nums.next().unwrap().parse().unwrap();
         refused + closed
     };
-    c.wait_for_log("a summary covering the flood", |l| {
+    // A summary is due within its interval (10 s) after the flood.
+    let summary = c.log_within(Duration::from_secs(60), |l| {
         l.contains("since start: refused ") && total(l) >= connected * 9 / 10
     });
     let after = c.log().len();
@@ -239,5 +248,6 @@ fn a_garbage_flood_writes_at_most_100_log_lines() {
         "{} log lines for {connected} garbage connections, bound {LOG_LINES_BOUND}",
         after - before
     );
+    assert!(summary.is_some(), "no summary line counted the flood");
     assert!(c.node_joins(), "no Welcome for a node after the flood");
 }

@@ -65,6 +65,26 @@ pub struct ServerArgs {
     pub action: Option<ServerAction>,
 }
 
+#[derive(Args, Debug)]
+pub struct FloodArgs {
+    #[arg(long)]
+    server: SocketAddr,
+    /// The coordinator's public key (as in a join token).
+    #[arg(long)]
+    key: Key,
+    /// fragments, big-frame, hold, mix or garbage.
+    #[arg(long, default_value = "mix")]
+    mode: crate::coord::flood::Mode,
+    /// Hostile connections kept open at once (not for garbage).
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Loopback source addresses to spread over (127.1.0.1 on).
+    #[arg(long, default_value_t = 200)]
+    sources: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ServerAction {
     /// List the mesh's nodes.
@@ -89,23 +109,7 @@ pub enum ServerAction {
     },
     /// Benchmark: hostile connections to a coordinator (see `coord/flood.rs`).
     #[command(hide = true)]
-    Flood {
-        #[arg(long)]
-        server: SocketAddr,
-        /// The coordinator's public key (as in a join token).
-        #[arg(long)]
-        key: Key,
-        /// fragments, big-frame, hold, mix or garbage.
-        #[arg(long, default_value = "mix")]
-        mode: crate::coord::flood::Mode,
-        #[arg(long, default_value_t = 2000)]
-        connections: usize,
-        /// Loopback source addresses to spread over (127.1.0.1 on).
-        #[arg(long, default_value_t = 200)]
-        sources: usize,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-    },
+    Flood(Box<FloodArgs>),
     /// Print a join token for `warren up --join TOKEN`.
     Invite {
         /// The token may enroll any number of nodes until it expires.
@@ -221,21 +225,14 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 r.change_max.as_millis()
             )?;
         }
-        ServerAction::Flood {
-            server,
-            key,
-            mode,
-            connections,
-            sources,
-            seconds,
-        } => {
+        ServerAction::Flood(a) => {
             let cfg = crate::coord::flood::FloodConfig {
-                server,
-                server_key: key,
-                mode,
-                connections,
-                sources,
-                duration: std::time::Duration::from_secs(seconds),
+                server: a.server,
+                server_key: a.key,
+                mode: a.mode,
+                connections: a.connections,
+                sources: a.sources,
+                duration: std::time::Duration::from_secs(a.seconds),
             };
             let stats = std::sync::Arc::new(crate::coord::flood::FloodStats::default());
             crate::coord::flood::run(&cfg, &stats)?;
