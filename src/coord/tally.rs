@@ -141,7 +141,7 @@ impl Tally {
         self.next_summary = now + SUMMARY_INTERVAL;
         let t = &self.total;
         let mut line =
-            String::from("coordinator: from connections that did not authenticate since the last report:");
+            String::from("coordinator: strangers and misbehaving connections since the last report:");
         let _ = write!(
             line,
             " refused {} (coordinator full {}, source has too many pending {}, source failing too often {});",
