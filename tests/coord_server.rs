@@ -118,10 +118,15 @@ impl Client {
     }
 
     fn connect_pinned(addr: SocketAddr, server_key: &Key, private: &Key, first: ClientMessage) -> Client {
+        Client::connect_raw(addr, server_key, private, &messages::encode(&first))
+    }
+
+    /// Opens with `first` as it is: a message the coordinator may or may not accept.
+    fn connect_raw(addr: SocketAddr, server_key: &Key, private: &Key, first: &[u8]) -> Client {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut ch = Channel::client(private, server_key).unwrap();
-        ch.send(&messages::encode(&first)).unwrap();
+        ch.send(first).unwrap();
         let mut c = Client {
             stream,
             ch,
@@ -424,6 +429,57 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     good.until("evil goes offline in good's map", |g| {
         g.peer(id).is_some_and(|p| !p.online)
     });
+}
+
+/// Before its Hello or Join a connection is anyone's (a join token carries
+/// the coordinator's key): it may send one small message, unfragmented. A
+/// valid Join over 4 KiB, or fragmented, is refused before it is read; once
+/// the node is known, its messages may be fragmented up to 64 KiB.
+#[test]
+fn before_hello_a_connection_may_send_only_one_small_message() {
+    let dir = TempDir::new();
+    let server = TestServer::start(&dir);
+    let token = server.invite(true, None);
+    // JSON allows trailing whitespace: the padding keeps the Join valid.
+    let padded = |msg: &ClientMessage, to: usize| {
+        let mut m = messages::encode(msg);
+        m.resize(to, b' ');
+        m
+    };
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        secret: token.secret.clone(),
+        name: None,
+        hostname: "big".into(),
+        candidates: vec![],
+    };
+    for (what, len) in [("a 5 KiB join", 5000), ("a fragmented join", 70_000)] {
+        let mut c = Client::connect_raw(
+            server.addr,
+            &server.key,
+            &Key::generate_private(),
+            &padded(&join, len),
+        );
+        c.until(&format!("the server hangs up on {what}"), |c| c.closed);
+        assert!(c.me.is_none(), "{what} was welcomed");
+    }
+    assert!(node_names(&server).is_empty(), "nothing enrolled");
+
+    let mut c = Client::connect_raw(
+        server.addr,
+        &server.key,
+        &Key::generate_private(),
+        &padded(&join, 3000),
+    );
+    c.welcomed();
+    let ping = |nonce| ClientMessage::Ping { nonce };
+    c.ch.send(&padded(&ping(1), 60_000)).unwrap();
+    c.flush();
+    c.until("the pong to a 60 KB ping", |c| c.pongs.contains(&1));
+    c.ch.send(&padded(&ping(2), 70_000)).unwrap();
+    c.flush();
+    c.until("the server hangs up on a 70 KB message", |c| c.closed);
+    assert!(!c.pongs.contains(&2));
 }
 
 #[test]

@@ -65,6 +65,26 @@ pub struct ServerArgs {
     pub action: Option<ServerAction>,
 }
 
+#[derive(Args, Debug)]
+pub struct FloodArgs {
+    #[arg(long)]
+    server: SocketAddr,
+    /// The coordinator's public key (as in a join token).
+    #[arg(long)]
+    key: Key,
+    /// fragments, big-frame, hold, mix or garbage.
+    #[arg(long, default_value = "mix")]
+    mode: crate::coord::flood::Mode,
+    /// Hostile connections kept open at once (not for garbage).
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Loopback source addresses to spread over (127.1.0.1 on).
+    #[arg(long, default_value_t = 200)]
+    sources: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ServerAction {
     /// List the mesh's nodes.
@@ -87,6 +107,9 @@ pub enum ServerAction {
         #[arg(long)]
         hold: bool,
     },
+    /// Benchmark: hostile connections to a coordinator (see `coord/flood.rs`).
+    #[command(hide = true)]
+    Flood(Box<FloodArgs>),
     /// Print a join token for `warren up --join TOKEN`.
     Invite {
         /// The token may enroll any number of nodes until it expires.
@@ -201,6 +224,19 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 "coordinator: one change reaches all, max | {} ms |",
                 r.change_max.as_millis()
             )?;
+        }
+        ServerAction::Flood(a) => {
+            let cfg = crate::coord::flood::FloodConfig {
+                server: a.server,
+                server_key: a.key,
+                mode: a.mode,
+                connections: a.connections,
+                sources: a.sources,
+                duration: std::time::Duration::from_secs(a.seconds),
+            };
+            let stats = std::sync::Arc::new(crate::coord::flood::FloodStats::default());
+            crate::coord::flood::run(&cfg, &stats)?;
+            outln!("{}", stats.line())?;
         }
         ServerAction::Invite {
             reusable,

@@ -1,6 +1,12 @@
 //! One node's connection to the coordinator, as a sans-IO state machine:
 //! the secure channel plus the limits that keep one bad client from hurting
 //! the others (handshake deadline, idle deadline, rate limit, output cap).
+//!
+//! Before a connection has said Hello or Join it is a stranger's: whatever
+//! goes wrong then (a failed handshake, an unreadable or unexpected first
+//! message, the handshake deadline) closes it without an error to the hub,
+//! which would log it. The server counts those in its summary line instead
+//! (`tally.rs`); what a stranger may send is bounded there too (`inbound.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -83,6 +89,25 @@ impl Conn {
         if self.phase == Phase::Closing {
             return Ok(Vec::new());
         }
+        match self.receive_inner(now, bytes) {
+            Err(_) if self.phase == Phase::Opening => {
+                self.drop_stranger(now);
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+            Ok(out) if self.phase == Phase::Opening && out.first().is_some_and(|m| !is_opening(m)) => {
+                self.drop_stranger(now);
+                Ok(Vec::new())
+            }
+            Ok(out) => Ok(out),
+        }
+    }
+
+    fn receive_inner(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<Vec<ClientMessage>, (ErrorCode, String)> {
         self.spend(now, bytes.len() as f64)
             .map_err(|e| (ErrorCode::RateLimited, e.to_string()))?;
         self.channel
@@ -99,6 +124,14 @@ impl Conn {
             self.deadline = now + IDLE_TIMEOUT;
         }
         Ok(out)
+    }
+
+    /// Closes a connection that never said who it is: no error (it would go
+    /// to someone unknown), and finished at once.
+    fn drop_stranger(&mut self, now: Instant) {
+        self.phase = Phase::Closing;
+        self.deadline = now;
+        self.channel.consume_outgoing(self.channel.outgoing().len());
     }
 
     pub fn authenticated(&mut self, node: u64, now: Instant) {
@@ -143,19 +176,25 @@ impl Conn {
 
     /// Whether the shell should hang up now.
     pub fn is_finished(&self, now: Instant) -> bool {
-        self.phase == Phase::Closing && (self.channel.outgoing().is_empty() || now >= self.deadline)
+        match self.phase {
+            Phase::Closing => self.channel.outgoing().is_empty() || now >= self.deadline,
+            // A stranger's handshake deadline: hung up on without a word (see the module docs).
+            Phase::Opening => now >= self.deadline,
+            Phase::Node(_) => false,
+        }
     }
 
-    /// What a passed deadline means, if it has passed.
+    /// What a passed deadline means, if it has passed. Not for a connection
+    /// still opening: the server hangs up on it (see [`Conn::is_finished`]).
     pub fn expired(&self, now: Instant) -> Option<&'static str> {
         if now < self.deadline {
             return None;
         }
-        Some(match self.phase {
-            Phase::Opening => "handshake timed out",
-            Phase::Node(_) => "idle timeout",
-            Phase::Closing => "close linger over",
-        })
+        match self.phase {
+            Phase::Opening => None,
+            Phase::Node(_) => Some("idle timeout"),
+            Phase::Closing => Some("close linger over"),
+        }
     }
 
     pub fn outgoing(&self) -> &[u8] {
@@ -167,6 +206,11 @@ impl Conn {
     }
 }
 
+/// The messages that may open a connection.
+fn is_opening(m: &ClientMessage) -> bool {
+    matches!(m, ClientMessage::Hello { .. } | ClientMessage::Join { .. })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +219,7 @@ mod tests {
     fn rate_limit_trips_on_a_flood_and_refills_over_time() {
         let now = Instant::now();
         let mut c = Conn::new(&Key::generate_private(), now);
+        c.authenticated(1, now);
         // A burst within the allowance is fine (it is garbage, so it fails the channel, not the limit).
         let big = vec![0u8; RATE_BURST_BYTES as usize + 1];
         let (code, _) = c.receive(now, &big).unwrap_err();
@@ -187,11 +232,42 @@ mod tests {
             .unwrap();
     }
 
+    /// Before Hello or Join nothing is reported to the hub (it would log it):
+    /// the connection is just finished, with nothing queued for the stranger.
+    #[test]
+    fn a_strangers_failures_close_silently() {
+        use crate::control::channel::Channel;
+        let now = Instant::now();
+        let server = Key::generate_private();
+        let mut c = Conn::new(&server, now);
+        assert!(c.receive(now, b"GET / HTTP/1.1\r\n\r\n").unwrap().is_empty());
+        assert!(c.is_finished(now) && c.outgoing().is_empty());
+
+        // A proper handshake, then a first message that is not Hello or Join.
+        let mut client = Channel::client(&Key::generate_private(), &server.public_key()).unwrap();
+        client
+            .send(&messages::encode(&ClientMessage::Ping { nonce: 1 }))
+            .unwrap();
+        let mut c = Conn::new(&server, now);
+        assert!(c.receive(now, client.outgoing()).unwrap().is_empty());
+        client.consume_outgoing(client.outgoing().len());
+        client.receive(c.outgoing()).unwrap();
+        c.consume_outgoing(c.outgoing().len());
+        assert!(!c.is_finished(now));
+        assert!(c.receive(now, client.outgoing()).unwrap().is_empty());
+        assert!(c.is_finished(now) && c.outgoing().is_empty());
+
+        // The handshake deadline: finished, and not an expiry for the hub to log.
+        let c = Conn::new(&server, now);
+        assert!(!c.is_finished(now));
+        assert_eq!(c.expired(now + HANDSHAKE_TIMEOUT), None);
+        assert!(c.is_finished(now + HANDSHAKE_TIMEOUT));
+    }
+
     #[test]
     fn deadlines_follow_the_phase() {
         let now = Instant::now();
         let mut c = Conn::new(&Key::generate_private(), now);
-        assert_eq!(c.expired(now + HANDSHAKE_TIMEOUT), Some("handshake timed out"));
         c.authenticated(1, now);
         assert_eq!(c.expired(now + HANDSHAKE_TIMEOUT), None);
         assert_eq!(c.expired(now + IDLE_TIMEOUT), Some("idle timeout"));
