@@ -3,6 +3,10 @@
 //! The layout follows the architecture: `wg/` drives WireGuard, `cli/` is the
 //! command-line surface; each module has one concern.
 
+// First, so that `log!` is in scope in every module below.
+#[macro_use]
+pub mod logline;
+
 pub mod agent;
 pub mod cli;
 pub mod control;

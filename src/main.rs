@@ -11,7 +11,7 @@ fn main() -> ExitCode {
         Err(e) if warren::cli::out::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then each cause.
-            eprintln!("warren: {e:#}");
+            warren::logline::write_line(format_args!("warren: {e:#}"));
             ExitCode::FAILURE
         }
     }

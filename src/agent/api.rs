@@ -147,6 +147,9 @@ pub struct Status {
     #[serde(default)]
     pub relays: Vec<RelayStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Log lines stderr could not take (its reader went away).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -88,9 +88,10 @@ impl PortMap {
             }
         };
         if let Some(g) = gateway {
-            eprintln!(
+            log!(
                 "portmap: asking router {} (from {}) for mappings",
-                g.router, g.local
+                g.router,
+                g.local
             );
         }
         self.mapper.set_gateway(now, gateway);
@@ -124,7 +125,7 @@ impl PortMap {
 
     fn error(&mut self, msg: String) {
         if self.last_error.as_deref() != Some(&msg) {
-            eprintln!("portmap: {msg}");
+            log!("portmap: {msg}");
         }
         self.last_error = Some(msg);
     }
@@ -237,27 +238,27 @@ impl PortMap {
             w.finish(&ports, RELEASE_DEADLINE);
         }
         if n > 0 {
-            eprintln!("portmap: gave {n} mappings back to the router");
+            log!("portmap: gave {n} mappings back to the router");
         }
     }
 }
 
 fn log(e: &Event) {
     match e {
-        Event::Chosen(p) => eprintln!("portmap: the router speaks {p}"),
+        Event::Chosen(p) => log!("portmap: the router speaks {p}"),
         Event::Mapped {
             protocol,
             socket,
             internal,
             external,
             lease,
-        } => eprintln!(
+        } => log!(
             "portmap: mapped {} {internal} -> {external} via {protocol} (lease {} s)",
             socket.as_str(),
             lease.as_secs()
         ),
-        Event::Lost { protocol, why } => eprintln!("portmap: lost the {protocol} mappings: {why}"),
-        Event::NothingAnswered { retry_in } => eprintln!(
+        Event::Lost { protocol, why } => log!("portmap: lost the {protocol} mappings: {why}"),
+        Event::NothingAnswered { retry_in } => log!(
             "portmap: the router answers none of PCP, NAT-PMP and UPnP; asking again in {} s",
             retry_in.as_secs()
         ),
@@ -266,7 +267,7 @@ fn log(e: &Event) {
             socket,
             why,
         } => {
-            eprintln!("portmap: {protocol} refused the {} port: {why}", socket.as_str())
+            log!("portmap: {protocol} refused the {} port: {why}", socket.as_str())
         }
     }
 }

@@ -260,7 +260,7 @@ impl RelayPath {
             if let Err(e) = self.open_proxy(registry, peer, relay) {
                 let msg = format!("{e:#}");
                 if self.proxy_error.as_deref() != Some(&msg) {
-                    eprintln!("agent: relay path for peer {}: {msg}", peer.short());
+                    log!("agent: relay path for peer {}: {msg}", peer.short());
                 }
                 self.proxy_error = Some(msg);
             }
@@ -509,7 +509,7 @@ impl RelayPath {
                             _ => why,
                         };
                         if l.last_error.as_deref() != Some(&why) {
-                            eprintln!("agent: relay {}: {why}", describe(l));
+                            log!("agent: relay {}: {why}", describe(l));
                         }
                         l.last_error = Some(why);
                         l.next_addr += 1;
@@ -517,7 +517,7 @@ impl RelayPath {
                     }
                     Event::Open => {
                         l.connect_time = l.dialled_at.map(|t| now.saturating_duration_since(t));
-                        eprintln!("agent: relay {} connected", describe(l));
+                        log!("agent: relay {} connected", describe(l));
                         l.last_error = None;
                         for (peer, datagram) in std::mem::take(&mut l.held) {
                             l.client.send_to(now, peer, &datagram);
@@ -589,7 +589,7 @@ fn close(l: &mut Link, now: Instant, why: String) {
     l.connected = false;
     l.resolving = false;
     if l.last_error.as_deref() != Some(&why) {
-        eprintln!("agent: relay {}: {why}", describe(l));
+        log!("agent: relay {}: {why}", describe(l));
     }
     l.last_error = Some(why.clone());
     l.next_addr += 1;

@@ -283,7 +283,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         let Agent {
             cfg: c, signals: sig, ..
         } = agent;
-        eprintln!("agent: joining again with the token given");
+        log!("agent: joining again with the token given");
         state = joining_state(token, c.name.clone());
         (cfg, signals) = (c, sig);
     }
@@ -340,7 +340,7 @@ fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: 
         seed,
     );
     if let Some(me) = state.me.clone() {
-        eprintln!(
+        log!(
             "agent: restoring {} ({}) with {} peers from the cache",
             me.name,
             me.mesh_addr,
@@ -447,7 +447,7 @@ impl Agent {
                     }
                     SIGNALS => {
                         if let Some(sig) = self.signals.read() {
-                            eprintln!("agent: stopping on {sig}");
+                            log!("agent: stopping on {sig}");
                             self.stop = Some(Ok(()));
                         }
                     }
@@ -486,7 +486,7 @@ impl Agent {
                 if let Err(e) = self.reconcile(now, full) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
-                        eprintln!("agent: {msg}");
+                        log!("agent: {msg}");
                     }
                     self.last_error = Some(msg);
                 } else {
@@ -519,11 +519,12 @@ impl Agent {
                     wgstun,
                 } => {
                     if enrolled {
-                        eprintln!("agent: joined the mesh as {} ({})", me.name, me.mesh_addr);
+                        log!("agent: joined the mesh as {} ({})", me.name, me.mesh_addr);
                     } else {
-                        eprintln!(
+                        log!(
                             "agent: connected to the coordinator as {} ({})",
-                            me.name, me.mesh_addr
+                            me.name,
+                            me.mesh_addr
                         );
                     }
                     self.state.me = Some(me);
@@ -544,7 +545,7 @@ impl Agent {
                     self.state.private_key = *self.ctrl.private_key();
                     self.state.pending_private_key = None;
                     self.save();
-                    eprintln!(
+                    log!(
                         "agent: now using key {}",
                         self.state.private_key.public_key().short()
                     );
@@ -555,7 +556,7 @@ impl Agent {
                     reason,
                     permanent,
                 } => {
-                    eprintln!("agent: coordinator refused: {reason}");
+                    log!("agent: coordinator refused: {reason}");
                     if permanent {
                         self.refused_for_good(code, &reason);
                     }
@@ -588,7 +589,7 @@ impl Agent {
                     .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
             {
                 self.last_sealed_drop_log = Some(now);
-                eprintln!(
+                log!(
                     "agent: dropped a peer message from {}: {why}",
                     self.peer_label(&from)
                 );
@@ -686,11 +687,11 @@ impl Agent {
         let ifname = self.cfg.ifname.clone();
         match self.backend.exists(&ifname) {
             Ok(true) => match self.backend.delete(&ifname) {
-                Ok(()) => eprintln!("agent: stopped the userspace WireGuard of {ifname}"),
-                Err(e) => eprintln!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
+                Ok(()) => log!("agent: stopped the userspace WireGuard of {ifname}"),
+                Err(e) => log!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
             },
             Ok(false) => {}
-            Err(e) => eprintln!("agent: {ifname}: {e:#}"),
+            Err(e) => log!("agent: {ifname}: {e:#}"),
         }
     }
 
@@ -701,7 +702,7 @@ impl Agent {
                 if self.backend.exists(&self.cfg.ifname).unwrap_or(false)
                     && let Err(e) = self.backend.delete(&self.cfg.ifname)
                 {
-                    eprintln!("agent: removing {}: {e:#}", self.cfg.ifname);
+                    log!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
                 let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
                 if self.can_rejoin {
@@ -727,7 +728,7 @@ impl Agent {
 
     fn save(&self) {
         if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
-            eprintln!("agent: {e:#}");
+            log!("agent: {e:#}");
         }
     }
 
@@ -987,7 +988,7 @@ impl Agent {
                 self.stop = Some(Ok(()));
                 match result {
                     Ok(()) => {
-                        eprintln!("agent: down: removed {ifname}");
+                        log!("agent: down: removed {ifname}");
                         Response::Done
                     }
                     Err(e) => Response::Error {

@@ -107,7 +107,7 @@ fn read_token_file(path: &Path) -> Result<Option<String>> {
     };
     let mode = file.metadata().with_context(what)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        eprintln!(
+        log!(
             "warren: warning: {} is readable by other users (mode {mode:04o}); \
              anyone who reads the token can add nodes: chmod 600 it",
             path.display()
@@ -149,7 +149,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     if a.join.as_deref().is_some_and(|t| t != JOIN_FROM_STDIN) {
-        eprintln!(
+        log!(
             "agent: warning: --join TOKEN leaves the token in the process list for every local \
              user to read; use --join-file FILE"
         );
@@ -444,6 +444,13 @@ fn format_status(s: &Status) -> String {
         None => {
             let _ = writeln!(out, "coordinator: {}", s.coordinator);
         }
+    }
+    if s.log_lines_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "log: {} lines dropped (the reader of the agent's stderr went away)",
+            s.log_lines_dropped
+        );
     }
     for r in &s.relays {
         let addr = r.addr.as_deref().unwrap_or("-");

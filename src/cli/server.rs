@@ -163,7 +163,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             );
         }
         if relays.is_empty() {
-            eprintln!("warren: no relay: nodes that cannot reach each other directly stay apart");
+            log!("warren: no relay: nodes that cannot reach each other directly stay apart");
         }
         server.set_relays(relays);
         if !args.no_wgstun {
@@ -174,7 +174,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             )?;
             match own_wgstun(key, wg, stun, server.advertise()) {
                 Some(own) => wgstuns.insert(0, own),
-                None => eprintln!(
+                None => log!(
                     "warren: WG-STUN runs but is not published: no address to give nodes (pass --advertise HOST:PORT)"
                 ),
             }
@@ -351,8 +351,8 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<(Key, RelayHandle
     std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || match relay.run() {
-            Ok(()) => eprintln!("warren: relay stopped"),
-            Err(e) => eprintln!("warren: relay stopped: {e:#}"),
+            Ok(()) => log!("warren: relay stopped"),
+            Err(e) => log!("warren: relay stopped: {e:#}"),
         })
         .context("starting the relay thread")?;
     Ok((key, handle))
@@ -381,15 +381,15 @@ fn start_wgstun(
     })
     .context("starting WG-STUN beside the coordinator (or pass --no-wgstun)")?;
     match stun {
-        Some(stun) => eprintln!("warren: WG-STUN on {wg}, plain STUN on {stun}"),
-        None => eprintln!("warren: WG-STUN on {wg}"),
+        Some(stun) => log!("warren: WG-STUN on {wg}, plain STUN on {stun}"),
+        None => log!("warren: WG-STUN on {wg}"),
     }
     std::thread::Builder::new()
         .name("wgstun-watch".into())
         .spawn(move || match thread.join() {
-            Ok(Ok(())) => eprintln!("warren: WG-STUN stopped"),
-            Ok(Err(e)) => eprintln!("warren: WG-STUN stopped: {e:#}"),
-            Err(_) => eprintln!("warren: WG-STUN stopped: its thread panicked"),
+            Ok(Ok(())) => log!("warren: WG-STUN stopped"),
+            Ok(Err(e)) => log!("warren: WG-STUN stopped: {e:#}"),
+            Err(_) => log!("warren: WG-STUN stopped: its thread panicked"),
         })
         .context("starting the WG-STUN watcher thread")?;
     Ok((public_key, wg, stun))

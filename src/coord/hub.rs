@@ -216,7 +216,7 @@ impl Hub {
                 };
                 match self.store.join(&req, unix_now())? {
                     Ok(node) => {
-                        eprintln!(
+                        log!(
                             "coordinator: node {} ({}) joined as {}",
                             node.name,
                             key.short(),
@@ -238,7 +238,7 @@ impl Hub {
             (Phase::Node(_), ClientMessage::Candidates { .. }) => {}
             (Phase::Node(node), ClientMessage::RotateKey { new_public_key }) => {
                 let n = self.store.rotate_key(node, &new_public_key)?;
-                eprintln!(
+                log!(
                     "coordinator: node {} rotated its key {} -> {}",
                     n.name,
                     key.short(),
@@ -415,7 +415,7 @@ impl Hub {
         }
         if let Err(e) = self.map() {
             // Retried on the next flush; the changes stay queued.
-            eprintln!("coordinator: {e:#}");
+            log!("coordinator: {e:#}");
             return;
         }
         let mut upsert = Vec::new();
@@ -427,7 +427,7 @@ impl Hub {
                 Ok(_) => {
                     self.removed.insert(id);
                 }
-                Err(e) => eprintln!("coordinator: reading node {id} for the peer map: {e:#}"),
+                Err(e) => log!("coordinator: reading node {id} for the peer map: {e:#}"),
             }
         }
         let remove: Vec<u64> = std::mem::take(&mut self.removed).into_iter().collect();
@@ -534,7 +534,7 @@ impl Hub {
             AdminRequest::Remove { node } => {
                 let n = self.store.find_node(&node)?;
                 let n = self.store.remove(n.id, unix_now())?;
-                eprintln!("coordinator: node {} ({}) removed", n.name, n.public_key.short());
+                log!("coordinator: node {} ({}) removed", n.name, n.public_key.short());
                 if let Some(f) = &mut self.on_removed {
                     f(n.public_key);
                 }
@@ -554,7 +554,7 @@ impl Hub {
             AdminRequest::Rename { node, new_name } => {
                 let n = self.store.find_node(&node)?;
                 let renamed = self.store.rename(n.id, &new_name)?;
-                eprintln!("coordinator: node {} renamed to {}", n.name, renamed.name);
+                log!("coordinator: node {} renamed to {}", n.name, renamed.name);
                 self.changed.insert(n.id);
                 AdminResponse::Node {
                     node: self.view(&renamed),
@@ -621,8 +621,8 @@ fn kind(m: &ClientMessage) -> &'static str {
 
 fn log(conn: &Conn, what: &str) {
     match conn.peer() {
-        Some(k) => eprintln!("coordinator: connection from {}: {what}", k.short()),
-        None => eprintln!("coordinator: connection (no handshake yet): {what}"),
+        Some(k) => log!("coordinator: connection from {}: {what}", k.short()),
+        None => log!("coordinator: connection (no handshake yet): {what}"),
     }
 }
 

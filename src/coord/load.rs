@@ -178,7 +178,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                             l.deadline = now + CONNECT_TIMEOUT;
                         }
                         Err(e) => {
-                            eprintln!("load: light node {i}: {e:#}");
+                            log!("load: light node {i}: {e:#}");
                             l.deadline = now + backoff(l.failures, &mut rng);
                             l.failures = l.failures.saturating_add(1);
                         }
@@ -268,7 +268,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                 Ok(n) => l.ch.consume_outgoing(n),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::NotConnected) => {}
                 Err(e) if hold => {
-                    eprintln!("load: light node {i}: writing to the coordinator: {e}");
+                    log!("load: light node {i}: writing to the coordinator: {e}");
                     lose(&poll, l, &mut welcomed, now, &mut rng);
                 }
                 Err(e) => return Err(e).context("writing to the coordinator"),
@@ -279,7 +279,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
             && now2 >= next_progress
         {
             next_progress = now2 + PROGRESS_EVERY;
-            eprintln!(
+            log!(
                 "load: {welcomed} of {nodes} nodes back {:.0} s after the first was lost",
                 now2.duration_since(t).as_secs_f64()
             );
@@ -288,7 +288,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
             && welcomed == nodes
         {
             lost_since = None;
-            eprintln!(
+            log!(
                 "load: all {nodes} nodes back {:.1} s after the first was lost",
                 now2.duration_since(t).as_secs_f64()
             );
@@ -296,7 +296,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
         match &marker {
             None if hold && welcomed == nodes && !announced => {
                 announced = true;
-                eprintln!(
+                log!(
                     "load: {nodes} nodes connected in {:.1} s; holding them until killed",
                     now.duration_since(started).as_secs_f64()
                 );
@@ -314,7 +314,7 @@ pub fn run(admin_socket: &Path, server: SocketAddr, nodes: usize, hold: bool) ->
                     },
                 )?;
                 marker = Some((format!(r#""name":"{new_name}""#).into_bytes(), t0));
-                eprintln!(
+                log!(
                     "load: {nodes} nodes connected in {:.1} s; renaming load-0",
                     (t0 - started).as_secs_f64()
                 );

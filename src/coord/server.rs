@@ -233,7 +233,7 @@ impl Server {
     }
 
     pub fn run(&mut self) -> Result<()> {
-        eprintln!(
+        log!(
             "coordinator: listening on {} with key {}, admin socket {}",
             self.local_addr,
             self.public_key(),
@@ -297,7 +297,7 @@ impl Server {
                 }
             }
             if let Some(line) = self.tally.summary(now) {
-                eprintln!("{line}");
+                log!("{line}");
             }
         }
         let _ = std::fs::remove_file(&self.admin_path);
@@ -463,7 +463,7 @@ impl Server {
                 Ok((mut stream, _)) => {
                     let uid = admin::peer_uid(stream.as_raw_fd());
                     if !uid.as_ref().is_ok_and(|&u| admin::uid_allowed(u)) {
-                        eprintln!("coordinator: refused admin client (uid {uid:?})");
+                        log!("coordinator: refused admin client (uid {uid:?})");
                         continue;
                     }
                     let id = self.next;
@@ -488,7 +488,7 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    eprintln!("coordinator: accepting admin connection: {e}");
+                    log!("coordinator: accepting admin connection: {e}");
                     return;
                 }
             }

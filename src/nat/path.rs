@@ -328,7 +328,7 @@ impl PeerPath {
         self.state = state;
         let is_direct = self.is_direct();
         if debug() {
-            eprintln!(
+            log!(
                 "nat {:.3}: {}: {} -> {} {why}",
                 stamp(),
                 self.key.short(),
@@ -399,7 +399,7 @@ impl PeerPath {
         };
         self.checking_since = now;
         if debug() {
-            eprintln!(
+            log!(
                 "nat {:.3}: {}: checking {} candidates",
                 stamp(),
                 self.key.short(),
@@ -439,7 +439,7 @@ impl PeerPath {
                     return;
                 }
                 if debug() {
-                    eprintln!(
+                    log!(
                         "nat {:.3}: {}: candidates {generation}: {list:?}",
                         stamp(),
                         self.key.short()
@@ -667,7 +667,7 @@ impl PeerPath {
             None => (false, false),
         };
         if debug() && matches!(self.state, State::Direct { .. }) {
-            eprintln!(
+            log!(
                 "nat {:.3}: {}: direct sample rx {} tx {} active {}",
                 stamp(),
                 self.key.short(),
@@ -684,7 +684,7 @@ impl PeerPath {
                 ..
             } => {
                 if debug() {
-                    eprintln!(
+                    log!(
                         "nat {:.3}: {}: upgrade sample {s:?} baseline {baseline:?}",
                         stamp(),
                         self.key.short()

@@ -250,7 +250,7 @@ impl Traversal {
             return;
         }
         if super::path::debug() {
-            eprintln!("nat {:.3}: announcing {c:?}", super::path::stamp());
+            log!("nat {:.3}: announcing {c:?}", super::path::stamp());
         }
         self.io.announced = c;
         self.generation += 1;

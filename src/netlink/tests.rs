@@ -14,7 +14,7 @@ fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
     let handle = std::thread::spawn(move || {
         // SAFETY: unshare only changes this thread's network namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            eprintln!(
+            log!(
                 "skipping: cannot create a network namespace ({})",
                 io::Error::last_os_error()
             );

@@ -225,7 +225,7 @@ impl Worker {
         // Wakes a thread waiting for work.
         self.commands = None;
         match self.exited.recv_timeout(deadline) {
-            Err(RecvTimeoutError::Timeout) => eprintln!(
+            Err(RecvTimeoutError::Timeout) => log!(
                 "agent: UPnP worker still busy after {} ms; not waiting for it",
                 deadline.as_millis()
             ),
@@ -314,12 +314,12 @@ impl Thread {
         let mut seen = HashSet::new();
         ports.retain(|p| seen.insert(*p));
         if self.gateway.is_none() && !ports.is_empty() {
-            eprintln!("agent: UPnP at exit: {NO_GATEWAY}; mappings of {ports:?} stay until their leases end");
+            log!("agent: UPnP at exit: {NO_GATEWAY}; mappings of {ports:?} stay until their leases end");
             return;
         }
         for external_port in ports {
             if let Outcome::Failed(why) = self.execute(&Command::Unmap { external_port }) {
-                eprintln!("agent: UPnP at exit: {why}");
+                log!("agent: UPnP at exit: {why}");
             }
         }
     }

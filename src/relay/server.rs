@@ -272,7 +272,7 @@ impl RelayServer {
         // only changes the backlog.
         if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), LISTEN_BACKLOG) } != 0 {
             let e = std::io::Error::last_os_error();
-            eprintln!("warren relay: raising the listen backlog on {}: {e}", cfg.listen);
+            log!("warren relay: raising the listen backlog on {}: {e}", cfg.listen);
         }
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
@@ -326,7 +326,7 @@ impl RelayServer {
     }
 
     pub fn run(mut self) -> Result<()> {
-        eprintln!(
+        log!(
             "warren relay: listening on {} (key {}), max {} clients and {} in the handshake, {} MiB for queues",
             self.local_addr()?,
             self.public_key().to_base64(),
@@ -417,7 +417,7 @@ impl RelayServer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving the connected clients.
-                    eprintln!("warren relay: accepting a connection: {e}");
+                    log!("warren relay: accepting a connection: {e}");
                     return;
                 }
             };
@@ -458,7 +458,7 @@ impl RelayServer {
                     .registry()
                     .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             {
-                eprintln!("warren relay: registering connection from {addr}: {e}");
+                log!("warren relay: registering connection from {addr}: {e}");
                 self.admission.closed(source, false);
                 continue;
             }
@@ -582,7 +582,7 @@ impl RelayServer {
                 if let Some(c) = self.conns.get_mut(&from) {
                     c.registered = true;
                     self.admission.registered(c.source);
-                    eprintln!("warren relay: {} connected from {}", key.short(), c.addr);
+                    log!("warren relay: {} connected from {}", key.short(), c.addr);
                 }
                 self.tell_watchers(now, key, RelayFrame::PeerPresent { key });
             }
@@ -706,7 +706,7 @@ impl RelayServer {
         if seen == self.refusals_logged || now < self.next_refusal_log {
             return;
         }
-        eprintln!(
+        log!(
             "warren relay: refused {} connections (relay full {}, source too fast {}, too many handshakes {}, \
              too many connections {}), closed {} before registering ({} pushed out of the pending pool), \
              {} of removed keys, in total",
@@ -744,7 +744,7 @@ impl RelayServer {
         if c.registered
             && let Some(key) = c.state.key()
         {
-            eprintln!("warren relay: {} from {} closed: {why}", key.short(), c.addr);
+            log!("warren relay: {} from {} closed: {why}", key.short(), c.addr);
         } else {
             self.stats.closed_unregistered += 1;
         }

@@ -400,7 +400,7 @@ fn slow_reader_is_bounded_and_does_not_stall_others() {
     let during = relay.handle.stats();
     stop.store(true, Ordering::SeqCst);
     let flooded = flooder.join().unwrap();
-    eprintln!(
+    log!(
         "slow reader: flooded {} MiB, max queued {} bytes (bound {}), dropped {}, other pair's round trips: worst {:?}, mean {:?}",
         flooded >> 20,
         during.max_queued_bytes,
@@ -604,7 +604,7 @@ fn a_flooding_source_does_not_crowd_out_other_clients() {
     let during = relay.wait_stats("both registered during the flood", |s| s.registered == 2);
     stop.store(true, Ordering::SeqCst);
     let attempts = flooder.join().unwrap();
-    eprintln!("flood: {attempts} connection attempts; relay: {during:?}");
+    log!("flood: {attempts} connection attempts; relay: {during:?}");
     assert!(
         during.clients <= 2 + 4,
         "the flooder holds at most its pending cap: {during:?}"
@@ -715,14 +715,14 @@ fn queue_budget_holds_with_slow_readers_while_a_fast_pair_forwards() {
         b.send_to(a.public(), &payload);
         assert_eq!(a.recv().unwrap(), recv_from(b.public(), &payload));
         worst = worst.max(t.elapsed());
-        eprintln!("round trip {i}: {:?}", t.elapsed());
+        log!("round trip {i}: {:?}", t.elapsed());
         let s = relay.handle.stats();
         assert!(s.max_total_queued_bytes <= budget, "{s:?}");
     }
     let during = relay.handle.stats();
     stop.store(true, Ordering::SeqCst);
     let flooded = flooder.join().unwrap();
-    eprintln!(
+    log!(
         "budget: flooded {} MiB, max total queued {} of {budget}, now {}, max one client {}, \
          dropped (budget {}, own queue {}), fast pair worst round trip {worst:?}",
         flooded >> 20,

@@ -200,7 +200,7 @@ pub fn apply(backend: &mut dyn Backend, ifname: &str, desired: &DeviceConfig) ->
     if result.is_err() && created {
         // The original error is what matters; a failed cleanup is secondary.
         if let Err(e) = backend.delete(ifname) {
-            eprintln!("warren: {ifname}: removing the half-configured interface failed: {e:#}");
+            log!("warren: {ifname}: removing the half-configured interface failed: {e:#}");
         }
     }
     result

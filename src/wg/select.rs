@@ -61,7 +61,7 @@ pub fn open_backend(
             Err(e) => {
                 let u = UserspaceBackend::new(userspace_command)?;
                 LOGGED.call_once(|| {
-                    eprintln!(
+                    log!(
                         "warren: using userspace WireGuard ({}): kernel module not available: {e:#}",
                         u.program()
                     )

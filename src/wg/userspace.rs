@@ -292,7 +292,7 @@ impl Backend for UserspaceBackend {
     /// (it is then forgotten), `None` while all are running.
     fn check_alive(&mut self) -> Option<ExitStatus> {
         let (ifname, status) = self.check_alive_named()?;
-        eprintln!(
+        log!(
             "warren: {ifname}: userspace WireGuard `{}` exited ({status})",
             self.program()
         );

@@ -102,7 +102,7 @@ impl Server {
         unsafe {
             libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
         }
-        eprintln!(
+        log!(
             "warren wgstun: listening on {} (WireGuard, key {}){}; max {} sessions, {} per source",
             self.wg_addr()?,
             self.responder.public_key().short(),
@@ -158,7 +158,7 @@ impl Server {
                 next_stats = self.stats_interval.map(|d| now + d);
             }
             if STATS_REQUESTED.swap(false, Ordering::Relaxed) || periodic {
-                eprintln!("warren {}", self.stats_line());
+                log!("warren {}", self.stats_line());
             }
         }
     }

@@ -172,6 +172,7 @@ impl Agent {
             coordinator_error: last.map(str::to_string),
             relays: self.relay.status(),
             peers,
+            log_lines_dropped: crate::logline::dropped(),
         })
     }
 }

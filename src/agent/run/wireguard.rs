@@ -110,11 +110,12 @@ impl Agent {
             self.rebind(&ifname, &desired, current.as_ref());
         }
         if report.created {
-            eprintln!("agent: created {ifname} ({} backend)", report.backend);
+            log!("agent: created {ifname} ({} backend)", report.backend);
         } else if report.peers_added + report.peers_removed > 0 {
-            eprintln!(
+            log!(
                 "agent: {ifname}: {} peers added, {} removed",
-                report.peers_added, report.peers_removed
+                report.peers_added,
+                report.peers_removed
             );
         }
         self.ensure_address(&ifname, me.mesh_addr)
@@ -149,7 +150,7 @@ impl Agent {
         if !update.is_empty()
             && let Err(e) = self.backend.set(ifname, &update)
         {
-            eprintln!("agent: re-setting endpoints after an address change: {e:#}");
+            log!("agent: re-setting endpoints after an address change: {e:#}");
         }
     }
 
@@ -191,7 +192,7 @@ impl Agent {
         }
         if !have.contains(&want) {
             self.rtnl.add_address(index, want.0, want.1)?;
-            eprintln!("agent: {ifname} has address {addr}/{MESH_PREFIX_LEN}");
+            log!("agent: {ifname} has address {addr}/{MESH_PREFIX_LEN}");
         }
         let up = self.rtnl.link(ifname)?.is_some_and(|l| l.up);
         if !up {
