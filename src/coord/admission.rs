@@ -27,11 +27,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use crate::relay::admission::MAX_TRACKED_SOURCES;
 pub use crate::relay::admission::Source;
-
-/// Sources whose failure bucket is remembered. Forgetting a source only ever
-/// errs towards admitting it (it starts over with a full bucket).
-pub const MAX_TRACKED_SOURCES: usize = 8192;
+use crate::relay::admission::SourceBuckets;
 
 /// What a pending connection costs besides the bytes it sent: the channel and
 /// its Noise state, the socket, and the map entries that track it. Measured:
@@ -85,16 +84,6 @@ pub enum Refusal {
 
 pub type ConnId = usize;
 
-/// Thousandths of a token, so that fractional refills need no floats.
-const MILLI: u64 = 1000;
-
-#[derive(Debug)]
-struct Bucket {
-    milli_tokens: u64,
-    refilled: Instant,
-    stamp: u64,
-}
-
 #[derive(Debug)]
 struct Pending {
     source: Source,
@@ -105,10 +94,7 @@ struct Pending {
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    buckets: HashMap<Source, Bucket>,
-    /// Stamp -> source, oldest first, for forgetting buckets in LRU order.
-    recency: BTreeMap<u64, Source>,
-    next_stamp: u64,
+    failures: SourceBuckets,
     /// Pending connections by id; ids grow with accept time, so the first is the oldest.
     pending: BTreeMap<ConnId, Pending>,
     pending_by_source: HashMap<Source, usize>,
@@ -120,10 +106,8 @@ pub struct Admission {
 impl Admission {
     pub fn new(limits: Limits) -> Admission {
         Admission {
+            failures: SourceBuckets::new(limits.failures_per_sec, limits.failure_burst),
             limits,
-            buckets: HashMap::new(),
-            recency: BTreeMap::new(),
-            next_stamp: 0,
             pending: BTreeMap::new(),
             pending_by_source: HashMap::new(),
             pending_bytes: 0,
@@ -145,7 +129,7 @@ impl Admission {
         if pending >= self.limits.per_source_pending {
             return Err(Refusal::Pending);
         }
-        if self.limits.failures_per_sec > 0 && self.tokens(now, source) < MILLI {
+        if self.limits.failures_per_sec > 0 && !self.failures.has_token(now, source) {
             return Err(Refusal::Rate);
         }
         Ok(())
@@ -243,7 +227,7 @@ impl Admission {
     }
 
     pub fn tracked_sources(&self) -> usize {
-        self.buckets.len()
+        self.failures.tracked()
     }
 
     fn leave_pending(&mut self, id: ConnId) {
@@ -259,46 +243,11 @@ impl Admission {
         }
     }
 
-    /// The source's tokens now, in thousandths, after refilling.
-    fn tokens(&mut self, now: Instant, source: Source) -> u64 {
-        let burst = u64::from(self.limits.failure_burst.max(1)) * MILLI;
-        let rate = u64::from(self.limits.failures_per_sec);
-        let Some(b) = self.buckets.get_mut(&source) else {
-            return burst;
-        };
-        let elapsed = now.saturating_duration_since(b.refilled);
-        let refill = (elapsed.as_micros() * u128::from(rate) / 1000).min(u128::from(burst)) as u64;
-        if refill > 0 {
-            b.milli_tokens = (b.milli_tokens + refill).min(burst);
-            b.refilled = now;
-        }
-        b.milli_tokens
-    }
-
     fn charge(&mut self, now: Instant, source: Source) {
-        if self.limits.failures_per_sec == 0 {
-            return;
+        if self.limits.failures_per_sec > 0 {
+            // An empty bucket stays empty: the source is refused until it refills.
+            self.failures.take(now, source);
         }
-        let tokens = self.tokens(now, source);
-        let stamp = self.next_stamp;
-        self.next_stamp += 1;
-        if !self.buckets.contains_key(&source) {
-            while self.buckets.len() >= MAX_TRACKED_SOURCES {
-                let Some((_, oldest)) = self.recency.pop_first() else {
-                    break;
-                };
-                self.buckets.remove(&oldest);
-            }
-        }
-        let b = self.buckets.entry(source).or_insert(Bucket {
-            milli_tokens: tokens,
-            refilled: now,
-            stamp,
-        });
-        self.recency.remove(&b.stamp);
-        b.stamp = stamp;
-        b.milli_tokens = tokens.saturating_sub(MILLI);
-        self.recency.insert(stamp, source);
     }
 }
 
@@ -451,6 +400,6 @@ mod tests {
             a.charge(t0, Source::V4(i));
             assert!(a.tracked_sources() <= MAX_TRACKED_SOURCES);
         }
-        assert_eq!(a.recency.len(), a.buckets.len());
+        assert!(a.failures.consistent());
     }
 }

@@ -113,6 +113,97 @@ struct Bucket {
     stamp: u64,
 }
 
+/// A token bucket per source, for the relay's connects and the
+/// coordinator's failures. At most [`MAX_TRACKED_SOURCES`] are remembered,
+/// the least recently touched forgotten first: forgetting a source only
+/// ever errs towards admitting it (it starts over with a full bucket).
+#[derive(Debug)]
+pub struct SourceBuckets {
+    per_sec: u32,
+    burst: u32,
+    buckets: HashMap<Source, Bucket>,
+    /// Stamp -> source, oldest first, for forgetting buckets in LRU order.
+    recency: BTreeMap<u64, Source>,
+    next_stamp: u64,
+}
+
+impl SourceBuckets {
+    /// `per_sec` tokens a second, holding at most `burst` (at least one).
+    pub fn new(per_sec: u32, burst: u32) -> SourceBuckets {
+        SourceBuckets {
+            per_sec,
+            burst: burst.max(1),
+            buckets: HashMap::new(),
+            recency: BTreeMap::new(),
+            next_stamp: 0,
+        }
+    }
+
+    /// The bucket's tokens at `now`, and the instant they count from: it
+    /// moves only when a whole thousandth was added, so that calls closer
+    /// together than that still accumulate.
+    fn refilled(&self, now: Instant, b: &Bucket) -> (u64, Instant) {
+        let burst = u64::from(self.burst) * MILLI;
+        let elapsed = now.saturating_duration_since(b.refilled);
+        let refill = (elapsed.as_micros() * u128::from(self.per_sec) / 1000).min(u128::from(burst)) as u64;
+        if refill == 0 {
+            (b.milli_tokens, b.refilled)
+        } else {
+            ((b.milli_tokens + refill).min(burst), now)
+        }
+    }
+
+    /// Whether `source` has a whole token now; touches nothing.
+    pub fn has_token(&self, now: Instant, source: Source) -> bool {
+        self.buckets
+            .get(&source)
+            .is_none_or(|b| self.refilled(now, b).0 >= MILLI)
+    }
+
+    /// Takes a token from `source` if it has one (false if not); either way
+    /// the source is remembered as just touched.
+    pub fn take(&mut self, now: Instant, source: Source) -> bool {
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let (tokens, refilled) = match self.buckets.get(&source) {
+            Some(b) => {
+                self.recency.remove(&b.stamp);
+                self.refilled(now, b)
+            }
+            None => {
+                while self.buckets.len() >= MAX_TRACKED_SOURCES {
+                    let Some((_, oldest)) = self.recency.pop_first() else {
+                        break;
+                    };
+                    self.buckets.remove(&oldest);
+                }
+                (u64::from(self.burst) * MILLI, now)
+            }
+        };
+        let took = tokens >= MILLI;
+        self.buckets.insert(
+            source,
+            Bucket {
+                milli_tokens: if took { tokens - MILLI } else { tokens },
+                refilled,
+                stamp,
+            },
+        );
+        self.recency.insert(stamp, source);
+        took
+    }
+
+    /// Sources remembered now (bounded by [`MAX_TRACKED_SOURCES`]).
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn consistent(&self) -> bool {
+        self.recency.len() == self.buckets.len()
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     pending: usize,
@@ -122,10 +213,7 @@ struct Counts {
 #[derive(Debug)]
 pub struct Admission {
     limits: SourceLimits,
-    buckets: HashMap<Source, Bucket>,
-    /// Stamp -> source, oldest first, for forgetting buckets in LRU order.
-    recency: BTreeMap<u64, Source>,
-    next_stamp: u64,
+    connects: SourceBuckets,
     /// Sources with open connections; bounded by the relay's `max_clients`.
     open: HashMap<Source, Counts>,
 }
@@ -133,10 +221,8 @@ pub struct Admission {
 impl Admission {
     pub fn new(limits: SourceLimits) -> Admission {
         Admission {
+            connects: SourceBuckets::new(limits.connects_per_sec, limits.connect_burst),
             limits,
-            buckets: HashMap::new(),
-            recency: BTreeMap::new(),
-            next_stamp: 0,
             open: HashMap::new(),
         }
     }
@@ -146,7 +232,7 @@ impl Admission {
     /// token, refused by a cap or not: a source that keeps knocking at a cap
     /// spends its bucket and is then refused by the rate, the cheapest refusal.
     pub fn admit(&mut self, now: Instant, source: Source) -> Result<(), Refusal> {
-        if self.limits.connects_per_sec > 0 && !self.take_token(now, source) {
+        if self.limits.connects_per_sec > 0 && !self.connects.take(now, source) {
             return Err(Refusal::Rate);
         }
         let counts = self.open.get(&source).copied().unwrap_or_default();
@@ -167,7 +253,7 @@ impl Admission {
     /// as a refusal here does, so a flood of them is paid for by the flooder.
     pub fn charge(&mut self, now: Instant, source: Source) {
         if self.limits.connects_per_sec > 0 {
-            self.take_token(now, source);
+            self.connects.take(now, source);
         }
     }
 
@@ -201,50 +287,7 @@ impl Admission {
 
     /// Sources whose rate bucket is remembered (bounded by [`MAX_TRACKED_SOURCES`]).
     pub fn tracked_sources(&self) -> usize {
-        self.buckets.len()
-    }
-
-    fn take_token(&mut self, now: Instant, source: Source) -> bool {
-        let burst = u64::from(self.limits.connect_burst.max(1)) * MILLI;
-        let rate = u64::from(self.limits.connects_per_sec);
-        let stamp = self.next_stamp;
-        self.next_stamp += 1;
-        let bucket = match self.buckets.get_mut(&source) {
-            Some(b) => {
-                self.recency.remove(&b.stamp);
-                b
-            }
-            None => {
-                self.forget_oldest_if_full();
-                self.buckets.entry(source).or_insert(Bucket {
-                    milli_tokens: burst,
-                    refilled: now,
-                    stamp,
-                })
-            }
-        };
-        bucket.stamp = stamp;
-        self.recency.insert(stamp, source);
-        let elapsed = now.saturating_duration_since(bucket.refilled);
-        let refill = (elapsed.as_micros() * u128::from(rate) / 1000).min(u128::from(burst)) as u64;
-        if refill > 0 {
-            bucket.milli_tokens = (bucket.milli_tokens + refill).min(burst);
-            bucket.refilled = now;
-        }
-        if bucket.milli_tokens < MILLI {
-            return false;
-        }
-        bucket.milli_tokens -= MILLI;
-        true
-    }
-
-    fn forget_oldest_if_full(&mut self) {
-        while self.buckets.len() >= MAX_TRACKED_SOURCES {
-            let Some((_, oldest)) = self.recency.pop_first() else {
-                return;
-            };
-            self.buckets.remove(&oldest);
-        }
+        self.connects.tracked()
     }
 }
 
@@ -394,7 +437,7 @@ mod tests {
             let _ = a.admit(t0, Source::V4(i));
             assert!(a.tracked_sources() <= MAX_TRACKED_SOURCES);
         }
-        assert_eq!(a.recency.len(), a.buckets.len());
+        assert!(a.connects.consistent());
         // The first source was forgotten, so it starts over with a full bucket;
         // a recent one is still remembered and still limited.
         assert!(a.admit(t0, first).is_ok());
