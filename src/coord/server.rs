@@ -311,10 +311,11 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    // Out of file descriptors and the like: counted, and tried
-                    // again next turn (a flood must not become a log line each).
+                    // Out of file descriptors and the like: counted (a flood must
+                    // not become a log line each), and tried again on the next
+                    // connection's event rather than in a busy loop. The
+                    // connection cap keeps descriptors for refusing, so this is rare.
                     self.tally.accept_error();
-                    self.accept_ready = true;
                     return;
                 }
             };
