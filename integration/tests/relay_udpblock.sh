@@ -26,7 +26,8 @@ lab_wait "relay listening" 20 listening
 lab_bg b echo.out "$WARREN" relay-load echo --relay "$RELAY" --key "$KEY" --seconds 120
 echo_ready() { grep -q '^key=' "$LAB_DIR/echo.out"; }
 lab_wait "echoing host registered at the relay" 20 echo_ready
-BKEY=$(sed -n 's/^key=//p' "$LAB_DIR/echo.out")
+# The line is `key=KEY registered_ms=N`.
+BKEY=$(sed -n 's/^key=\([^ ]*\).*/\1/p' "$LAB_DIR/echo.out")
 
 ping_all() {
     local out
@@ -41,7 +42,8 @@ garbage_closed() {
     lab_exec a bash -c "exec 3<>/dev/tcp/${RELAY%:*}/${RELAY#*:}; printf 'GET / HTTP/1.1\r\n\r\n' >&3; timeout 10 cat <&3 >/dev/null"
 }
 garbage_closed || lab_fail "relay did not close a garbage connection"
-grep -q 'unregistered from 10\.\|unregistered from 198\.51\.100\.21' "$LAB_DIR/relay.log" ||
-    lab_fail "relay log has no closed unregistered connection: $(tail -5 "$LAB_DIR/relay.log")"
+# Strangers' connections are counted in a summary line (at most one per 10 s), not logged one by one.
+counted() { grep -Eq 'closed [1-9][0-9]* before registering' "$LAB_DIR/relay.log"; }
+lab_wait "the relay's summary to count the closed garbage connection" 30 counted
 ping_all 5
 echo "relay_udpblock: ok"
