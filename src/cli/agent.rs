@@ -36,6 +36,11 @@ pub struct AgentArgs {
     /// Where the key and the last peer map are kept.
     #[arg(long, default_value = "/var/lib/warren")]
     pub state_dir: PathBuf,
+    /// Where the last peer map is kept (default: the state directory). A
+    /// router with its state directory on flash points this at a tmpfs
+    /// (e.g. /tmp/warren): the map changes often and the coordinator resends it.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// WireGuard interface the agent owns.
     #[arg(long, default_value = "warren0")]
     pub interface: String,
@@ -122,6 +127,7 @@ fn read_token_file(path: &Path) -> Result<Option<String>> {
 
 fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
     AgentConfig {
+        cache_dir: a.cache_dir.unwrap_or_else(|| a.state_dir.clone()),
         state_dir: a.state_dir,
         ifname: a.interface,
         listen_port: a.port,
@@ -186,6 +192,9 @@ pub fn up(a: AgentArgs) -> Result<()> {
         .arg(&a.socket);
     if token.is_some() {
         cmd.arg("--join-file").arg(JOIN_FROM_STDIN);
+    }
+    if let Some(d) = &a.cache_dir {
+        cmd.arg("--cache-dir").arg(d);
     }
     if let Some(n) = &a.name {
         cmd.arg("--name").arg(n);
