@@ -18,8 +18,8 @@
 # token on its command line. Until `warren agent --config` exists, the file
 # is handed over as flags under the shared config contract (key = long flag).
 # Not exercised: real uci and procd (respawn, triggers firing, the stop
-# timeout), the uci-defaults firewall script (shellcheck only), and the
-# Makefile (needs the OpenWrt SDK).
+# timeout) and the Makefile (needs the OpenWrt SDK); the uci-defaults script
+# has its own test (openwrt_uci_defaults).
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd busybox shellcheck unshare python3
