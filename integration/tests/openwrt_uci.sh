@@ -63,6 +63,7 @@ init_sh() {
     local action=$1 out=$2
     mkdir -p "$out"
     : >"$out/procd"
+    # shellcheck disable=SC2016 # expanded by the inner sh
     UCI_CONFIG_DIR=$LAB_DIR/uci PROCD_LOG=$out/procd unshare -m sh -c '
         mount -t tmpfs -o mode=0755 tmpfs /var &&
         busybox sh "$1/rc.common" "$2/warren.init" "$3" &&

@@ -48,6 +48,7 @@ UCI
 # = IN (absent if IN is -), leaves the result after each run in OUT.1, OUT.2.
 defaults() {
     local in=$1 out=$2 warren=${3:-$LAB_ROOT/packaging/openwrt/warren/files/warren.config}
+    # shellcheck disable=SC2016 # expanded by the inner sh
     unshare -m sh -c '
         mount -t tmpfs tmpfs /etc && mkdir /etc/config && cp "$3" /etc/config/warren &&
         if [ "$2" != - ]; then cp "$2" /etc/config/firewall; fi &&
