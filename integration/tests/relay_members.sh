@@ -120,10 +120,12 @@ refused_at_relay() {
 }
 
 C_SHORT=${KEY[c]:0:8}
+removed_at=$(date +%s%N)
 lab_exec srv "$WARREN" server remove node-c --state-dir "$SRV_DIR"
 # Fixed strings: a base64 key may hold regex characters (+, /).
 closed_removed() { grep -F -- "$C_SHORT from " "$LAB_DIR/$RELAY_LOG" | grep -qF "closed: key removed from the mesh"; }
 lab_wait "the relay to close node-c's connection" 20 closed_removed
+echo "removal to relay connection closed: $((($(date +%s%N) - removed_at) / 1000000)) ms (polled every 0.1 s)"
 refused_at_relay c "$LAB_DIR/c.key" || lab_fail "the relay still registers node-c's key after its removal"
 refused_at_relay a "$STRANGER" || lab_fail "the relay registers a key that was never a member"
 pings "after node-c was removed" 30 a b
