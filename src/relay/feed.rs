@@ -37,6 +37,11 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long the shell sleeps at most between looks at the stop flag.
 const SHELL_TICK: Duration = Duration::from_millis(500);
+/// Joins come in bursts (an enrolment wave, each a delta), and the whole set
+/// is rewritten each time: changes that only add keys are written at most
+/// this often. A set or a removal is written at once, so a restart right
+/// after it still refuses the removed key.
+const PERSIST_ADDITIONS_EVERY: Duration = Duration::from_secs(5);
 
 /// `--coordinator KEY@HOST:PORT`.
 #[derive(Clone, Debug)]
@@ -218,6 +223,40 @@ impl Feed {
     }
 }
 
+/// When the shell writes the set to the state directory.
+#[derive(Default)]
+struct Persist {
+    unsaved: bool,
+    /// An unsaved change removed keys (or replaced the set).
+    urgent: bool,
+    saved_at: Option<Instant>,
+}
+
+impl Persist {
+    fn note(&mut self, update: &MemberUpdate) {
+        self.unsaved = true;
+        self.urgent |= match update {
+            MemberUpdate::Full(_) => true,
+            MemberUpdate::Delta { removed, .. } => !removed.is_empty(),
+        };
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.unsaved
+            && (self.urgent
+                || self
+                    .saved_at
+                    .is_none_or(|t| now.saturating_duration_since(t) >= PERSIST_ADDITIONS_EVERY))
+    }
+
+    fn saved(&mut self, now: Instant) {
+        *self = Persist {
+            saved_at: Some(now),
+            ..Persist::default()
+        };
+    }
+}
+
 /// What the shell needs beside the relay's handle.
 pub struct FeedConfig {
     pub relay_private: Key,
@@ -245,6 +284,7 @@ pub fn run(cfg: FeedConfig, relay: RelayHandle, stop: Arc<AtomicBool>) {
     let mut stream: Option<TcpStream> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut was_subscribed = false;
+    let mut persist = Persist::default();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if feed.wants_dial(now) {
@@ -274,10 +314,14 @@ pub fn run(cfg: FeedConfig, relay: RelayHandle, stop: Arc<AtomicBool>) {
                     keys.len()
                 );
             }
+            persist.note(&update);
+            relay.update_members(update);
+        }
+        if persist.due(Instant::now()) {
             if let Err(e) = members.save(&cfg.state_dir) {
                 log!("warren relay: {e:#} (the relay keeps the set in memory)");
             }
-            relay.update_members(update);
+            persist.saved(Instant::now());
         }
         if let Err(why) = outcome {
             stream = None;
@@ -490,6 +534,34 @@ mod tests {
         c.conn.send(&ServerMessage::Members { keys: vec![] });
         c.give(now, &mut feed).unwrap();
         assert!(feed.closed(now) <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn removals_are_persisted_at_once_and_bursts_of_joins_coalesced() {
+        let t0 = Instant::now();
+        let mut p = Persist::default();
+        assert!(!p.due(t0), "nothing to write");
+        p.note(&MemberUpdate::Full(vec![key()]));
+        assert!(p.due(t0));
+        p.saved(t0);
+        let join = MemberUpdate::Delta {
+            added: vec![key()],
+            removed: vec![],
+        };
+        p.note(&join);
+        assert!(!p.due(t0 + Duration::from_secs(1)), "a join waits");
+        p.note(&join);
+        assert!(
+            p.due(t0 + PERSIST_ADDITIONS_EVERY),
+            "joins are written within the interval"
+        );
+        p.note(&MemberUpdate::Delta {
+            added: vec![],
+            removed: vec![key()],
+        });
+        assert!(p.due(t0 + Duration::from_secs(1)), "a removal is written at once");
+        p.saved(t0 + Duration::from_secs(1));
+        assert!(!p.due(t0 + Duration::from_secs(60)));
     }
 
     #[test]
