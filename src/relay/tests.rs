@@ -952,8 +952,10 @@ fn the_member_set_gates_registration_and_closes_keys_that_leave_it() {
         recv_from(a.public(), b"back"),
         "an added member registers"
     );
-    let s = relay.wait_stats("every refusal counted", |s| s.refused_removed == 4);
-    assert_eq!(s.registered, 1, "{s:?}");
+    // The counters are published after the turn's writes: wait for both.
+    relay.wait_stats("every refusal counted and the added member registered", |s| {
+        s.refused_removed == 4 && s.registered == 1
+    });
 }
 
 /// A coordinator and a relay wired as `warren server` wires its embedded
