@@ -368,6 +368,8 @@ impl ControlConn {
                 }
             }
             ServerMessage::Pong { .. } => {}
+            // For relays only (the member feed); a node never subscribes.
+            ServerMessage::Members { .. } | ServerMessage::MembersDelta { .. } => {}
         }
     }
 
