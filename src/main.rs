@@ -2,17 +2,23 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
-    let args = warren::cli::Cli::parse();
+    let argv = match warren::config::apply(warren::cli::Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => return fail(&e),
+    };
+    let args = warren::cli::Cli::parse_from(argv);
     match warren::cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if warren::cli::out::is_stdout_closed(&e) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the outermost context first, then each cause.
-            warren::logline::write_line(format_args!("warren: {e:#}"));
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    // One line: the outermost context first, then each cause.
+    warren::logline::write_final_error(format_args!("warren: {e:#}"));
+    ExitCode::FAILURE
 }

@@ -21,6 +21,8 @@ const UP_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Join token from `warren server invite` (needed once; remembered after);
     /// `-` reads it from stdin. Given here it is in this process's command
     /// line, which every local user can read: prefer `-` or --join-file.
@@ -140,6 +142,7 @@ fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
+    a.daemon.start();
     let joined = crate::agent::cache::path(&a.state_dir).exists();
     let join = match read_token(&a, joined) {
         Ok(t) => t,
@@ -165,6 +168,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
 
 /// Starts the agent in the background and waits until it is in the mesh.
 pub fn up(a: AgentArgs) -> Result<()> {
+    a.daemon.start();
     if api::request(&a.socket, &Request::Status).is_ok() {
         bail!(
             "warren is already up (agent answering on {}); see `warren status`",
@@ -205,6 +209,11 @@ pub fn up(a: AgentArgs) -> Result<()> {
     if a.no_portmap {
         cmd.arg("--no-portmap");
     }
+    // The agent reads the same file again, for the keys `up` has no use for.
+    if let Some(c) = &a.daemon.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("--log-level").arg(a.daemon.log_level.name());
     let stdin = if token.is_some() {
         Stdio::piped()
     } else {

@@ -1,6 +1,7 @@
 //! Command-line surface: one file per subcommand family.
 
 mod agent;
+mod daemon;
 mod keys;
 pub mod out;
 mod relay;

@@ -20,6 +20,8 @@ use crate::wgstun::key;
 
 #[derive(Args, Debug)]
 pub struct RelayArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Address for client connections (TCP).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     pub listen: SocketAddr,
@@ -78,6 +80,7 @@ pub struct RelayArgs {
 }
 
 pub fn run(args: RelayArgs) -> Result<()> {
+    args.daemon.start();
     let private_key = key::load_or_create_file(&args.state_dir, KEY_FILE, "relay key")?;
     if args.show_key {
         return super::out::write(&format!("{}\n", private_key.public_key()));

@@ -17,6 +17,8 @@ use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Address for node connections.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     pub listen: SocketAddr,
@@ -125,6 +127,7 @@ pub enum ServerAction {
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
+    args.daemon.start();
     let socket = args.state_dir.join(ADMIN_SOCKET);
     let Some(action) = args.action else {
         let cfg = ServerConfig {

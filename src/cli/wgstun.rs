@@ -12,6 +12,8 @@ use crate::wgstun::{self, key, responder};
 
 #[derive(Args, Debug)]
 pub struct WgstunArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// UDP address for WireGuard.
     #[arg(long, default_value = wgstun::DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -54,6 +56,7 @@ pub struct WgstunArgs {
 }
 
 pub fn run(args: WgstunArgs) -> Result<()> {
+    args.daemon.start();
     let private_key = key::load_or_create(&args.state_dir)?;
     if args.print_peer {
         let endpoint = match args.endpoint {
