@@ -227,10 +227,20 @@ fn prepare_state(cfg: &AgentConfig, cached: Option<AgentState>) -> Result<(Agent
         return Ok((state, None));
     };
     let token = JoinToken::parse(token)?;
-    if let Some(c) = cached
+    if let Some(mut c) = cached
         && c.server_key == token.server_key
         && (c.me.is_some() || c.join_secret.as_deref() == Some(token.secret.as_str()))
     {
+        // The same mesh (the coordinator's key) at a new address: the
+        // coordinator moved; the token says where it is now.
+        if c.servers != token.servers {
+            log!(
+                "agent: coordinator address changed from {} to {} (new token for the same mesh)",
+                c.servers.join(","),
+                token.servers.join(",")
+            );
+            c.servers = token.servers.clone();
+        }
         let spare = c.me.is_some().then_some(token);
         return Ok((c, spare));
     }

@@ -208,7 +208,10 @@ fn the_shipped_example_is_valid() {
     let text = include_str!("../../packaging/warren.toml");
     let shipped = File::new(text, 0o600);
     let m = parse(&shipped, &["agent"]);
-    assert_eq!(one::<PathBuf>(&m, "join_file"), PathBuf::from("/etc/warren/join-token"));
+    assert_eq!(
+        one::<PathBuf>(&m, "join_file"),
+        PathBuf::from("/etc/warren/join-token")
+    );
     let has = |sub: &str, long: &str| {
         Cli::command()
             .find_subcommand(sub)
