@@ -12,8 +12,8 @@
 
 use std::fmt;
 use std::io::Write;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -52,9 +52,31 @@ impl Level {
 
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 
-/// Lines less severe than `level` are not written from now on.
+/// Lines from before the level was known (reading the config file that sets it).
+static EARLY: Mutex<Vec<(Level, String)>> = Mutex::new(Vec::new());
+
+/// Lines less severe than `level` are not written from now on; lines held
+/// by `write_early` are written now, if `level` lets them.
 pub fn set_level(level: Level) {
     LEVEL.store(level as u8, Ordering::Relaxed);
+    flush_early();
+}
+
+/// A line of `level` held until `set_level`: the level is not known yet.
+pub fn write_early(level: Level, args: fmt::Arguments<'_>) {
+    if let Ok(mut early) = EARLY.lock() {
+        early.push((level, fmt::format(args)));
+    }
+}
+
+fn flush_early() {
+    let lines = EARLY
+        .lock()
+        .map(|mut e| std::mem::take(&mut *e))
+        .unwrap_or_default();
+    for (level, line) in lines {
+        write_at(level, format_args!("{line}"));
+    }
 }
 
 /// Whether a line of `level` would be written (checked before formatting it).
@@ -114,6 +136,7 @@ pub fn write_line(args: fmt::Arguments<'_>) {
 /// The line a command ends with when it fails: on a terminal just the
 /// message (no timestamp: it answers what was typed), on the journal an error.
 pub fn write_final_error(args: fmt::Arguments<'_>) {
+    flush_early();
     if stderr_is_journal() {
         write_raw(format!("<{}>{args}\n", Level::Error as u8));
     } else {

@@ -75,9 +75,13 @@ fn check_permissions(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
         );
     }
     if mode & 0o044 != 0 {
-        log_warn!(
-            "warren: {} is readable by other users (mode {mode:04o}); keep it mode 0600",
-            path.display()
+        // Written once --log-level (perhaps from this file) is known.
+        crate::logline::write_early(
+            crate::logline::Level::Warn,
+            format_args!(
+                "warren: {} is readable by other users (mode {mode:04o}); keep it mode 0600",
+                path.display()
+            ),
         );
     }
     Ok(())
