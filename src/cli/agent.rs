@@ -175,7 +175,10 @@ pub fn up(a: AgentArgs) -> Result<()> {
             a.socket.display()
         );
     }
-    let token = read_token(&a, false)?;
+    // A joined node needs no token: the config file's join_token_file may
+    // name a file removed after joining.
+    let joined = crate::agent::cache::path(&a.state_dir).exists();
+    let token = read_token(&a, joined)?;
     if let Some(j) = &token {
         // A mistyped token is reported here, before anything is started.
         crate::coord::invite::JoinToken::parse(j)?;
