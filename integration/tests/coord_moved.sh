@@ -81,4 +81,14 @@ stop "$AGENT"
 agent 3
 lab_wait "node-c connected again" 30 connected
 ! grep -q "coordinator address changed" "$LAB_DIR/agent-3.log" || lab_fail "the address changed again"
+
+# `warren up` reads the same [agent] section (interface, socket, state_dir)
+# and hands the agent it starts the file and its --log-level: at warn, the
+# agent's log has no info line.
+stop "$AGENT"
+out=$(lab_exec c "$WARREN" up --config "$CONF" --log-level warn 2>&1) || lab_fail "warren up --config failed: $out"
+grep -q "warren is up: node-c" <<<"$out" || lab_fail "unexpected warren up output: $out"
+[ "$(identity)" = "$before" ] || lab_fail "node-c changed under warren up: $(identity)"
+info=$(grep -Ev '^[0-9T:.Z-]+ (WARN|ERROR) ' "$LAB_DIR/c/agent.log" || true)
+[ -z "$info" ] || lab_fail "info lines at --log-level warn: $info"
 echo "coord_moved: ok"
