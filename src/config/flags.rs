@@ -2,7 +2,7 @@
 //! subcommand with `-` as `_`, checked against the subcommand's clap
 //! definition, so every flag anyone adds is a key with no more work here.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 
 use clap::builder::ValueRange;
@@ -37,7 +37,7 @@ pub fn section_flags(
     given: &HashSet<String>,
 ) -> Result<Vec<OsString>, String> {
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     for (key, value) in section {
         let err = |msg: String| format!("[{section_name}] {msg}");
         if let Some((_, why)) = REFUSED.iter().find(|(k, _)| k == key) {
@@ -46,10 +46,9 @@ pub fn section_flags(
         let Some((arg, values)) = resolve(cmd, key, value).map_err(err)? else {
             continue;
         };
-        if !seen.insert(arg.get_id().to_string()) {
-            return Err(err(format!(
-                "{key}: set twice (join_file and join_token_file are one key)"
-            )));
+        // `no_X = true` and `X = false`, or join_file and join_token_file.
+        if let Some(first) = seen.insert(arg.get_id().to_string(), key) {
+            return Err(err(format!("{key}: the same setting as {first}")));
         }
         let id = arg.get_id().as_str();
         let overridden = given.contains(id) || conflicts_with_given(cmd, arg, given);

@@ -145,6 +145,10 @@ fn a_bad_key_or_value_is_one_line_naming_file_and_key() {
             "FILE: [agent] join: a join token is never a config value: put it in a file (mode 0600) and set join_token_file",
         ),
         (
+            "[agent]\nportmap = false\nno_portmap = true\n",
+            "FILE: [agent] portmap: the same setting as no_portmap",
+        ),
+        (
             "[agnet]\n",
             "FILE: unknown section [agnet] (expected [agent], [server], [relay], [wgstun])",
         ),
