@@ -232,8 +232,8 @@ impl Store {
                     store.map_on_disk = Some(bytes);
                 }
                 // A cache only: the coordinator sends the map again.
-                Ok(_) => log!("agent: ignoring {}: it is another membership's map", mp.display()),
-                Err(e) => log!("agent: ignoring {}: {e}", mp.display()),
+                Ok(_) => log_warn!("agent: ignoring {}: it is another membership's map", mp.display()),
+                Err(e) => log_warn!("agent: ignoring {}: {e}", mp.display()),
             }
         }
         Ok((store, Some(st)))

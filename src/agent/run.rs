@@ -511,7 +511,7 @@ impl Agent {
                 if let Err(e) = self.reconcile(now, full) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
-                        log!("agent: {msg}");
+                        log_warn!("agent: {msg}");
                     }
                     self.last_error = Some(msg);
                 } else {
@@ -519,12 +519,12 @@ impl Agent {
                 }
             }
             if let Err(e) = self.store.write_due(now, &self.state) {
-                log!("agent: {e:#}");
+                log_error!("agent: {e:#}");
             }
             if let Some(result) = self.stop.take() {
                 // The latest map, so a restart begins where this agent ended.
                 if let Err(e) = self.store.flush(now, &self.state) {
-                    log!("agent: {e:#}");
+                    log_error!("agent: {e:#}");
                 }
                 self.portmap.release();
                 self.release_interface();
@@ -592,7 +592,7 @@ impl Agent {
                     reason,
                     permanent,
                 } => {
-                    log!("agent: coordinator refused: {reason}");
+                    log_warn!("agent: coordinator refused: {reason}");
                     if permanent {
                         self.refused_for_good(code, &reason);
                     }
@@ -625,7 +625,7 @@ impl Agent {
                     .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
             {
                 self.last_sealed_drop_log = Some(now);
-                log!(
+                log_warn!(
                     "agent: dropped a peer message from {}: {why}",
                     self.peer_label(&from)
                 );
@@ -724,10 +724,10 @@ impl Agent {
         match self.backend.exists(&ifname) {
             Ok(true) => match self.backend.delete(&ifname) {
                 Ok(()) => log!("agent: stopped the userspace WireGuard of {ifname}"),
-                Err(e) => log!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
+                Err(e) => log_warn!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
             },
             Ok(false) => {}
-            Err(e) => log!("agent: {ifname}: {e:#}"),
+            Err(e) => log_warn!("agent: {ifname}: {e:#}"),
         }
     }
 
@@ -738,7 +738,7 @@ impl Agent {
                 if self.backend.exists(&self.cfg.ifname).unwrap_or(false)
                     && let Err(e) = self.backend.delete(&self.cfg.ifname)
                 {
-                    log!("agent: removing {}: {e:#}", self.cfg.ifname);
+                    log_warn!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
                 self.store.forget();
                 if self.can_rejoin {
@@ -765,7 +765,7 @@ impl Agent {
     /// The identity is written at once (see `cache`); the map is coalesced.
     fn save_identity(&mut self) {
         if let Err(e) = self.store.save_identity(&self.state) {
-            log!("agent: {e:#}");
+            log_error!("agent: {e:#}");
         }
     }
 

@@ -114,7 +114,7 @@ fn read_token_file(path: &Path) -> Result<Option<String>> {
     };
     let mode = file.metadata().with_context(what)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        log!(
+        log_warn!(
             "warren: warning: {} is readable by other users (mode {mode:04o}); \
              anyone who reads the token can add nodes: chmod 600 it",
             path.display()
@@ -158,7 +158,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     if a.join.as_deref().is_some_and(|t| t != JOIN_FROM_STDIN) {
-        log!(
+        log_warn!(
             "agent: warning: --join TOKEN leaves the token in the process list for every local \
              user to read; use --join-file FILE"
         );

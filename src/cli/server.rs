@@ -177,7 +177,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             )?;
             match own_wgstun(key, wg, stun, server.advertise()) {
                 Some(own) => wgstuns.insert(0, own),
-                None => log!(
+                None => log_warn!(
                     "warren: WG-STUN runs but is not published: no address to give nodes (pass --advertise HOST:PORT)"
                 ),
             }
@@ -355,7 +355,7 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<(Key, RelayHandle
         .name("relay".into())
         .spawn(move || match relay.run() {
             Ok(()) => log!("warren: relay stopped"),
-            Err(e) => log!("warren: relay stopped: {e:#}"),
+            Err(e) => log_error!("warren: relay stopped: {e:#}"),
         })
         .context("starting the relay thread")?;
     Ok((key, handle))
@@ -391,8 +391,8 @@ fn start_wgstun(
         .name("wgstun-watch".into())
         .spawn(move || match thread.join() {
             Ok(Ok(())) => log!("warren: WG-STUN stopped"),
-            Ok(Err(e)) => log!("warren: WG-STUN stopped: {e:#}"),
-            Err(_) => log!("warren: WG-STUN stopped: its thread panicked"),
+            Ok(Err(e)) => log_error!("warren: WG-STUN stopped: {e:#}"),
+            Err(_) => log_error!("warren: WG-STUN stopped: its thread panicked"),
         })
         .context("starting the WG-STUN watcher thread")?;
     Ok((public_key, wg, stun))
