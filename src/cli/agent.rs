@@ -65,6 +65,7 @@ pub struct AgentArgs {
 pub struct SocketArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Print JSON, errors too (`{"error": ...}`); see README "JSON output".
     #[arg(long)]
     pub json: bool,
 }
@@ -281,20 +282,58 @@ pub struct PingArgs {
     pub count: u32,
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// One JSON document after the last ping (see README "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Time between two pings of `warren ping`.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One line per ping; fails if none came back. A wrong peer name or a
-/// missing agent fails at once instead of repeating the same error.
+/// `warren ping --json`: every ping, answered or lost.
+#[derive(serde::Serialize, Default)]
+struct PingReport {
+    peer: String,
+    name: Option<String>,
+    mesh_addr: Option<std::net::Ipv4Addr>,
+    sent: u32,
+    received: u32,
+    pings: Vec<PingResult>,
+}
+
+#[derive(serde::Serialize)]
+struct PingResult {
+    seq: u32,
+    /// direct, relay, or absent when lost.
+    path: Option<String>,
+    /// The direct endpoint or the relay's address.
+    via: Option<String>,
+    rtt_us: Option<u64>,
+    error: Option<String>,
+}
+
+/// "direct ADDR" / "relay ADDR" as the agent words a pong's path: (path, via).
+fn split_path(relay: &str) -> (String, Option<String>) {
+    match relay.split_once(' ') {
+        Some((p, via)) => (p.to_string(), Some(via.to_string())),
+        None => (relay.to_string(), None),
+    }
+}
+
+/// One line per ping (or one JSON document); fails if none came back. A
+/// wrong peer name or a missing agent fails at once instead of repeating the
+/// same error.
 pub fn ping(a: PingArgs) -> Result<()> {
-    let mut answered = 0;
+    let mut report = PingReport {
+        peer: a.peer.clone(),
+        ..PingReport::default()
+    };
     let mut lost = None;
-    for i in 0..a.count {
-        if i > 0 {
+    for seq in 1..=a.count {
+        if seq > 1 {
             std::thread::sleep(PING_INTERVAL);
         }
+        report.sent += 1;
         match api::request(&a.socket, &Request::Ping { peer: a.peer.clone() }) {
             Ok(Response::Pong {
                 name,
@@ -302,29 +341,49 @@ pub fn ping(a: PingArgs) -> Result<()> {
                 relay,
                 rtt_us,
             }) => {
-                answered += 1;
-                let path = match relay.strip_prefix("relay ") {
-                    Some(r) => format!("through relay {r}"),
-                    None => match relay.strip_prefix("direct ") {
-                        Some(d) => format!("direct to {d}"),
-                        None => relay,
-                    },
-                };
-                outln!(
-                    "pong from {name} ({mesh_addr}) {path}: {:.1} ms",
-                    rtt_us as f64 / 1000.0
-                )?;
+                report.received += 1;
+                let (path, via) = split_path(&relay);
+                if !a.json {
+                    let words = match (path.as_str(), &via) {
+                        ("relay", Some(r)) => format!("through relay {r}"),
+                        ("direct", Some(d)) => format!("direct to {d}"),
+                        _ => relay.clone(),
+                    };
+                    outln!(
+                        "pong from {name} ({mesh_addr}) {words}: {:.1} ms",
+                        rtt_us as f64 / 1000.0
+                    )?;
+                }
+                report.name = Some(name);
+                report.mesh_addr = Some(mesh_addr);
+                report.pings.push(PingResult {
+                    seq,
+                    path: Some(path),
+                    via,
+                    rtt_us: Some(rtt_us),
+                    error: None,
+                });
             }
             Ok(_) => bail!("unexpected answer from the agent"),
             Err(e) if format!("{e:#}").contains(PING_LOST) => {
-                outln!("{e:#}")?;
+                if !a.json {
+                    outln!("{e:#}")?;
+                }
+                report.pings.push(PingResult {
+                    seq,
+                    path: None,
+                    via: None,
+                    rtt_us: None,
+                    error: Some(format!("{e:#}")),
+                });
                 lost = Some(e);
             }
             Err(e) => return Err(e),
         }
     }
     match lost {
-        Some(e) if answered == 0 => Err(e),
+        Some(e) if report.received == 0 => Err(e),
+        _ if a.json => super::out::json(&report),
         _ => Ok(()),
     }
 }
@@ -338,8 +397,7 @@ pub fn netcheck(a: SocketArgs) -> Result<()> {
         bail!("unexpected answer from the agent");
     };
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?)?;
-        return Ok(());
+        return super::out::json(&report);
     }
     let or_why = |v: Option<std::net::SocketAddr>, why: &Option<String>| match (v, why) {
         (Some(v), _) => v.to_string(),
@@ -430,6 +488,9 @@ pub fn netcheck(a: SocketArgs) -> Result<()> {
 
 pub fn down(a: SocketArgs) -> Result<()> {
     api::request(&a.socket, &Request::Down)?;
+    if a.json {
+        return super::out::json(&serde_json::json!({ "down": true }));
+    }
     outln!("warren is down")?;
     Ok(())
 }
@@ -438,12 +499,10 @@ pub fn status(a: SocketArgs) -> Result<()> {
     let Response::Status { status } = api::request(&a.socket, &Request::Status)? else {
         bail!("unexpected answer from the agent");
     };
-    let text = if a.json {
-        format!("{}\n", serde_json::to_string_pretty(&status)?)
-    } else {
-        format_status(&status)
-    };
-    super::out::write(&text)
+    if a.json {
+        return super::out::json(&status);
+    }
+    super::out::write(&format_status(&status))
 }
 
 fn format_status(s: &Status) -> String {
@@ -547,6 +606,9 @@ pub fn rotate_key(a: SocketArgs) -> Result<()> {
     let deadline = Instant::now() + ROTATE_TIMEOUT;
     while Instant::now() < deadline {
         let now = current_status(&a.socket)?.public_key;
+        if now != old && a.json {
+            return super::out::json(&serde_json::json!({ "public_key": now, "old_public_key": old }));
+        }
         if now != old {
             outln!(
                 "new key {} (was {}); name and address unchanged",

@@ -77,11 +77,24 @@ pub struct RelayArgs {
     /// Print the relay's public key and exit.
     #[arg(long)]
     pub show_key: bool,
+    /// With --show-key: `{"public_key": KEY}` (errors as `{"error": ...}`).
+    #[arg(long, requires = "show_key")]
+    pub json: bool,
+}
+
+impl RelayArgs {
+    /// Whether `--show-key` was asked for JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 pub fn run(args: RelayArgs) -> Result<()> {
     args.daemon.start();
     let private_key = key::load_or_create_file(&args.state_dir, KEY_FILE, "relay key")?;
+    if args.show_key && args.json {
+        return super::out::json(&serde_json::json!({ "public_key": private_key.public_key() }));
+    }
     if args.show_key {
         return super::out::write(&format!("{}\n", private_key.public_key()));
     }

@@ -91,6 +91,7 @@ pub struct FloodArgs {
 pub enum ServerAction {
     /// List the mesh's nodes.
     Nodes {
+        /// A JSON array of nodes (errors as `{"error": ...}`).
         #[arg(long)]
         json: bool,
     },
@@ -123,7 +124,20 @@ pub enum ServerAction {
         /// Name for the node that joins with this token.
         #[arg(long)]
         name: Option<String>,
+        /// `{"token", "expires", "reusable", "name"}` (errors as `{"error": ...}`).
+        #[arg(long)]
+        json: bool,
     },
+}
+
+impl ServerArgs {
+    /// Whether an admin read command was asked for JSON.
+    pub fn json(&self) -> bool {
+        matches!(
+            self.action,
+            Some(ServerAction::Nodes { json: true } | ServerAction::Invite { json: true, .. })
+        )
+    }
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -191,7 +205,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 bail!("unexpected answer from the coordinator");
             };
             if json {
-                outln!("{}", serde_json::to_string_pretty(&nodes)?)?;
+                super::out::json(&nodes)?;
             } else {
                 print_nodes(&nodes)?;
             }
@@ -245,6 +259,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             reusable,
             expires,
             name,
+            json,
         } => {
             let expires_in = expires.as_deref().map(invite::parse_duration).transpose()?;
             let r = admin::request(
@@ -252,10 +267,20 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 &AdminRequest::Invite {
                     reusable,
                     expires_in,
-                    name,
+                    name: name.clone(),
                 },
             )?;
-            if let AdminResponse::Invite { token, .. } = r {
+            let AdminResponse::Invite { token, expires } = r else {
+                bail!("unexpected answer from the coordinator");
+            };
+            if json {
+                super::out::json(&serde_json::json!({
+                    "token": token,
+                    "expires": expires,
+                    "reusable": reusable,
+                    "name": name,
+                }))?;
+            } else {
                 outln!("{token}")?;
             }
         }
