@@ -2,7 +2,8 @@
 # tiers: lab
 # Every read command's --json output, read by a JSON parser, against a real
 # coordinator and two real agents: status, netcheck, ping, wg show, server
-# nodes, server invite (node b joins with the token from its JSON), relay
+# nodes, server invite (node b joins with the token from its JSON), server
+# rename and remove, relay
 # --show-key, wgstun --print-peer, pubkey, rotate-key and down. Errors with
 # --json (unknown peer, no agent, no coordinator, bad value, missing
 # argument) are one {"error": "..."} object on stdout, nothing on stderr,
@@ -87,6 +88,13 @@ key_a=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["public_key"]
 n=$(json_run 0 lab_exec srv "$WARREN" server nodes --json --state-dir "$SRV_DIR")
 check "$n" 'sorted(x["name"] for x in d) == ["node-a", "node-b"] and all(x["online"] for x in d)'
 
+# server rename --json / remove --json: the node as `server nodes --json` shows it.
+rn=$(json_run 0 lab_exec srv "$WARREN" server rename --json node-a node-x --state-dir "$SRV_DIR")
+check "$rn" "d['name'] == 'node-x' and d['public_key'] == '$key_a'"
+lab_exec srv "$WARREN" server rename node-x node-a --state-dir "$SRV_DIR" >/dev/null
+json_error 1 lab_exec srv "$WARREN" server rename --json no-such-node y --state-dir "$SRV_DIR"
+json_error 1 lab_exec srv "$WARREN" server remove --json no-such-node --state-dir "$SRV_DIR"
+
 # netcheck --json
 nc=$(json_run 0 lab_exec a "$WARREN" netcheck --json --socket "$(sock a)")
 check "$nc" 'isinstance(d["candidates"], list) and isinstance(d["relays"], list)'
@@ -131,6 +139,8 @@ check "$rk" 'd["public_key"] != d["old_public_key"] and len(d["public_key"]) == 
 new_b=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["public_key"])' "$rk")
 check "$(st b)" "d['public_key'] == '$new_b'"
 dn=$(json_run 0 lab_exec b "$WARREN" down --json --socket "$(sock b)")
+rm_b=$(json_run 0 lab_exec srv "$WARREN" server remove --json node-b --state-dir "$SRV_DIR")
+check "$rm_b" "d['name'] == 'node-b' and d['public_key'] == '$new_b'"
 check "$dn" 'd == {"down": True}'
 lab_wait "b's agent exits after down" 10 bash -c "! kill -0 ${PID[b]} 2>/dev/null"
 json_error 1 lab_exec b "$WARREN" status --json --socket "$(sock b)"

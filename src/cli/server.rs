@@ -96,9 +96,20 @@ pub enum ServerAction {
         json: bool,
     },
     /// Remove a node (by name, mesh address, key or id); it cannot reconnect.
-    Remove { node: String },
+    Remove {
+        node: String,
+        /// The removed node as `server nodes --json` shows one.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rename a node.
-    Rename { node: String, new_name: String },
+    Rename {
+        node: String,
+        new_name: String,
+        /// The renamed node as `server nodes --json` shows one.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark: N light nodes join through the admin socket's invite, then one change is timed.
     #[command(hide = true)]
     Load {
@@ -131,11 +142,16 @@ pub enum ServerAction {
 }
 
 impl ServerArgs {
-    /// Whether an admin read command was asked for JSON.
+    /// Whether an admin command was asked for JSON.
     pub fn json(&self) -> bool {
         matches!(
             self.action,
-            Some(ServerAction::Nodes { json: true } | ServerAction::Invite { json: true, .. })
+            Some(
+                ServerAction::Nodes { json: true }
+                    | ServerAction::Invite { json: true, .. }
+                    | ServerAction::Remove { json: true, .. }
+                    | ServerAction::Rename { json: true, .. }
+            )
         )
     }
 }
@@ -210,16 +226,20 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 print_nodes(&nodes)?;
             }
         }
-        ServerAction::Remove { node } => {
+        ServerAction::Remove { node, json } => {
             let r = admin::request(&socket, &AdminRequest::Remove { node })?;
-            if let AdminResponse::Node { node } = r {
-                outln!("removed {} ({})", node.name, node.mesh_addr)?;
+            match r {
+                AdminResponse::Node { node } if json => super::out::json(&node)?,
+                AdminResponse::Node { node } => outln!("removed {} ({})", node.name, node.mesh_addr)?,
+                _ => bail!("unexpected answer from the coordinator"),
             }
         }
-        ServerAction::Rename { node, new_name } => {
+        ServerAction::Rename { node, new_name, json } => {
             let r = admin::request(&socket, &AdminRequest::Rename { node, new_name })?;
-            if let AdminResponse::Node { node } = r {
-                outln!("renamed to {} ({})", node.name, node.mesh_addr)?;
+            match r {
+                AdminResponse::Node { node } if json => super::out::json(&node)?,
+                AdminResponse::Node { node } => outln!("renamed to {} ({})", node.name, node.mesh_addr)?,
+                _ => bail!("unexpected answer from the coordinator"),
             }
         }
         ServerAction::Load { server, nodes, hold } => {
