@@ -62,26 +62,29 @@ pub fn run(a: BugreportArgs) -> Result<()> {
     let text = redactor.apply(&report(&a));
     match &a.output {
         Some(p) if p.as_os_str() == "-" => super::out::write(&text),
-        Some(p) => write_private(p, &text),
+        Some(p) => write_private(p, &text, false),
         None => {
             let unix = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let path = PathBuf::from(format!("warren-bugreport-{unix}.txt"));
-            write_private(&path, &text)?;
+            write_private(&path, &text, true)?;
             super::out::outln!("wrote {} (check it before attaching it)", path.display())
         }
     }
 }
 
-/// Writes `text` to `path`, readable by its owner only, also when it existed.
-fn write_private(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path`, readable by its owner only, also when it
+/// existed. Root writes it: a symlink planted there is refused, not followed.
+fn write_private(path: &Path, text: &str, fresh: bool) -> Result<()> {
     let what = || format!("writing the bug report to {}", path.display());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
+        .create_new(fresh)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(what)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
