@@ -60,7 +60,8 @@ cat "$report"
 mode=$(stat -c %a "$report")
 [ "$mode" = 600 ] || lab_fail "report mode $mode, want 600"
 
-for secret in "$private_a" "$private_a_hex" "$token" "${token#warren1-}" "${other_token#warren1-}" "$key_b"; do
+# Not even the 8 characters a public key keeps: the private key is known (agent.json), so it goes whole.
+for secret in "$private_a" "${private_a:0:8}" "$private_a_hex" "$token" "${token#warren1-}" "${other_token#warren1-}" "$key_b"; do
     if grep -qF -- "$secret" "$report"; then lab_fail "the report contains a secret or a full key: $secret"; fi
 done
 if grep -nE '[A-Za-z0-9+/]{43}=' "$report"; then lab_fail "the report contains a full 44-character key"; fi
