@@ -46,7 +46,11 @@ fn usage_error(e: clap::Error, json: bool) -> ExitCode {
     }
     // Its first paragraph says what is wrong; usage and help follow.
     let text = e.render().to_string();
-    let what: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    let what: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
     let line = out::error_json(what.join(" ").trim_start_matches("error: "));
     let _ = out::write(&format!("{line}\n"));
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))

@@ -125,6 +125,9 @@ check "$g" "d == {'public_key': '$wgkey', 'endpoint': '203.0.113.5:3479', 'allow
 json_error 2 "$WARREN" wgstun --json --endpoint 203.0.113.5:3479 --state-dir "$SRV_DIR"
 json_error 2 "$WARREN" relay --json --max-clients many --state-dir "$SRV_DIR"
 
+# A config file error (read before the command line is parsed) is JSON too.
+json_error 1 "$WARREN" relay --show-key --json --config "$LAB_DIR/missing.toml" --state-dir "$SRV_DIR"
+
 # pubkey --json
 priv=$("$WARREN" genkey)
 echo "$priv" >"$LAB_DIR/key"
