@@ -89,6 +89,26 @@ log = sections[f"log ({log_file})"]
 assert "joined the mesh as node-a" in log and "[token redacted]" in log and "[secret redacted]" in log, log
 PY
 
+# Without --log-file: the journal (systemd), else logread (OpenWrt), else
+# STATE_DIR/agent.log. Stand-ins on PATH: a journal without warren's lines,
+# then a logread with one (holding a token), then neither.
+stubs=$LAB_DIR/stubs
+mkdir -p "$stubs"
+printf '#!/bin/sh\nexit 0\n' >"$stubs/journalctl"
+printf '#!/bin/sh\necho "daemon.err warren[42]: agent: token %s"\n' "$other_token" >"$stubs/logread"
+chmod +x "$stubs/journalctl" "$stubs/logread"
+log_source() {
+    PATH="$stubs:$PATH" lab_exec a "$WARREN" bugreport --output - --socket "$(sock a)" --state-dir "$1" --join-file /dev/null |
+        tee "$LAB_DIR/report-log.txt" | grep '^=== log'
+}
+[ "$(log_source "$LAB_DIR/a")" = "=== log (logread -e warren) ===" ] || lab_fail "logread not used: $(log_source "$LAB_DIR/a")"
+grep -q "warren\[42\]: agent: token \[token redacted\]" "$LAB_DIR/report-log.txt" || lab_fail "logread's lines missing or not redacted"
+rm "$stubs/logread"
+cp "$LAB_DIR/agent-a.log" "$LAB_DIR/a/agent.log"
+[ "$(log_source "$LAB_DIR/a")" = "=== log ($LAB_DIR/a/agent.log) ===" ] || lab_fail "agent.log not used: $(log_source "$LAB_DIR/a")"
+[ "$(log_source "$LAB_DIR/nowhere")" = "=== log (none) ===" ] || lab_fail "no log not said"
+grep -q "no log found" "$LAB_DIR/report-log.txt" || lab_fail "no log: no reason given"
+
 # The agent gone: the report is still written, and says why its sections are empty.
 lab_exec a "$WARREN" bugreport --output "$LAB_DIR/report2.txt" --socket "$LAB_DIR/no-agent.sock" \
     --state-dir "$LAB_DIR/a" --interface "${IFN[a]}" --log-file "$LAB_DIR/agent-a.log"

@@ -300,25 +300,33 @@ fn routes(ifname: &str) -> String {
     ])
 }
 
+/// What `cmd` printed, if it ran, succeeded and printed something.
+fn output_of(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_LINES)..].join("\n")
+}
+
 /// The last log lines and where they came from: --log-file, else the
-/// journal of the agent's unit, else the state directory's agent.log
-/// (`warren up`), else a sentence saying none of them exists.
+/// journal of the agent's unit (systemd), else the system log with warren's
+/// lines (OpenWrt's logread: procd sends the agent's stderr there), else
+/// the state directory's agent.log (`warren up`), else a sentence saying
+/// none of them exists.
 fn log_lines(a: &BugreportArgs) -> (String, String) {
     if let Some(f) = &a.log_file {
         return (f.display().to_string(), tail_file(f));
     }
     let n = LOG_LINES.to_string();
-    let journal = Command::new("journalctl")
-        .args(["-u", AGENT_UNIT, "-n", &n, "--no-pager", "-q", "-o", "short-iso"])
-        .output();
-    if let Ok(o) = journal
-        && o.status.success()
-        && !o.stdout.is_empty()
-    {
-        return (
-            format!("journalctl -u {AGENT_UNIT} -n {n}"),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        );
+    let journal = ["-u", AGENT_UNIT, "-n", &n, "--no-pager", "-q", "-o", "short-iso"];
+    if let Some(text) = output_of("journalctl", &journal) {
+        return (format!("journalctl -u {AGENT_UNIT} -n {n}"), text);
+    }
+    if let Some(text) = output_of("logread", &["-e", AGENT_UNIT]) {
+        return (format!("logread -e {AGENT_UNIT}"), last_lines(&text));
     }
     let up_log = a.state_dir.join(UP_LOG_FILE);
     if up_log.exists() {
@@ -327,7 +335,7 @@ fn log_lines(a: &BugreportArgs) -> (String, String) {
     (
         "none".into(),
         format!(
-            "no log found: the journal has no lines of unit {AGENT_UNIT} and there is no {}; \
+            "no log found: no journal lines of unit {AGENT_UNIT}, no logread lines of it, and no {}; \
              pass --log-file FILE where the agent's stderr goes",
             up_log.display()
         ),
@@ -336,11 +344,7 @@ fn log_lines(a: &BugreportArgs) -> (String, String) {
 
 fn tail_file(path: &Path) -> String {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(LOG_LINES)..].join("\n")
-        }
+        Ok(bytes) => last_lines(&String::from_utf8_lossy(&bytes)),
         Err(e) => format!("not available: reading {}: {e}", path.display()),
     }
 }
