@@ -65,9 +65,17 @@ pub fn error_json(message: &str) -> String {
 /// Runs a command. With `json`, a failure is printed on stdout as
 /// [`error_json`] and comes back as [`ReportedAsJson`]; without, as it was.
 pub fn json_errors(json: bool, command: impl FnOnce() -> Result<()>) -> Result<()> {
+    json_errors_to(json, command, write)
+}
+
+fn json_errors_to(
+    json: bool,
+    command: impl FnOnce() -> Result<()>,
+    print: impl FnOnce(&str) -> Result<()>,
+) -> Result<()> {
     match command() {
         Err(e) if json && !is_stdout_closed(&e) => {
-            write(&format!("{}\n", error_json(&format!("{e:#}"))))?;
+            print(&format!("{}\n", error_json(&format!("{e:#}"))))?;
             Err(ReportedAsJson.into())
         }
         r => r,
@@ -112,12 +120,23 @@ mod tests {
 
     #[test]
     fn only_json_commands_turn_errors_into_json() {
-        let failed = json_errors(true, || anyhow::bail!("boom"));
+        let mut printed = String::new();
+        let failed = json_errors_to(
+            true,
+            || anyhow::bail!("boom"),
+            |t| {
+                printed.push_str(t);
+                Ok(())
+            },
+        );
         assert!(is_reported_as_json(&failed.unwrap_err()));
-        let failed = json_errors(false, || anyhow::bail!("boom"));
+        assert_eq!(printed, "{\"error\":\"boom\"}\n");
+        let failed = json_errors_to(false, || anyhow::bail!("boom"), |_| panic!("printed"));
         assert!(!is_reported_as_json(&failed.unwrap_err()));
         // A closed stdout stays what it is: there is nobody to print to.
-        let closed = json_errors(true, || Err(StdoutClosed.into()));
+        let closed = json_errors_to(true, || Err(StdoutClosed.into()), |_| panic!("printed"));
         assert!(is_stdout_closed(&closed.unwrap_err()));
+        // Success prints nothing of its own.
+        assert!(json_errors_to(true, || Ok(()), |_| panic!("printed")).is_ok());
     }
 }
