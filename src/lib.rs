@@ -14,6 +14,7 @@ pub mod control;
 pub mod coord;
 pub mod ifaddrs;
 pub mod keys;
+pub mod metrics;
 pub mod nat;
 pub mod netlink;
 pub mod outgoing;

@@ -144,6 +144,9 @@ pub struct RelayPath {
     muted: HashMap<Key, Mute>,
     /// Datagrams dropped for that reason.
     pub muted_drops: u64,
+    /// WireGuard datagram bytes handed to relays, and delivered from them to WireGuard.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 impl RelayPath {
@@ -162,6 +165,8 @@ impl RelayPath {
             proxy_error: None,
             muted: HashMap::new(),
             muted_drops: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
         }
     }
 
@@ -479,6 +484,7 @@ impl RelayPath {
             match p.socket.recv(&mut self.buf) {
                 Ok(n) => {
                     if let Some(l) = link.as_mut() {
+                        self.bytes_sent += n as u64;
                         l.send(now, *peer, &self.buf[..n]);
                         if l.client.outgoing().len() >= FLUSH_EVERY {
                             write_link(now, l);
@@ -534,7 +540,9 @@ impl RelayPath {
                             self.muted_drops += 1;
                         } else if let Some(p) = self.proxies.get(&from) {
                             // WireGuard drops anything that is not a valid message from this peer.
-                            let _ = p.socket.send(&payload);
+                            if p.socket.send(&payload).is_ok() {
+                                self.bytes_received += payload.len() as u64;
+                            }
                         }
                     }
                     Event::PeerPresent(_) | Event::PeerGone(_) => {}

@@ -19,6 +19,7 @@ use super::api::{self, PairStatus, PeerStatus, Request, Response, Status};
 use super::cache::{self, AgentState, Store};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::direct::{self, DirectPath, Received};
+use super::metrics::Counters;
 use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
 use super::portmap::PortMap;
@@ -28,6 +29,7 @@ use crate::control::messages::{ErrorCode, PeerInfo, WgStunInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
 use crate::keys::Key;
+use crate::metrics::serve::Responder;
 use crate::nat::candidate;
 use crate::nat::path::{Desired, Mute, Sample, Via};
 use crate::nat::traversal::Traversal;
@@ -39,6 +41,7 @@ use crate::wg::{
     AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
 };
 
+mod metrics;
 mod network;
 mod report;
 mod traversal;
@@ -51,6 +54,11 @@ const MONITOR: Token = Token(2);
 const RESOLVER: Token = Token(5);
 /// SIGTERM / SIGINT (src/agent/portmap.rs has 6).
 const SIGNALS: Token = Token(8);
+/// The metrics listener; its connections take the tokens from [`METRICS_CONNS`].
+const METRICS: Token = Token(9);
+/// Far above the API clients' tokens (from 16, one per `warren` command) and
+/// below the relay path's (from `usize::MAX / 2`).
+const METRICS_CONNS: usize = usize::MAX / 4;
 const FIRST_CLIENT: usize = 16;
 /// How often a sample also checks the interface and its address (see `Agent::reconcile`).
 const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
@@ -71,6 +79,8 @@ pub struct AgentConfig {
     pub backend: Option<BackendChoice>,
     /// Ask the home router to map our two ports (PCP, NAT-PMP, UPnP).
     pub portmap: bool,
+    /// Serve Prometheus metrics here; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 struct Client {
@@ -110,6 +120,9 @@ struct Agent {
     /// The coordinator address whose dial waits for the resolver.
     dial_waiting: Option<String>,
     msgs: PeerMessages,
+    /// The Prometheus endpoint, when `--metrics-listen` is given.
+    metrics: Option<Responder>,
+    counters: Counters,
     last_sealed_drop_log: Option<Instant>,
     backend: Box<dyn Backend>,
     rtnl: Rtnl,
@@ -393,7 +406,18 @@ fn start(
         // Stable across restarts, secret to the LAN: see `PortMapper::new`.
         state.private_key.0,
     )?;
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let m = Responder::bind(poll.registry(), addr, METRICS, METRICS_CONNS)?;
+            crate::metrics::warn_if_exposed("agent", addr);
+            log!("agent: metrics on http://{}/metrics", m.local_addr()?);
+            Some(m)
+        }
+        None => None,
+    };
     let mut agent = Agent {
+        metrics,
+        counters: Counters::default(),
         relay,
         portmap,
         signals,
@@ -445,6 +469,7 @@ impl Agent {
                 self.msgs.poll_timeout(),
                 self.portmap.poll_timeout(),
                 self.store.poll_timeout(),
+                self.metrics.as_ref().and_then(Responder::poll_timeout),
             ]
             .into_iter()
             .flatten()
@@ -474,6 +499,11 @@ impl Agent {
                         if let Some(sig) = self.signals.read() {
                             log!("agent: stopping on {sig}");
                             self.stop = Some(Ok(()));
+                        }
+                    }
+                    t if self.metrics.as_ref().is_some_and(|m| m.owns(t)) => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.ready(self.poll.registry(), now, t);
                         }
                     }
                     t if PortMap::owns(t) => self.portmap.ready(now),
@@ -521,6 +551,7 @@ impl Agent {
             if let Err(e) = self.store.write_due(now, &self.state) {
                 log_error!("agent: {e:#}");
             }
+            self.serve_metrics(now);
             if let Some(result) = self.stop.take() {
                 // The latest map, so a restart begins where this agent ended.
                 if let Err(e) = self.store.flush(now, &self.state) {

@@ -1,6 +1,7 @@
 //! `warren agent`, `warren up`, `warren down`, `warren status`.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub struct AgentArgs {
     /// WireGuard and check ports.
     #[arg(long)]
     pub no_portmap: bool,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9101, or the mesh
+    /// address) at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -139,6 +144,7 @@ fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
         socket: a.socket,
         backend: a.backend,
         portmap: !a.no_portmap,
+        metrics_listen: a.metrics_listen,
     }
 }
 
@@ -212,6 +218,9 @@ pub fn up(a: AgentArgs) -> Result<()> {
     }
     if a.no_portmap {
         cmd.arg("--no-portmap");
+    }
+    if let Some(m) = a.metrics_listen {
+        cmd.arg("--metrics-listen").arg(m.to_string());
     }
     // The agent reads the same file again, for the keys `up` has no use for.
     if let Some(c) = &a.daemon.config {

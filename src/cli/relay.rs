@@ -80,6 +80,9 @@ pub struct RelayArgs {
     /// With --show-key: `{"public_key": KEY}` (errors as `{"error": ...}`).
     #[arg(long, requires = "show_key")]
     pub json: bool,
+    /// Serve Prometheus metrics on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl RelayArgs {
@@ -125,6 +128,14 @@ pub fn run(args: RelayArgs) -> Result<()> {
             "warren relay: no --coordinator: serving every key that completes the handshake (removed nodes are not refused)"
         ),
         Some(coordinator) => start_feed(&mut relay, coordinator, &args.state_dir, private_key)?,
+    }
+    if let Some(addr) = args.metrics_listen {
+        let handle = relay.handle();
+        crate::metrics::serve_role("warren relay", addr, move || {
+            let mut e = crate::metrics::Exposition::new();
+            crate::relay::metrics::render(&mut e, &handle.stats());
+            e.finish()
+        })?;
     }
     relay.run()
 }

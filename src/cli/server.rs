@@ -63,6 +63,10 @@ pub struct ServerArgs {
     /// STUN is assumed on HOST:3478 (`warren wgstun`'s default).
     #[arg(long = "wgstun", value_name = "KEY@HOST:PORT")]
     pub wgstuns: Vec<String>,
+    /// Serve Prometheus metrics (the coordinator's, and those of the relay
+    /// and WG-STUN running here) on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     pub action: Option<ServerAction>,
 }
@@ -178,6 +182,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         // Bind the coordinator first: a busy coordinator port fails before any thread starts.
         let mut server = Server::bind(&cfg)?;
+        let mut relay_stats = None;
+        let mut wgstun_stats = None;
         if !args.no_relay {
             let addrs = if !args.relay_advertise.is_empty() {
                 args.relay_advertise.clone()
@@ -185,6 +191,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 advertised_addrs(args.relay_listen, server.advertise())
             };
             let (key, relay) = start_relay(&cfg.state_dir, args.relay_listen)?;
+            relay_stats = Some(relay.clone());
             // Removed nodes lose the relay at once, not only their peers.
             server.set_on_removed(move |k| relay.refuse_key(k))?;
             relays.insert(
@@ -200,11 +207,12 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         server.set_relays(relays);
         if !args.no_wgstun {
-            let (key, wg, stun) = start_wgstun(
+            let (key, wg, stun, stats) = start_wgstun(
                 &cfg.state_dir,
                 args.wgstun_listen,
                 (!args.no_stun).then_some(args.stun_listen),
             )?;
+            wgstun_stats = Some(stats);
             match own_wgstun(key, wg, stun, server.advertise()) {
                 Some(own) => wgstuns.insert(0, own),
                 None => log_warn!(
@@ -213,6 +221,20 @@ pub fn run(args: ServerArgs) -> Result<()> {
             }
         }
         server.set_wgstun(wgstuns);
+        if let Some(addr) = args.metrics_listen {
+            let coord = server.stats_handle();
+            crate::metrics::serve_role("warren server", addr, move || {
+                let mut e = crate::metrics::Exposition::new();
+                crate::coord::metrics::render(&mut e, &coord.get());
+                if let Some(r) = &relay_stats {
+                    crate::relay::metrics::render(&mut e, &r.stats());
+                }
+                if let Some(w) = &wgstun_stats {
+                    crate::wgstun::metrics::render(&mut e, &w.get());
+                }
+                e.finish()
+            })?;
+        }
         return server.run();
     };
     match action {
@@ -413,10 +435,15 @@ fn start_wgstun(
     state_dir: &Path,
     listen: SocketAddr,
     stun_listen: Option<SocketAddr>,
-) -> Result<(Key, SocketAddr, Option<SocketAddr>)> {
+) -> Result<(
+    Key,
+    SocketAddr,
+    Option<SocketAddr>,
+    crate::wgstun::metrics::StatsHandle,
+)> {
     let private_key = crate::wgstun::key::load_or_create(state_dir)?;
     let public_key = private_key.public_key();
-    let (wg, stun, thread) = crate::wgstun::spawn(crate::wgstun::Config {
+    let (wg, stun, thread, stats) = crate::wgstun::spawn_watched(crate::wgstun::Config {
         listen,
         stun_listen,
         private_key,
@@ -440,7 +467,7 @@ fn start_wgstun(
             Err(_) => log_error!("warren: WG-STUN stopped: its thread panicked"),
         })
         .context("starting the WG-STUN watcher thread")?;
-    Ok((public_key, wg, stun))
+    Ok((public_key, wg, stun, stats))
 }
 
 fn print_nodes(nodes: &[NodeView]) -> Result<()> {

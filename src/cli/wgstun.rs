@@ -57,6 +57,9 @@ pub struct WgstunArgs {
     /// as `{"error": ...}`).
     #[arg(long, requires = "print_peer")]
     json: bool,
+    /// Serve Prometheus metrics on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl WgstunArgs {
@@ -89,7 +92,7 @@ pub fn run(args: WgstunArgs) -> Result<()> {
         super::out::write(&wgstun::peer_stanza(&private_key.public_key(), &endpoint))?;
         return Ok(());
     }
-    wgstun::run(wgstun::Config {
+    let server = wgstun::Server::bind(&wgstun::Config {
         listen: args.listen,
         stun_listen: (!args.no_stun).then_some(args.stun_listen),
         private_key,
@@ -99,7 +102,16 @@ pub fn run(args: WgstunArgs) -> Result<()> {
         handshakes_per_source: args.source_handshake_rate,
         stun_requests_per_source: args.stun_rate,
         stats_interval: args.stats_interval.map(Duration::from_secs),
-    })
+    })?;
+    if let Some(addr) = args.metrics_listen {
+        let stats = server.stats_handle();
+        crate::metrics::serve_role("warren wgstun", addr, move || {
+            let mut e = crate::metrics::Exposition::new();
+            wgstun::metrics::render(&mut e, &stats.get());
+            e.finish()
+        })?;
+    }
+    server.run()
 }
 
 /// Hidden `warren wgstun-load`: drives a WG-STUN server for lab tests and the benchmark.

@@ -134,6 +134,11 @@ impl Hub {
         Some(self.relays[i].public_key)
     }
 
+    /// Nodes connected now (the metrics' connected nodes).
+    pub fn online_count(&self) -> usize {
+        self.online.len()
+    }
+
     pub fn public_key(&self) -> Key {
         self.private.public_key()
     }

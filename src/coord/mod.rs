@@ -8,6 +8,7 @@ pub mod hub;
 pub mod inbound;
 pub mod invite;
 pub mod load;
+pub mod metrics;
 pub mod names;
 pub mod peermap;
 pub mod relayfeed;

@@ -10,6 +10,7 @@ pub mod feed;
 pub mod frame;
 pub mod load;
 pub mod members;
+pub mod metrics;
 pub mod server;
 
 use crate::control::noise::Profile;

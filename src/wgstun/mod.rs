@@ -11,6 +11,7 @@ pub mod budget;
 pub mod inner;
 pub mod key;
 pub mod load;
+pub mod metrics;
 pub mod peers;
 pub mod responder;
 pub mod server;
@@ -60,13 +61,28 @@ pub fn spawn(
     Option<SocketAddr>,
     std::thread::JoinHandle<anyhow::Result<()>>,
 )> {
+    let (wg, stun, thread, _) = spawn_watched(config)?;
+    Ok((wg, stun, thread))
+}
+
+/// [`spawn`], and the handle its counters are read from (for metrics).
+#[allow(clippy::type_complexity)]
+pub fn spawn_watched(
+    config: Config,
+) -> anyhow::Result<(
+    SocketAddr,
+    Option<SocketAddr>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+    metrics::StatsHandle,
+)> {
     let server = Server::bind(&config)?;
     let (wg, stun) = (server.wg_addr()?, server.stun_addr());
+    let stats = server.stats_handle();
     let thread = std::thread::Builder::new()
         .name("wgstun".into())
         .spawn(move || server.run())
         .map_err(|e| anyhow::anyhow!("starting the WG-STUN thread: {e}"))?;
-    Ok((wg, stun, thread))
+    Ok((wg, stun, thread, stats))
 }
 
 /// The `[Peer]` stanza a vanilla WireGuard client adds to use this server.

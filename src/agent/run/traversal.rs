@@ -57,6 +57,12 @@ impl Agent {
         }
         self.relay.flush(now);
         while let Some(ev) = self.nat.poll_event() {
+            // An event is a change between direct and not direct.
+            if ev.to.starts_with("direct") {
+                self.counters.upgrades += 1;
+            } else {
+                self.counters.downgrades += 1;
+            }
             let why = if ev.why.is_empty() {
                 String::new()
             } else {
