@@ -2,11 +2,12 @@
 # tiers: lab
 # Prometheus metrics of every role, scraped with curl and checked with
 # `promtool check metrics`: a coordinator (`warren server`, with WG-STUN), a
-# separate `warren relay` and two agents behind cone routers, each with
+# separate `warren relay` and `warren wgstun`, and two agents behind cone routers, each with
 # --metrics-listen. The values match the real state: both agents go direct
 # and their metrics say so (per peer and by path, an upgrade counted); a's rx
 # bytes for b lie between two `wg show` readings and grow after a ping; the
-# coordinator counts two connected nodes, the relay two clients. UDP between
+# coordinator counts two connected nodes, the relay two clients, a separate
+# `warren wgstun` the plain STUN question a client asks it. UDP between
 # the routers is cut: the peers fall back to the relay, the metrics show the
 # relay path and a downgrade, and a ping over the relay grows the relay's
 # forwarded count and the agent's relay bytes. A stranger holding three times
@@ -15,7 +16,7 @@
 # answered, `warren status` answers, and a scrape is still served.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
-lab_require_cmd wg curl promtool python3
+lab_require_cmd wg curl promtool python3 turnutils_stunclient
 lab_init
 
 SRV_IP=203.0.113.5
@@ -28,7 +29,7 @@ lab_router rb cone "$WAN_B" 10.32.0.1/24
 lab_lan_host b rb 10.32.0.2
 
 # Every namespace has its own loopback: the same port serves each node.
-SRV_METRICS=127.0.0.1:9100 RELAY_METRICS=127.0.0.1:9101 AGENT_METRICS=127.0.0.1:9102
+SRV_METRICS=127.0.0.1:9100 RELAY_METRICS=127.0.0.1:9101 AGENT_METRICS=127.0.0.1:9102 WGSTUN_METRICS=127.0.0.1:9103
 SRV_DIR=$LAB_DIR/srv RELAY_DIR=$LAB_DIR/relay
 relay_key=$(lab_exec srv "$WARREN" relay --state-dir "$RELAY_DIR" --show-key)
 lab_bg srv relay.log "$WARREN" relay --listen "$SRV_IP:7778" --state-dir "$RELAY_DIR" \
@@ -119,6 +120,16 @@ grep -q '^warren_wgstun_answers_total{kind="wgstun"} ' "$LAB_DIR/server.prom" ||
 [ "$(value server warren_wgstun_answers_total kind=wgstun)" -ge 1 ] || lab_fail "WG-STUN answered nobody"
 scrape srv "$RELAY_METRICS" relay
 expect relay 2 warren_relay_clients_registered
+
+# A separate `warren wgstun` counts the plain STUN question a client asks it.
+lab_bg srv wgstun.log "$WARREN" wgstun --listen "$SRV_IP:4479" --stun-listen "$SRV_IP:4478" \
+    --state-dir "$LAB_DIR/wgstun" --metrics-listen "$WGSTUN_METRICS"
+lab_wait "the separate WG-STUN's metrics" 10 fetch srv "$WGSTUN_METRICS" wgstun
+expect wgstun 0 warren_wgstun_answers_total kind=stun
+lab_exec a timeout 5 turnutils_stunclient -p 4478 "$SRV_IP" | grep -q "reflexive addr: $WAN_A:" ||
+    lab_fail "plain STUN from a to the separate WG-STUN was not answered"
+scrape srv "$WGSTUN_METRICS" wgstun
+expect wgstun 1 warren_wgstun_answers_total kind=stun
 
 # rx bytes: between two readings of WireGuard's own counter, and growing with traffic.
 wg_rx() { lab_exec a wg show "${IF[a]}" transfer | awk -v k="${KEY[b]}" '$1 == k { print $2 }'; }
