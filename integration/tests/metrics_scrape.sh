@@ -108,6 +108,7 @@ for n in a b; do
     expect "agent-$n" 1 warren_agent_relay_connected relay="$(short "$relay_key")" home=true
     [ "$(value "agent-$n" warren_agent_path_upgrades_total)" -ge 1 ] || lab_fail "$n counted no upgrade"
 done
+echo "---- a's metrics, both direct:"; grep -v '^#' "$LAB_DIR/agent-a.prom"
 expect agent-a 1 warren_agent_info name=node-a key="$(short "${KEY[a]}")" mesh_addr="${ADDR[a]}"
 # The status agrees: the metrics are read from it.
 [ "$(st a | python3 -c 'import json,sys; print(json.load(sys.stdin)["peers"][0]["path"])')" = direct ] ||
