@@ -21,6 +21,11 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// A connection's whole exchange, request to last byte of the answer: a
 /// scrape of a loopback or LAN agent takes milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Renders at most this often: a scrape costs a WireGuard query and the
+/// text, so a client asking in a loop gets 10 a second and the loop its
+/// time; a request waits for the next turn, and is still answered with
+/// figures read after it arrived.
+pub const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections accepted per call, so a connect flood shares the loop.
 const ACCEPTS_PER_TURN: usize = 16;
 const READ_CHUNK: usize = 1024;
@@ -42,6 +47,9 @@ pub struct Responder {
     conns: Vec<Option<Conn>>,
     /// The accept budget ran out with connections possibly still queued.
     accept_more: bool,
+    last_render: Option<Instant>,
+    /// Answers rendered since the start.
+    pub renders: u64,
     /// Connections closed to make room for a newer one.
     pub evicted: u64,
     pub timed_out: u64,
@@ -67,6 +75,8 @@ impl Responder {
             base,
             conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
             accept_more: false,
+            last_render: None,
+            renders: 0,
             evicted: 0,
             timed_out: 0,
         })
@@ -88,12 +98,23 @@ impl Responder {
         }
     }
 
-    /// Some connection asked for the metrics: render them and call [`Responder::answer`].
-    pub fn wants_body(&self) -> bool {
+    /// Some connection asked for the metrics and the last render is
+    /// [`MIN_RENDER_INTERVAL`] ago: render them and call [`Responder::answer`].
+    pub fn wants_body(&self, now: Instant) -> bool {
+        self.waiting() && self.next_render().is_none_or(|t| now >= t)
+    }
+
+    fn waiting(&self) -> bool {
         self.conns.iter().flatten().any(|c| c.waiting.is_some())
     }
 
-    pub fn answer(&mut self, registry: &Registry, body: &str) {
+    fn next_render(&self) -> Option<Instant> {
+        self.last_render.map(|t| t + MIN_RENDER_INTERVAL)
+    }
+
+    pub fn answer(&mut self, registry: &Registry, now: Instant, body: &str) {
+        self.last_render = Some(now);
+        self.renders += 1;
         for slot in 0..self.conns.len() {
             let Some(c) = self.conns[slot].as_mut() else {
                 continue;
@@ -106,11 +127,16 @@ impl Responder {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let oldest = self.conns.iter().flatten().map(|c| c.opened + DEADLINE).min();
         if self.accept_more {
             return Some(Instant::now());
         }
-        oldest
+        let render = self.next_render().filter(|_| self.waiting());
+        self.conns
+            .iter()
+            .flatten()
+            .map(|c| c.opened + DEADLINE)
+            .chain(render)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
@@ -250,9 +276,10 @@ pub fn spawn(addr: SocketAddr, mut render: impl FnMut() -> String + Send + 'stat
                 for ev in events.iter() {
                     responder.ready(poll.registry(), now, ev.token());
                 }
-                if responder.wants_body() {
+                let now = Instant::now();
+                if responder.wants_body(now) {
                     let body = render();
-                    responder.answer(poll.registry(), &body);
+                    responder.answer(poll.registry(), now, &body);
                 }
                 responder.handle_timeout(poll.registry(), Instant::now());
             }
@@ -301,6 +328,30 @@ mod tests {
         let big = scrape(addr, &[b'x'; MAX_REQUEST_LEN]);
         assert!(big.starts_with("HTTP/1.1 431 "), "{big}");
         drop(held);
+    }
+
+    /// Each answer is rendered after its request came (the figure counts
+    /// up), and a client asking in a loop makes at most one render per
+    /// MIN_RENDER_INTERVAL.
+    #[test]
+    fn a_client_scraping_in_a_loop_is_answered_at_the_render_rate() {
+        let mut n = 0u64;
+        let addr = spawn("127.0.0.1:0".parse().unwrap(), move || {
+            n += 1;
+            format!("x_total {n}\n")
+        })
+        .unwrap();
+        let t0 = Instant::now();
+        let scrapes = 12u32;
+        for i in 1..=scrapes {
+            let a = scrape(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+            assert!(a.ends_with(&format!("x_total {i}\n")), "{a}");
+        }
+        let elapsed = t0.elapsed();
+        assert!(
+            elapsed >= MIN_RENDER_INTERVAL * (scrapes - 1),
+            "{scrapes} renders in {elapsed:?}"
+        );
     }
 
     #[test]

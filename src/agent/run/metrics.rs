@@ -8,12 +8,12 @@ impl Agent {
         if let Some(m) = self.metrics.as_mut() {
             m.handle_timeout(self.poll.registry(), now);
         }
-        if !self.metrics.as_ref().is_some_and(Responder::wants_body) {
+        if !self.metrics.as_ref().is_some_and(|m| m.wants_body(now)) {
             return;
         }
         let body = self.metrics_text();
         if let Some(m) = self.metrics.as_mut() {
-            m.answer(self.poll.registry(), &body);
+            m.answer(self.poll.registry(), now, &body);
         }
     }
 
