@@ -22,7 +22,7 @@ pub fn warn_if_exposed(role: &str, addr: SocketAddr) {
         IpAddr::V6(ip) => ip.is_loopback(),
     };
     if !private {
-        log!(
+        log_warn!(
             "{role}: metrics on {addr} are open to anyone who can reach it (no authentication); \
              bind to 127.0.0.1 or the mesh address unless a firewall covers it"
         );

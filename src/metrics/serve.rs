@@ -269,7 +269,7 @@ pub fn spawn(addr: SocketAddr, mut render: impl FnMut() -> String + Send + 'stat
                 if let Err(e) = poll.poll(&mut events, timeout)
                     && e.kind() != ErrorKind::Interrupted
                 {
-                    log!("metrics on {bound}: stopped: waiting for events: {e}");
+                    log_error!("metrics on {bound}: stopped: waiting for events: {e}");
                     return;
                 }
                 let now = Instant::now();

@@ -23,7 +23,7 @@ impl Agent {
             Err(e) => {
                 // Without WireGuard's view there are no peers to report;
                 // the scrape still answers with what the agent knows.
-                log!("agent: metrics: reading WireGuard: {e:#}");
+                log_warn!("agent: metrics: reading WireGuard: {e:#}");
                 Status {
                     name: self.ctrl.me().map(|m| m.name.clone()),
                     mesh_addr: self.ctrl.me().map(|m| m.mesh_addr),
