@@ -107,7 +107,10 @@ for n in a b; do
     expect "agent-$n" 1 warren_agent_coordinator_state state=connected
     expect "agent-$n" 1 warren_agent_relay_connected relay="$(short "$relay_key")" home=true
     [ "$(value "agent-$n" warren_agent_path_upgrades_total)" -ge 1 ] || lab_fail "$n counted no upgrade"
+    [ "$(value "agent-$n" warren_agent_check_pings_sent_total)" -ge 1 ] || lab_fail "$n counted no check sent"
 done
+total=$(( $(value agent-a warren_agent_check_pongs_total) + $(value agent-b warren_agent_check_pongs_total) ))
+[ "$total" -ge 1 ] || lab_fail "no answered check counted on either side"
 echo "---- a's metrics, both direct:"; grep -v '^#' "$LAB_DIR/agent-a.prom"
 expect agent-a 1 warren_agent_info name=node-a key="$(short "${KEY[a]}")" mesh_addr="${ADDR[a]}"
 # The status agrees: the metrics are read from it.

@@ -18,6 +18,7 @@ pub struct Counters {
     pub relay_bytes_received: u64,
     /// Relayed datagrams dropped because their peer is (being) upgraded.
     pub relay_muted_drops: u64,
+    pub checks: crate::nat::path::CheckCounts,
 }
 
 const PATHS: [(PathKind, &str); 3] = [
@@ -153,6 +154,25 @@ pub fn render(status: &Status, netcheck: &Netcheck, c: &Counters) -> String {
         "Peers that fell back from a direct path to the relay.",
         c.downgrades as f64,
     );
+    e.single(
+        "warren_agent_check_pings_sent_total",
+        Kind::Counter,
+        "Connectivity check pings sent to peers' candidates.",
+        c.checks.pings_sent as f64,
+    );
+    e.single(
+        "warren_agent_check_pongs_total",
+        Kind::Counter,
+        "Connectivity check answers that proved a round trip to the address checked.",
+        c.checks.pongs_valid as f64,
+    );
+    let mut f = e.family(
+        "warren_agent_check_rounds_total",
+        Kind::Counter,
+        "Connectivity check rounds by result: a pair found (upgrade begun) or none usable.",
+    );
+    f.sample(&[("result", "passed")], c.checks.rounds_passed as f64);
+    f.sample(&[("result", "failed")], c.checks.rounds_failed as f64);
 
     let mut f = e.family(
         "warren_agent_nat_mapping_known",

@@ -43,6 +43,7 @@ impl Agent {
             relay_bytes_sent: self.relay.bytes_sent,
             relay_bytes_received: self.relay.bytes_received,
             relay_muted_drops: self.relay.muted_drops,
+            checks: self.nat.check_counts(),
             ..self.counters
         };
         super::super::metrics::render(&status, &self.netcheck(), &counters)
