@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod coord;
+pub mod dns;
 pub mod ifaddrs;
 pub mod keys;
 pub mod nat;
