@@ -4,6 +4,7 @@
 //! resolver at it. The socket is the agent's (src/agent/dns.rs).
 
 pub mod hosts;
+pub mod message;
 pub mod names;
 pub mod resolved;
 pub mod responder;

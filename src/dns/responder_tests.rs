@@ -1,4 +1,12 @@
+use std::net::Ipv4Addr;
+
+use simple_dns::rdata::{A, RData};
+use simple_dns::{Packet, PacketFlag, RCODE};
+
 use super::*;
+
+const FLAG_RD: u8 = 0x01;
+const QR: u8 = 0x80;
 
 const NAS: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
 
@@ -172,7 +180,7 @@ fn one_question_only() {
 #[test]
 fn responses_and_short_datagrams_get_nothing() {
     let mut q = query("nas.warren", T_A, C_IN, false);
-    q[2] |= FLAG_QR;
+    q[2] |= QR;
     assert_eq!(answer(&q, &table()), None);
     assert_eq!(answer(&[], &table()), None);
     assert_eq!(answer(&[0x12; 11], &table()), None);
@@ -185,7 +193,7 @@ fn other_opcodes_are_not_implemented() {
     let r = answer(&q, &table()).expect("an answer");
     assert_eq!(r.len(), HEADER_LEN);
     assert_eq!(&r[..2], &[0x12, 0x34]);
-    assert_eq!(r[2] & FLAG_QR, FLAG_QR);
+    assert_eq!(r[2] & QR, QR);
     assert_eq!(r[3] & 0x0f, RCODE::NotImplemented as u8);
 }
 
@@ -250,7 +258,7 @@ fn garbage_never_panics_and_answers_only_as_responses() {
             // Random bytes after a plausible header.
             let len = (next() % 80) as usize + HEADER_LEN;
             let mut q: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            q[2] &= !FLAG_QR;
+            q[2] &= !QR;
             q[4..6].copy_from_slice(&[0, 1]);
             q[6..10].fill(0);
             q
@@ -267,7 +275,7 @@ fn garbage_never_panics_and_answers_only_as_responses() {
         if let Some(r) = answer(&q, &table()) {
             assert!(r.len() >= HEADER_LEN && r.len() <= 512);
             assert_eq!(&r[..2], &q[..2], "the answer carries the query's id");
-            assert_eq!(r[2] & FLAG_QR, FLAG_QR);
+            assert_eq!(r[2] & QR, QR);
         }
     }
 }
