@@ -2,8 +2,9 @@
 //! exactly as far as the responder needs it: a query's header, its one
 //! question and whether it carries an OPT record in; a header, the echoed
 //! question, at most one A or PTR record and an OPT record out. In-tree
-//! rather than simple-dns: that crate cost 100 KB of the stripped binary,
-//! against a flash budget that was already exceeded (README, Names).
+//! rather than simple-dns: with that crate the name server added 106 KB to
+//! the stripped binary, with this 47 KB, against a flash budget that was
+//! already exceeded (README, Names).
 
 use std::net::Ipv4Addr;
 
