@@ -238,3 +238,93 @@ impl Dns {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Key;
+    use mio::{Events, Poll};
+
+    fn node(name: &str, last: u8) -> PeerInfo {
+        PeerInfo {
+            id: u64::from(last),
+            name: name.into(),
+            mesh_addr: Ipv4Addr::new(100, 64, 0, last),
+            public_key: Key::generate_private().public_key(),
+            candidates: Vec::new(),
+            online: true,
+            home_relay: None,
+        }
+    }
+
+    /// Asks `dns` for `name` over loopback, driving its socket from `poll`; the answer's rcode and A record.
+    fn ask(dns: &mut Dns, poll: &mut Poll, name: &str) -> (u8, Option<Ipv4Addr>) {
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut q = vec![0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        client.send_to(&q, dns.bound.unwrap()).unwrap();
+        let mut events = Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        while Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(50))).unwrap();
+            dns.ready(Instant::now());
+            if let Ok(n) = client.recv(&mut buf) {
+                let r = &buf[..n];
+                assert_eq!(&r[..2], &[0xab, 0xcd]);
+                let addr =
+                    (n >= 4 + q.len() + 12).then(|| Ipv4Addr::new(r[n - 4], r[n - 3], r[n - 2], r[n - 1]));
+                return (r[3] & 0x0f, addr);
+            }
+        }
+        panic!("no answer for {name} within 10 s");
+    }
+
+    #[test]
+    fn answers_follow_the_map_and_the_hosts_block_goes_at_stop() {
+        let dir = std::env::temp_dir().join(format!("warren-agent-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut dns = Dns::new(DnsConfig {
+            listen: Listen::At(SocketAddr::from(([127, 0, 0, 1], port))),
+            domain: "warren".into(),
+            hosts_file: Some(hosts.clone()),
+        });
+        let mut poll = Poll::new().unwrap();
+        let (me, pi) = (node("nas", 9), node("pi", 10));
+        dns.set_nodes(Some(&me), [&pi].into_iter());
+        dns.ensure_bound(poll.registry(), me.mesh_addr, "lo");
+        assert_eq!(ask(&mut dns, &mut poll, "nas.warren"), (0, Some(me.mesh_addr)));
+        assert_eq!(ask(&mut dns, &mut poll, "pi.warren"), (0, Some(pi.mesh_addr)));
+        let text = std::fs::read_to_string(&hosts).unwrap();
+        assert!(text.contains("100.64.0.10\tpi.warren\n"), "{text}");
+
+        let camera = PeerInfo {
+            name: "camera".into(),
+            ..pi.clone()
+        };
+        dns.set_nodes(Some(&me), [&camera].into_iter());
+        assert_eq!(ask(&mut dns, &mut poll, "camera.warren"), (0, Some(pi.mesh_addr)));
+        assert_eq!(
+            ask(&mut dns, &mut poll, "pi.warren").0,
+            3,
+            "NXDOMAIN for the old name"
+        );
+        assert!(std::fs::read_to_string(&hosts).unwrap().contains("camera.warren"));
+
+        dns.stop();
+        assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.0.1 localhost\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
