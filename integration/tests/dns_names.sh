@@ -25,13 +25,13 @@ lab_wait "coordinator admin socket" 30 lab_exec srv "$WARREN" server nodes --sta
 token=$(lab_exec srv "$WARREN" server invite --reusable --expires 1h --state-dir "$SRV_DIR")
 
 HOSTS_OTHER=$'127.0.0.1\tlocalhost\n# kept by someone else\n10.9.9.9 printer.lan printer\n'
-declare -A IF=() PID=() ADDR=() NAME=([a]=nas [b]=laptop [c]=pi)
+declare -A IFN=() PID=() ADDR=() NAME=([a]=nas [b]=laptop [c]=pi)
 sock() { echo "$LAB_DIR/$1/warren.sock"; }
 hosts() { echo "$LAB_DIR/hosts-$1"; }
 for n in a b c; do
-    IF[$n]=$(lab_ifname "$n")
+    IFN[$n]=$(lab_ifname "$n")
     printf '%s' "$HOSTS_OTHER" >"$(hosts "$n")"
-    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${IF[$n]}" \
+    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${IFN[$n]}" \
         --socket "$(sock "$n")" --port 51820 --join "$token" --name "${NAME[$n]}" --hosts-file "$(hosts "$n")"
     PID[$n]=$LAB_LAST_PID
 done
