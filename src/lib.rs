@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod coord;
+pub mod dns;
 pub mod ifaddrs;
 pub mod keys;
 pub mod metrics;

@@ -91,6 +91,7 @@ join_token_file = "$STATE/join-token"
 portmap = false
 log_level = "debug"
 socket = "$SOCK"
+dns_listen = "127.0.0.1:5354"
 TOML
 diff -u "$LAB_DIR/expected.toml" "$OUT/etc/warren.toml" || lab_fail "the generated config is not the UCI mapping"
 python3 -c 'import sys, tomllib; n = tomllib.load(open(sys.argv[1], "rb"))["agent"]["name"]; sys.exit(n != sys.argv[2])' \

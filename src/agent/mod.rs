@@ -5,6 +5,7 @@ pub mod cache;
 pub mod control;
 pub mod direct;
 pub mod metrics;
+pub mod dns;
 pub mod paths;
 pub mod peer_msg;
 pub mod portmap;

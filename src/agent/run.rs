@@ -20,6 +20,7 @@ use super::cache::{self, AgentState, Store};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::direct::{self, DirectPath, Received};
 use super::metrics::Counters;
+use super::dns::{Dns, DnsConfig};
 use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
 use super::portmap::PortMap;
@@ -81,6 +82,8 @@ pub struct AgentConfig {
     pub portmap: bool,
     /// Serve Prometheus metrics here; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The name server for the mesh's names (src/agent/dns.rs).
+    pub dns: DnsConfig,
 }
 
 struct Client {
@@ -107,6 +110,7 @@ struct Agent {
     ctrl: ControlConn,
     nat: Traversal,
     direct: DirectPath,
+    dns: Dns,
     /// What WireGuard was last told per peer, and what of its relay traffic is muted.
     applied: Vec<(Key, Desired, Mute)>,
     /// Peers' mesh addresses: the tunnel's senders and the probes' destinations.
@@ -415,9 +419,12 @@ fn start(
         }
         None => None,
     };
+    let mut dns = Dns::new(cfg.dns.clone());
+    dns.set_nodes(state.me.as_ref(), state.peers.iter());
     let mut agent = Agent {
         metrics,
         counters: Counters::default(),
+        dns,
         relay,
         portmap,
         signals,
@@ -475,7 +482,7 @@ impl Agent {
             .flatten()
             .min();
             let unread = self.direct.unread();
-            let timeout = if unread.is_empty() {
+            let timeout = if unread.is_empty() && !self.dns.unread() {
                 wake.map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -507,6 +514,7 @@ impl Agent {
                         }
                     }
                     t if PortMap::owns(t) => self.portmap.ready(now),
+                    t if Dns::owns(t) => self.dns.ready(now),
                     t if DirectPath::owns(t) => self.direct_ready(now, t),
                     t if self.relay.owns(t) => {
                         self.relay.ready(self.poll.registry(), &mut self.resolver, now, t)
@@ -516,6 +524,9 @@ impl Agent {
             }
             for t in unread {
                 self.direct_ready(now, t);
+            }
+            if self.dns.unread() {
+                self.dns.ready(now);
             }
             self.ctrl.handle_timeout(now);
             self.drain_control(now);
@@ -546,6 +557,11 @@ impl Agent {
                     self.last_error = Some(msg);
                 } else {
                     self.last_error = None;
+                    // The mesh address is on the interface now: the name server can bind it.
+                    if let Some(me) = &self.state.me {
+                        self.dns
+                            .ensure_bound(self.poll.registry(), me.mesh_addr, &self.cfg.ifname);
+                    }
                 }
             }
             if let Err(e) = self.store.write_due(now, &self.state) {
@@ -558,6 +574,7 @@ impl Agent {
                     log_error!("agent: {e:#}");
                 }
                 self.portmap.release();
+                self.dns.stop();
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
@@ -594,6 +611,8 @@ impl Agent {
                     self.state.relays = relays;
                     self.state.wgstun = wgstun;
                     self.state.join_secret = None;
+                    self.dns
+                        .set_nodes(self.state.me.as_ref(), self.state.peers.iter());
                     self.save_identity();
                     self.store.map_changed(now);
                     self.configure_stun(now);
@@ -602,6 +621,8 @@ impl Agent {
                 Event::MapChanged => {
                     self.state.me = self.ctrl.me().cloned();
                     self.state.peers = self.ctrl.peers().cloned().collect();
+                    self.dns
+                        .set_nodes(self.state.me.as_ref(), self.state.peers.iter());
                     // A rename of this node changes its identity file too.
                     self.save_identity();
                     self.store.map_changed(now);

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::agent::api::{self, DEFAULT_SOCKET, Request, Response, Status};
+use crate::agent::dns::{DnsConfig, Listen};
 use crate::agent::run::{self, AgentConfig};
 use crate::wg::select::BackendChoice;
 
@@ -64,6 +65,45 @@ pub struct AgentArgs {
     /// address) at /metrics; off when absent.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the name server for mesh names listens: `:PORT` (the mesh
+    /// address, another port: where a local resolver such as dnsmasq holds
+    /// 53) or `ADDR:PORT` with a mesh or loopback address. Default: the
+    /// mesh address, port 53.
+    #[arg(long, value_name = "ADDR", value_parser = parse_dns_listen, conflicts_with = "no_dns")]
+    pub dns_listen: Option<Listen>,
+    /// Do not answer DNS for mesh names.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// The domain of mesh names: NAME.DOMAIN.
+    #[arg(long, value_name = "DOMAIN", default_value = crate::dns::names::DEFAULT_DOMAIN)]
+    pub dns_domain: String,
+    /// Keep the mesh's names in a `# BEGIN warren` block of FILE (e.g.
+    /// /etc/hosts, where no systemd-resolved or dnsmasq asks the agent);
+    /// removed on a clean stop. Off by default.
+    #[arg(long, value_name = "FILE")]
+    pub hosts_file: Option<PathBuf>,
+}
+
+/// `:PORT`, `PORT` or `ADDR:PORT`; an address must be the mesh's or
+/// loopback, so that the name server never answers on a WAN address.
+fn parse_dns_listen(s: &str) -> std::result::Result<Listen, String> {
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(Listen::Mesh(port));
+    }
+    let addr: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not :PORT or ADDR:PORT"))?;
+    let allowed = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || crate::dns::names::in_mesh(v4),
+        std::net::IpAddr::V6(v6) => v6.is_loopback(),
+    };
+    if !allowed {
+        return Err(format!(
+            "{addr}: the name server listens only on a mesh (100.64.0.0/10) or loopback address"
+        ));
+    }
+    Ok(Listen::At(addr))
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +185,15 @@ fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
         backend: a.backend,
         portmap: !a.no_portmap,
         metrics_listen: a.metrics_listen,
+        dns: DnsConfig {
+            listen: match (a.no_dns, a.dns_listen) {
+                (true, _) => Listen::Off,
+                (false, Some(l)) => l,
+                (false, None) => Listen::Mesh(crate::agent::dns::DEFAULT_PORT),
+            },
+            domain: a.dns_domain,
+            hosts_file: a.hosts_file,
+        },
     }
 }
 
@@ -227,6 +276,22 @@ pub fn up(a: AgentArgs) -> Result<()> {
         cmd.arg("--config").arg(c);
     }
     cmd.arg("--log-level").arg(a.daemon.log_level.name());
+    match a.dns_listen {
+        Some(Listen::Mesh(port)) => {
+            cmd.arg("--dns-listen").arg(format!(":{port}"));
+        }
+        Some(Listen::At(addr)) => {
+            cmd.arg("--dns-listen").arg(addr.to_string());
+        }
+        Some(Listen::Off) | None => {}
+    }
+    if a.no_dns {
+        cmd.arg("--no-dns");
+    }
+    cmd.arg("--dns-domain").arg(&a.dns_domain);
+    if let Some(f) = &a.hosts_file {
+        cmd.arg("--hosts-file").arg(f);
+    }
     let stdin = if token.is_some() {
         Stdio::piped()
     } else {
