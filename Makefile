@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
+.PHONY: all build release deb deps test test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
 
 all: build
 
@@ -11,6 +11,21 @@ build:
 
 release:
 	$(CARGO) build --locked --release
+
+# The Debian package, target/debian/warren_VERSION_ARCH.deb (cargo-deb), with man
+# pages generated from the CLI, then held to lintian with no error or warning.
+# DEB_PROFILE=dev packages the debug build instead (the install test does: no
+# release build in `make test`); DEB_OUT puts the .deb elsewhere.
+DEB_PROFILE ?= release
+DEB_OUT ?= target/debian
+DEB_BIN := target/$(if $(filter dev,$(DEB_PROFILE)),debug,$(DEB_PROFILE))/warren
+deb: deps
+	$(CARGO) build --locked --profile $(DEB_PROFILE)
+	rm -rf target/man
+	$(DEB_BIN) man target/man
+	rm -f $(DEB_OUT)/warren_*.deb
+	$(CARGO) deb --locked --no-build --profile $(DEB_PROFILE) --output $(DEB_OUT) $(DEB_FLAGS)
+	lintian --fail-on error,warning $(DEB_OUT)/warren_*.deb
 
 # Installs the Debian packages and PyPI tools the test tiers use (idempotent).
 deps:
@@ -36,7 +51,8 @@ test-lab: build
 test-kernel: build
 	./integration/run kernel
 
-bench: deps release
+# deb: bench-size reports the package's size.
+bench: deps release deb
 	./integration/bench
 
 demo: deps build
