@@ -14,17 +14,19 @@ release:
 
 # The Debian package, target/debian/warren_VERSION_ARCH.deb (cargo-deb), with man
 # pages generated from the CLI, then held to lintian with no error or warning.
-# DEB_PROFILE=dev packages the debug build instead (the install test does: no
-# release build in `make test`); DEB_OUT puts the .deb elsewhere.
-DEB_PROFILE ?= release
+# DEB_BIN=PATH packages that binary instead of a release build (the install
+# test packages the binary under test: no release build in `make test`);
+# DEB_OUT puts the .deb elsewhere, DEB_FLAGS go to cargo deb (--fast).
+DEB_BIN ?=
 DEB_OUT ?= target/debian
-DEB_BIN := target/$(if $(filter dev,$(DEB_PROFILE)),debug,$(DEB_PROFILE))/warren
+# cargo-deb takes the binary from CARGO_TARGET_DIR/release/.
+DEB_TARGET := $(if $(DEB_BIN),target/deb-bin,target)
 deb: deps
-	$(CARGO) build --locked --profile $(DEB_PROFILE)
+	$(if $(DEB_BIN),mkdir -p $(DEB_TARGET)/release && cp $(DEB_BIN) $(DEB_TARGET)/release/warren,$(CARGO) build --locked --release)
 	rm -rf target/man
-	$(DEB_BIN) man target/man
+	$(DEB_TARGET)/release/warren man target/man
 	rm -f $(DEB_OUT)/warren_*.deb
-	$(CARGO) deb --locked --no-build --profile $(DEB_PROFILE) --output $(DEB_OUT) $(DEB_FLAGS)
+	CARGO_TARGET_DIR=$(DEB_TARGET) $(CARGO) deb --locked --no-build --output $(DEB_OUT) $(DEB_FLAGS)
 	lintian --fail-on error,warning $(DEB_OUT)/warren_*.deb
 
 # Installs the Debian packages and PyPI tools the test tiers use (idempotent).

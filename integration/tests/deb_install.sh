@@ -12,11 +12,11 @@
 #
 # The pristine root is kept under target/integration/debroot/SUITE (built
 # once, a few minutes; later runs copy it). wireguard-go, the node's userspace
-# WireGuard, and init-system-helpers (deb-systemd-helper, on every systemd
-# machine) are installed into it from the mirror. No systemd runs in the root:
-# the maintainer scripts must cope, as in any chroot.
+# WireGuard, is installed into it from the mirror (deb-systemd-helper comes
+# with minbase: init-system-helpers is essential). No systemd runs in the
+# root: the maintainer scripts must cope, as in any chroot.
 #
-# Env: WARREN_DEB (a .deb to test instead of building one from the debug build).
+# Env: WARREN_DEB (a .deb to test instead of one made from $WARREN).
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd debootstrap dpkg-deb chroot setpriv
@@ -25,17 +25,17 @@ lab_init
 SUITE=$(. /etc/os-release && echo "$VERSION_CODENAME")
 MIRROR=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 : "${MIRROR:=http://deb.debian.org/debian}"
-ROOT_INCLUDE=wireguard-go,init-system-helpers
+ROOT_INCLUDE=wireguard-go
 CACHE=$LAB_ROOT/target/integration/debroot
 PRISTINE=$CACHE/$SUITE
 
 # --- the package -------------------------------------------------------------
 deb=${WARREN_DEB:-}
 if [ -z "$deb" ]; then
-    # The debug build packaged (no release build in `make test`), compressed
-    # fast; `make deb` runs lintian on it like on the release package.
-    out=$LAB_ROOT/target/debian-dev
-    make -C "$LAB_ROOT" --no-print-directory deb DEB_PROFILE=dev DEB_OUT="$out" DEB_FLAGS=--fast >&2 ||
+    # The binary under test packaged (no release build in `make test`),
+    # compressed fast; `make deb` runs lintian on it as on the release package.
+    out=$LAB_ROOT/target/debian-test
+    make -C "$LAB_ROOT" --no-print-directory deb DEB_BIN="$WARREN" DEB_OUT="$out" DEB_FLAGS=--fast >&2 ||
         lab_fail "make deb (build or lintian) failed"
     deb=$(ls "$out"/warren_*.deb)
 fi
