@@ -4,8 +4,9 @@
 # installed with dpkg into a clean Debian root (debootstrap minbase, the host's
 # suite and mirror), `warren --version` from it, then a coordinator and one
 # node run from the installed files in namespaces, each started as its
-# installed unit says (ExecStart=, the directories systemd would create); the
-# node joins. The package is upgraded over itself: the edited conffile and the
+# installed unit says (ExecStart=, only the capabilities of its
+# CapabilityBoundingSet=, the directories systemd would create); the node
+# joins. The package is upgraded over itself: the edited conffile and the
 # node's key and membership are kept, and the node comes back from them alone.
 # A purge then leaves nothing of warren in the root (file lists before install
 # and after purge compared).
@@ -136,22 +137,34 @@ unit_dirs() {
     for d in $(unit_key "$unit" LogsDirectory); do install -d -m 0700 "$ROOT/var/log/$d"; done
 }
 
+# setpriv arguments for the unit's CapabilityBoundingSet= and NoNewPrivileges=:
+# the process gets exactly those capabilities, as under systemd.
+unit_privs() {
+    local unit=$1 caps c
+    caps=-all
+    for c in $(unit_key "$unit" CapabilityBoundingSet); do
+        c=${c#CAP_}
+        caps+=",+${c,,}"
+    done
+    echo "--bounding-set=$caps --inh-caps=-all"
+    [ "$(unit_key "$unit" NoNewPrivileges)" = yes ] && echo --no-new-privs
+}
+
 SERVER_STATE=/var/lib/warren-server
 server_cmd=$(exec_start warren-server server)
 [[ "$server_cmd" == *"--state-dir $SERVER_STATE"* ]] || lab_fail "warren-server.service does not use $SERVER_STATE"
 start_server() {
     unit_dirs warren-server
-    # CapabilityBoundingSet= (empty) as in the unit: no capability at all.
-    # shellcheck disable=SC2086 # the unit's command line, split as systemd does
-    lab_bg srv server.log chroot "$ROOT" setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- $server_cmd
+    # shellcheck disable=SC2046,SC2086 # the unit's command line, split as systemd does
+    lab_bg srv server.log chroot "$ROOT" setpriv $(unit_privs warren-server) -- $server_cmd
     SERVER_PID=$LAB_LAST_PID
     lab_wait "coordinator admin socket" 30 lab_exec srv chroot "$ROOT" warren server --state-dir "$SERVER_STATE" nodes
 }
 agent_cmd=$(exec_start warren agent)
 start_agent() {
     unit_dirs warren
-    # shellcheck disable=SC2086
-    lab_bg node agent.log chroot "$ROOT" $agent_cmd
+    # shellcheck disable=SC2046,SC2086
+    lab_bg node agent.log chroot "$ROOT" setpriv $(unit_privs warren) -- $agent_cmd
     AGENT_PID=$LAB_LAST_PID
 }
 stop() {
@@ -161,6 +174,13 @@ stop() {
 status() { lab_exec node chroot "$ROOT" warren status --json; }
 connected() { status | grep -q '"coordinator": "connected"'; }
 mesh_addr() { status | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"] or "")'; }
+# WireGuard itself works: the WG-STUN server, a peer reached through the
+# tunnel, told the node its public address (this is how userspace WireGuard
+# without CAP_NET_ADMIN, or without wireguard-go in the root, fails).
+wg_mapped() {
+    lab_exec node chroot "$ROOT" warren netcheck --json |
+        python3 -c 'import json,sys; m=json.load(sys.stdin)["wg_mapping"]; sys.exit(not (m or "").startswith("203.0.113.20:"))'
+}
 
 start_server
 token=$(lab_exec srv chroot "$ROOT" warren server --state-dir "$SERVER_STATE" invite)
@@ -172,7 +192,8 @@ addr=$(mesh_addr)
 [ -n "$addr" ] || lab_fail "the node has no mesh address"
 lab_exec srv chroot "$ROOT" warren server --state-dir "$SERVER_STATE" nodes | grep -q "$addr" ||
     lab_fail "the coordinator does not list $addr"
-echo "node joined as $addr"
+lab_wait "the node's WireGuard answered through the tunnel (WG-STUN mapping)" 30 wg_mapped
+echo "node joined as $addr, WireGuard up"
 
 # --- upgrade over itself ----------------------------------------------------------
 echo "# kept across upgrades" >>"$ROOT/etc/warren/warren.toml"
