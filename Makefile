@@ -24,7 +24,7 @@ DEB_TARGET := $(if $(DEB_BIN),target/deb-bin,target)
 deb: deps
 	$(if $(DEB_BIN),mkdir -p $(DEB_TARGET)/release && cp $(DEB_BIN) $(DEB_TARGET)/release/warren,$(CARGO) build --locked --release)
 	rm -rf target/man
-	$(DEB_TARGET)/release/warren man target/man
+	$(CARGO) run --locked --quiet --example man -- target/man
 	rm -f $(DEB_OUT)/warren_*.deb
 	CARGO_TARGET_DIR=$(DEB_TARGET) $(CARGO) deb --locked --no-build --output $(DEB_OUT) $(DEB_FLAGS)
 	lintian --fail-on error,warning $(DEB_OUT)/warren_*.deb

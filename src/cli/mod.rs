@@ -2,7 +2,6 @@
 
 mod agent;
 mod keys;
-mod man;
 pub mod out;
 mod relay;
 mod server;
@@ -59,9 +58,6 @@ pub enum Command {
     /// Load generator for WG-STUN tests and benchmarks.
     #[command(subcommand, hide = true)]
     WgstunLoad(wgstun::LoadCommand),
-    /// Write the man pages into DIR (the Debian package's build runs it).
-    #[command(hide = true)]
-    Man { dir: std::path::PathBuf },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -81,6 +77,5 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
         Command::Relay(args) => relay::run(args),
         Command::RelayLoad(cmd) => relay::load(cmd),
-        Command::Man { dir } => man::run(&dir),
     }
 }
