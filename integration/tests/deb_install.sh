@@ -68,6 +68,16 @@ printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
 chmod 755 "$ROOT/usr/sbin/policy-rc.d"
 mkdir -p "$ROOT/dev/net"
 [ -e "$ROOT/dev/net/tun" ] || mknod -m 666 "$ROOT/dev/net/tun" c 10 200
+# The maintainer scripts' calls into a running systemd, recorded: the root
+# looks booted with systemd (/run/systemd/system), and systemctl and
+# deb-systemd-invoke earlier in dpkg's PATH write their arguments to a file.
+mkdir -p "$ROOT/run/systemd/system"
+for c in systemctl deb-systemd-invoke; do
+    printf '#!/bin/sh\necho "%s $*" >>/tmp/systemd-calls\n' "$c" >"$ROOT/usr/local/bin/$c"
+    chmod 755 "$ROOT/usr/local/bin/$c"
+done
+calls() { cat "$ROOT/tmp/systemd-calls" 2>/dev/null; rm -f "$ROOT/tmp/systemd-calls"; }
+ALL_UNITS="warren.service warren-server.service warren-relay.service warren-wgstun.service"
 
 # Everything in the root but the files dpkg keeps about every package.
 file_list() {
@@ -94,6 +104,10 @@ done
 grep -qx /etc/warren/warren.toml "$ROOT/var/lib/dpkg/info/warren.conffiles" ||
     lab_fail "/etc/warren/warren.toml is not a conffile"
 [ "$(stat -c %a "$ROOT/etc/warren/warren.toml")" = 600 ] || lab_fail "/etc/warren/warren.toml is not mode 0600"
+# Not configured yet (no token, no state): systemd reloaded, nothing started.
+got=$(calls)
+grep -qx "systemctl --system daemon-reload" <<<"$got" || lab_fail "postinst did not reload systemd: $got"
+! grep -q "deb-systemd-invoke" <<<"$got" || lab_fail "postinst started an unconfigured agent: $got"
 # deb-systemd-helper enabled the agent and only the agent.
 wants=$ROOT/etc/systemd/system/multi-user.target.wants
 [ -L "$wants/warren.service" ] || lab_fail "postinst did not enable warren.service"
@@ -203,6 +217,8 @@ in_root dpkg -i /tmp/warren.deb >"$LAB_DIR/dpkg-upgrade.log" 2>&1 || {
     cat "$LAB_DIR/dpkg-upgrade.log" >&2
     lab_fail "dpkg -i over the installed package failed"
 }
+[ "$(calls | grep deb-systemd-invoke)" = "deb-systemd-invoke try-restart $ALL_UNITS" ] ||
+    lab_fail "the upgrade did not try-restart every unit (and only that)"
 grep -qx "# kept across upgrades" "$ROOT/etc/warren/warren.toml" || lab_fail "the upgrade replaced the edited conffile"
 ! ls "$ROOT"/etc/warren/warren.toml.dpkg-* 2>/dev/null || lab_fail "the upgrade left conffile copies"
 [ "$(state_sums)" = "$sums" ] || lab_fail "the upgrade changed the node's state"
@@ -225,7 +241,18 @@ in_root dpkg --purge warren >"$LAB_DIR/dpkg-purge.log" 2>&1 || {
     cat "$LAB_DIR/dpkg-purge.log" >&2
     lab_fail "dpkg --purge failed"
 }
+[ "$(calls | grep deb-systemd-invoke)" = "deb-systemd-invoke stop $ALL_UNITS" ] ||
+    lab_fail "the removal did not stop every unit"
 umount "$ROOT/proc"
+
+# Installed where a token is already in place: the agent is started at once.
+install -d -m 0700 "$ROOT/etc/warren"
+(umask 077 && echo "$token" >"$ROOT/etc/warren/join-token")
+in_root dpkg -i /tmp/warren.deb >"$LAB_DIR/dpkg-install2.log" 2>&1 || lab_fail "dpkg -i (configured) failed"
+[ "$(calls | grep deb-systemd-invoke)" = "deb-systemd-invoke start warren.service" ] ||
+    lab_fail "installed with a join token in place, the agent was not started (alone)"
+in_root dpkg --purge warren >"$LAB_DIR/dpkg-purge2.log" 2>&1 || lab_fail "dpkg --purge (again) failed"
+calls >/dev/null
 rm "$ROOT/tmp/warren.deb"
 file_list >"$LAB_DIR/files-after"
 if ! diff -u "$LAB_DIR/files-before" "$LAB_DIR/files-after" >"$LAB_DIR/files.diff"; then
