@@ -105,8 +105,8 @@ grep -qx /etc/warren/warren.toml "$ROOT/var/lib/dpkg/info/warren.conffiles" ||
     lab_fail "/etc/warren/warren.toml is not a conffile"
 [ "$(stat -c %a "$ROOT/etc/warren/warren.toml")" = 600 ] || lab_fail "/etc/warren/warren.toml is not mode 0600"
 # Not configured yet (no token, no state): systemd reloaded, nothing started.
-got=$(calls)
-grep -qx "systemctl --system daemon-reload" <<<"$got" || lab_fail "postinst did not reload systemd: $got"
+got=$(calls | tr '\n' ';')
+grep -q "systemctl --system daemon-reload;" <<<"$got" || lab_fail "postinst did not reload systemd: $got"
 ! grep -q "deb-systemd-invoke" <<<"$got" || lab_fail "postinst started an unconfigured agent: $got"
 # deb-systemd-helper enabled the agent and only the agent.
 wants=$ROOT/etc/systemd/system/multi-user.target.wants
