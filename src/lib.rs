@@ -9,6 +9,7 @@ pub mod logline;
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod coord;
 pub mod ifaddrs;

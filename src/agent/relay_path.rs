@@ -260,7 +260,7 @@ impl RelayPath {
             if let Err(e) = self.open_proxy(registry, peer, relay) {
                 let msg = format!("{e:#}");
                 if self.proxy_error.as_deref() != Some(&msg) {
-                    log!("agent: relay path for peer {}: {msg}", peer.short());
+                    log_warn!("agent: relay path for peer {}: {msg}", peer.short());
                 }
                 self.proxy_error = Some(msg);
             }
@@ -509,7 +509,7 @@ impl RelayPath {
                             _ => why,
                         };
                         if l.last_error.as_deref() != Some(&why) {
-                            log!("agent: relay {}: {why}", describe(l));
+                            log_warn!("agent: relay {}: {why}", describe(l));
                         }
                         l.last_error = Some(why);
                         l.next_addr += 1;
@@ -589,7 +589,7 @@ fn close(l: &mut Link, now: Instant, why: String) {
     l.connected = false;
     l.resolving = false;
     if l.last_error.as_deref() != Some(&why) {
-        log!("agent: relay {}: {why}", describe(l));
+        log_warn!("agent: relay {}: {why}", describe(l));
     }
     l.last_error = Some(why.clone());
     l.next_addr += 1;

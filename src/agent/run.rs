@@ -16,7 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::api::{self, PairStatus, PeerStatus, Request, Response, Status};
-use super::cache::{self, AgentState};
+use super::cache::{self, AgentState, Store};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::direct::{self, DirectPath, Received};
 use super::paths::{self, PathKind};
@@ -60,6 +60,9 @@ const LOCK_FILE: &str = "agent.lock";
 
 pub struct AgentConfig {
     pub state_dir: PathBuf,
+    /// Where the peer map is kept (see `cache`): the state directory, or a
+    /// tmpfs on a router whose state directory is on flash.
+    pub cache_dir: PathBuf,
     pub ifname: String,
     pub listen_port: u16,
     pub join: Option<String>,
@@ -90,6 +93,7 @@ const SEALED_DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 struct Agent {
     cfg: AgentConfig,
     state: AgentState,
+    store: Store,
     ctrl: ControlConn,
     nat: Traversal,
     direct: DirectPath,
@@ -211,8 +215,7 @@ fn private_dir(dir: &Path) -> Result<()> {
 /// token. A token for the mesh the cache is already a member of changes
 /// nothing and is handed back: if the coordinator has removed this node
 /// meanwhile (while its agent was down), the agent joins with it at once.
-fn prepare_state(cfg: &AgentConfig) -> Result<(AgentState, Option<JoinToken>)> {
-    let cached = cache::load(&cfg.state_dir)?;
+fn prepare_state(cfg: &AgentConfig, cached: Option<AgentState>) -> Result<(AgentState, Option<JoinToken>)> {
     let Some(token) = &cfg.join else {
         let state = cached.with_context(|| {
             format!(
@@ -224,10 +227,20 @@ fn prepare_state(cfg: &AgentConfig) -> Result<(AgentState, Option<JoinToken>)> {
         return Ok((state, None));
     };
     let token = JoinToken::parse(token)?;
-    if let Some(c) = cached
+    if let Some(mut c) = cached
         && c.server_key == token.server_key
         && (c.me.is_some() || c.join_secret.as_deref() == Some(token.secret.as_str()))
     {
+        // The same mesh (the coordinator's key) at a new address: the
+        // coordinator moved; the token says where it is now.
+        if c.servers != token.servers {
+            log!(
+                "agent: coordinator address changed from {} to {} (new token for the same mesh)",
+                c.servers.join(","),
+                token.servers.join(",")
+            );
+            c.servers = token.servers.clone();
+        }
         let spare = c.me.is_some().then_some(token);
         return Ok((c, spare));
     }
@@ -268,11 +281,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
     crate::coord::load::raise_fd_limit();
-    let (mut state, mut spare) = prepare_state(&cfg)?;
+    let (mut store, cached) = Store::open(&cfg.state_dir, &cfg.cache_dir)?;
+    let (mut state, mut spare) = prepare_state(&cfg, cached)?;
     let (mut cfg, mut signals) = (cfg, signals);
     loop {
-        cache::save(&cfg.state_dir, &state)?;
-        let mut agent = start(cfg, state, signals, spare.is_some())?;
+        store.save_all(Instant::now(), &state)?;
+        let mut agent = start(cfg, state, store, signals, spare.is_some())?;
         let result = agent.run();
         if !agent.rejoin {
             return result;
@@ -281,17 +295,26 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             return result;
         };
         let Agent {
-            cfg: c, signals: sig, ..
+            cfg: c,
+            signals: sig,
+            store: st,
+            ..
         } = agent;
         log!("agent: joining again with the token given");
         state = joining_state(token, c.name.clone());
-        (cfg, signals) = (c, sig);
+        (cfg, signals, store) = (c, sig, st);
     }
 }
 
 /// Everything the agent's loop owns, set up for `state`. `can_rejoin`: a
 /// token is in hand should the coordinator say this node was removed.
-fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: bool) -> Result<Agent> {
+fn start(
+    cfg: AgentConfig,
+    state: AgentState,
+    store: Store,
+    signals: StopSignals,
+    can_rejoin: bool,
+) -> Result<Agent> {
     let choice = BackendChoice::resolve(cfg.backend)?;
     let backend = match select::backend_for_existing(choice, &cfg.ifname)? {
         Some(b) => b,
@@ -385,6 +408,7 @@ fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: 
         last_sealed_drop_log: None,
         cfg,
         state,
+        store,
         ctrl,
         backend,
         rtnl,
@@ -420,6 +444,7 @@ impl Agent {
                 self.relay.poll_timeout(),
                 self.msgs.poll_timeout(),
                 self.portmap.poll_timeout(),
+                self.store.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -486,14 +511,21 @@ impl Agent {
                 if let Err(e) = self.reconcile(now, full) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
-                        log!("agent: {msg}");
+                        log_warn!("agent: {msg}");
                     }
                     self.last_error = Some(msg);
                 } else {
                     self.last_error = None;
                 }
             }
+            if let Err(e) = self.store.write_due(now, &self.state) {
+                log_error!("agent: {e:#}");
+            }
             if let Some(result) = self.stop.take() {
+                // The latest map, so a restart begins where this agent ended.
+                if let Err(e) = self.store.flush(now, &self.state) {
+                    log_error!("agent: {e:#}");
+                }
                 self.portmap.release();
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
@@ -531,20 +563,24 @@ impl Agent {
                     self.state.relays = relays;
                     self.state.wgstun = wgstun;
                     self.state.join_secret = None;
-                    self.save();
+                    self.save_identity();
+                    self.store.map_changed(now);
                     self.configure_stun(now);
                     self.need_apply = true;
                 }
                 Event::MapChanged => {
                     self.state.me = self.ctrl.me().cloned();
                     self.state.peers = self.ctrl.peers().cloned().collect();
-                    self.save();
+                    // A rename of this node changes its identity file too.
+                    self.save_identity();
+                    self.store.map_changed(now);
                     self.need_apply = true;
                 }
                 Event::KeyRotated => {
                     self.state.private_key = *self.ctrl.private_key();
                     self.state.pending_private_key = None;
-                    self.save();
+                    self.save_identity();
+                    self.store.map_changed(now);
                     log!(
                         "agent: now using key {}",
                         self.state.private_key.public_key().short()
@@ -556,7 +592,7 @@ impl Agent {
                     reason,
                     permanent,
                 } => {
-                    log!("agent: coordinator refused: {reason}");
+                    log_warn!("agent: coordinator refused: {reason}");
                     if permanent {
                         self.refused_for_good(code, &reason);
                     }
@@ -589,7 +625,7 @@ impl Agent {
                     .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
             {
                 self.last_sealed_drop_log = Some(now);
-                log!(
+                log_warn!(
                     "agent: dropped a peer message from {}: {why}",
                     self.peer_label(&from)
                 );
@@ -688,10 +724,10 @@ impl Agent {
         match self.backend.exists(&ifname) {
             Ok(true) => match self.backend.delete(&ifname) {
                 Ok(()) => log!("agent: stopped the userspace WireGuard of {ifname}"),
-                Err(e) => log!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
+                Err(e) => log_warn!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
             },
             Ok(false) => {}
-            Err(e) => log!("agent: {ifname}: {e:#}"),
+            Err(e) => log_warn!("agent: {ifname}: {e:#}"),
         }
     }
 
@@ -702,9 +738,9 @@ impl Agent {
                 if self.backend.exists(&self.cfg.ifname).unwrap_or(false)
                     && let Err(e) = self.backend.delete(&self.cfg.ifname)
                 {
-                    log!("agent: removing {}: {e:#}", self.cfg.ifname);
+                    log_warn!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
-                let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                self.store.forget();
                 if self.can_rejoin {
                     // Removed while the agent was down, and started with a new token: use it.
                     self.rejoin = true;
@@ -718,7 +754,7 @@ impl Agent {
             | ErrorCode::InviteUsed
             | ErrorCode::Version => {
                 if self.state.me.is_none() {
-                    let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                    self.store.forget();
                 }
                 self.stop = Some(Err(anyhow::anyhow!("joining the mesh: {reason}")));
             }
@@ -726,9 +762,10 @@ impl Agent {
         }
     }
 
-    fn save(&self) {
-        if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
-            log!("agent: {e:#}");
+    /// The identity is written at once (see `cache`); the map is coalesced.
+    fn save_identity(&mut self) {
+        if let Err(e) = self.store.save_identity(&self.state) {
+            log_error!("agent: {e:#}");
         }
     }
 
@@ -962,7 +999,7 @@ impl Agent {
                     // On disk before it is announced: see `AgentState::pending_private_key`.
                     let new = Key::generate_private();
                     self.state.pending_private_key = Some(new);
-                    if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
+                    if let Err(e) = self.store.save_identity(&self.state) {
                         return Response::Error {
                             reason: format!("rotating key: {e:#}"),
                         };

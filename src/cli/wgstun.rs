@@ -12,6 +12,8 @@ use crate::wgstun::{self, key, responder};
 
 #[derive(Args, Debug)]
 pub struct WgstunArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// UDP address for WireGuard.
     #[arg(long, default_value = wgstun::DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -51,9 +53,21 @@ pub struct WgstunArgs {
     /// Endpoint to put in the stanza (default: the listen address, or this host's name).
     #[arg(long, value_name = "HOST:PORT", requires = "print_peer")]
     endpoint: Option<String>,
+    /// With --print-peer: `{"public_key", "endpoint", "allowed_ips"}` (errors
+    /// as `{"error": ...}`).
+    #[arg(long, requires = "print_peer")]
+    json: bool,
+}
+
+impl WgstunArgs {
+    /// Whether `--print-peer` was asked for JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 pub fn run(args: WgstunArgs) -> Result<()> {
+    args.daemon.start();
     let private_key = key::load_or_create(&args.state_dir)?;
     if args.print_peer {
         let endpoint = match args.endpoint {
@@ -65,6 +79,13 @@ pub fn run(args: WgstunArgs) -> Result<()> {
                 format!("{}:{}", host.trim(), args.listen.port())
             }
         };
+        if args.json {
+            return super::out::json(&serde_json::json!({
+                "public_key": private_key.public_key(),
+                "endpoint": endpoint,
+                "allowed_ips": [format!("{}/32", wgstun::inner::WGSTUN_ADDR)],
+            }));
+        }
         super::out::write(&wgstun::peer_stanza(&private_key.public_key(), &endpoint))?;
         return Ok(());
     }

@@ -10,6 +10,7 @@ pub mod invite;
 pub mod load;
 pub mod names;
 pub mod peermap;
+pub mod relayfeed;
 pub mod server;
 pub mod store;
 pub mod tally;

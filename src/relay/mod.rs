@@ -6,8 +6,10 @@ pub mod admission;
 pub mod budget;
 pub mod client;
 pub mod client_conn;
+pub mod feed;
 pub mod frame;
 pub mod load;
+pub mod members;
 pub mod server;
 
 use crate::control::noise::Profile;

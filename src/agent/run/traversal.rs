@@ -44,7 +44,7 @@ impl Agent {
                     Ok(sealed) => {
                         self.relay.send_sealed(now, &t.peer, &sealed);
                     }
-                    Err(e) => log!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
+                    Err(e) => log_warn!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
                 },
                 via => {
                     // The peer's check port is its own (another WireGuard port, or a
