@@ -128,20 +128,30 @@ has_config_flag() { in_root warren "$1" --help | grep -q -- '--config'; }
 exec_start() {
     local unit=$1 role=$2 cmd
     cmd=$(unit_key "$unit" ExecStart)
+    cmd=${cmd//%d/$(credentials_dir "$unit")}
     if ! has_config_flag "$role"; then
-        cmd=${cmd/ --config \/etc\/warren\/warren.toml/}
+        cmd=$(sed 's| --config [^ ]*||' <<<"$cmd")
         [ "$role" = agent ] && cmd+=" --join-file /etc/warren/join-token"
         echo "note: this binary has no --config; $unit runs as: $cmd" >&2
     fi
     echo "$cmd"
 }
-# The directories systemd creates for a unit: StateDirectory= (under
-# /var/lib/private with a symlink for DynamicUser=), RuntimeDirectory=, LogsDirectory=.
-unit_dirs() {
-    local unit=$1 d
+# What systemd sets up for a unit before its command runs: StateDirectory=
+# (for DynamicUser= under /var/lib/private, with a symlink, owned by the
+# dynamic user; systemd makes /var/lib/private passable inside the service's
+# mount namespace only, here it is mode 0755 instead), RuntimeDirectory=,
+# LogsDirectory=, and LoadCredential= copies readable by the service alone
+# in its credentials directory (%d).
+DYNAMIC_UID=61873
+unit_uid() { if [ "$(unit_key "$1" DynamicUser)" = yes ]; then echo "$DYNAMIC_UID"; else echo 0; fi; }
+credentials_dir() { echo "/run/credentials/$1.service"; }
+unit_setup() {
+    local unit=$1 uid d c
+    uid=$(unit_uid "$unit")
     for d in $(unit_key "$unit" StateDirectory); do
-        if [ "$(unit_key "$unit" DynamicUser)" = yes ]; then
-            install -d -m 0700 "$ROOT/var/lib/private" "$ROOT/var/lib/private/$d"
+        if [ "$uid" != 0 ]; then
+            install -d -m 0755 "$ROOT/var/lib/private"
+            install -d -m 0700 -o "$uid" -g "$uid" "$ROOT/var/lib/private/$d"
             ln -sfn "private/$d" "$ROOT/var/lib/$d"
         else
             install -d -m 0700 "$ROOT/var/lib/$d"
@@ -149,12 +159,21 @@ unit_dirs() {
     done
     for d in $(unit_key "$unit" RuntimeDirectory); do install -d -m 0700 "$ROOT/run/$d"; done
     for d in $(unit_key "$unit" LogsDirectory); do install -d -m 0700 "$ROOT/var/log/$d"; done
+    for c in $(unit_key "$unit" LoadCredential); do
+        d=$ROOT$(credentials_dir "$unit")
+        install -d -m 0500 -o "$uid" -g "$uid" "$d"
+        install -m 0400 -o "$uid" -g "$uid" "$ROOT${c#*:}" "$d/${c%%:*}"
+    done
 }
+# systemd removes the credentials when the service stops.
+unit_teardown() { rm -rf "$ROOT$(credentials_dir "$1")"; rmdir "$ROOT/run/credentials" 2>/dev/null || true; }
 
-# setpriv arguments for the unit's CapabilityBoundingSet= and NoNewPrivileges=:
-# the process gets exactly those capabilities, as under systemd.
+# setpriv arguments for the unit's user (DynamicUser=), CapabilityBoundingSet=
+# and NoNewPrivileges=: the process gets exactly those, as under systemd.
 unit_privs() {
-    local unit=$1 caps c
+    local unit=$1 uid caps c
+    uid=$(unit_uid "$unit")
+    [ "$uid" != 0 ] && echo "--reuid=$uid --regid=$uid --clear-groups"
     caps=-all
     for c in $(unit_key "$unit" CapabilityBoundingSet); do
         c=${c#CAP_}
@@ -168,7 +187,7 @@ SERVER_STATE=/var/lib/warren-server
 server_cmd=$(exec_start warren-server server)
 [[ "$server_cmd" == *"--state-dir $SERVER_STATE"* ]] || lab_fail "warren-server.service does not use $SERVER_STATE"
 start_server() {
-    unit_dirs warren-server
+    unit_setup warren-server
     # shellcheck disable=SC2046,SC2086 # the unit's command line, split as systemd does
     lab_bg srv server.log chroot "$ROOT" setpriv $(unit_privs warren-server) -- $server_cmd
     SERVER_PID=$LAB_LAST_PID
@@ -176,7 +195,7 @@ start_server() {
 }
 agent_cmd=$(exec_start warren agent)
 start_agent() {
-    unit_dirs warren
+    unit_setup warren
     # shellcheck disable=SC2046,SC2086
     lab_bg node agent.log chroot "$ROOT" setpriv $(unit_privs warren) -- $agent_cmd
     AGENT_PID=$LAB_LAST_PID
@@ -227,6 +246,7 @@ grep -qx "# kept across upgrades" "$ROOT/etc/warren/warren.toml" || lab_fail "th
 rm "$ROOT/etc/warren/join-token"
 stop "$AGENT_PID" agent
 stop "$SERVER_PID" coordinator
+unit_teardown warren-server
 start_server
 start_agent
 lab_wait "the node reconnected after the upgrade" 30 connected
@@ -237,6 +257,7 @@ echo "upgraded: conffile and state kept, node back as $addr"
 # prerm stops the units under systemd; here the test does.
 stop "$AGENT_PID" agent
 stop "$SERVER_PID" coordinator
+unit_teardown warren-server
 in_root dpkg --purge warren >"$LAB_DIR/dpkg-purge.log" 2>&1 || {
     cat "$LAB_DIR/dpkg-purge.log" >&2
     lab_fail "dpkg --purge failed"
