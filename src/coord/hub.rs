@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use super::admin::{AdminRequest, AdminResponse, NodeView};
 use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
+use super::pacer::Pacer;
 use super::peermap::PeerMap;
 use super::store::{JoinRequest, Node, Store};
 use crate::control::messages::{
@@ -50,6 +51,8 @@ pub struct Hub {
     /// per loop turn means a burst of joins costs one delta, not one each.
     changed: BTreeSet<u64>,
     removed: BTreeSet<u64>,
+    /// When those changes may go out: a herd of changes is coalesced.
+    pacer: Pacer,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
     /// Welcomed connections waiting for their full map, first come first
@@ -68,6 +71,9 @@ pub struct Hub {
     wgstun: Vec<WgStunInfo>,
     /// Told the key of every removed node (the embedded relay refuses them).
     on_removed: Option<Box<dyn FnMut(Key) + Send>>,
+    /// Hello or Join refused since the server last took them: a stranger's
+    /// input, so the server counts them in its summary instead of a log line each.
+    refused_openings: Vec<ErrorCode>,
 }
 
 impl Hub {
@@ -81,6 +87,7 @@ impl Hub {
             map: None,
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
+            pacer: Pacer::default(),
             dirty: BTreeSet::new(),
             map_queue: VecDeque::new(),
             map_in_flight: HashMap::new(),
@@ -89,6 +96,7 @@ impl Hub {
             relays: Vec::new(),
             wgstun: Vec::new(),
             on_removed: None,
+            refused_openings: Vec::new(),
         }
     }
 
@@ -275,11 +283,23 @@ impl Hub {
         false
     }
 
+    /// Refuses a connection with `code`: a member's refusal is logged, a
+    /// refused Hello or Join (not a member, whatever its handshake proved) is
+    /// only counted (see [`Hub::take_refused_openings`]).
     fn refuse(&mut self, id: ConnId, now: Instant, code: ErrorCode, reason: &str) {
         if let Some(c) = self.conns.get(&id) {
-            log(c, &format!("refused: {reason}"));
+            if c.phase == Phase::Opening {
+                self.refused_openings.push(code);
+            } else {
+                log(c, &format!("refused: {reason}"));
+            }
         }
         conn_fail(&mut self.conns, id, now, code, reason);
+    }
+
+    /// The Hello or Join refusals since the last call, for the server's summary line.
+    pub fn take_refused_openings(&mut self) -> Vec<ErrorCode> {
+        std::mem::take(&mut self.refused_openings)
     }
 
     fn admit(&mut self, id: ConnId, now: Instant, node: Node) -> Result<()> {
@@ -407,10 +427,15 @@ impl Hub {
         }
     }
 
+    fn changes_waiting(&self) -> bool {
+        !self.changed.is_empty() || !self.removed.is_empty()
+    }
+
     /// Pushes batched changes to every connected node as one delta, and
-    /// applies them to the in-memory map that connecting nodes get.
-    pub fn flush(&mut self) {
-        if self.changed.is_empty() && self.removed.is_empty() {
+    /// applies them to the in-memory map that connecting nodes get; at once
+    /// after a quiet while, else when the pacer allows (see `pacer.rs`).
+    pub fn flush(&mut self, now: Instant) {
+        if !self.changes_waiting() || !self.pacer.due(now) {
             return;
         }
         if let Err(e) = self.map() {
@@ -443,6 +468,7 @@ impl Hub {
             upsert,
             remove,
         });
+        self.pacer.sent(now);
         let waiting: BTreeSet<ConnId> = self.map_queue.iter().copied().collect();
         for (&cid, conn) in self.conns.iter_mut() {
             if matches!(conn.phase, Phase::Node(_)) && !waiting.contains(&cid) {
@@ -487,7 +513,8 @@ impl Hub {
         let maps_due = (self.map_in_flight.len() < MAPS_IN_FLIGHT && !self.map_queue.is_empty())
             .then_some(self.turn)
             .flatten();
-        deadlines.into_iter().chain(maps_due).min()
+        let delta_due = self.pacer.next(self.changes_waiting());
+        deadlines.into_iter().chain(maps_due).chain(delta_due).min()
     }
 
     /// Connections that have bytes to write or should be closed; drained.
@@ -630,6 +657,7 @@ fn log(conn: &Conn, what: &str) {
 mod tests {
     use super::*;
     use crate::control::channel::Channel;
+    use crate::coord::pacer::DELTA_INTERVAL;
     use crate::coord::store::tests::TempDir;
     use std::sync::Arc;
 
@@ -735,6 +763,12 @@ mod tests {
             }
         }
 
+        /// Ends a loop turn a pacer interval after the last: waiting changes go out.
+        fn flush(&mut self) {
+            self.now += DELTA_INTERVAL;
+            self.hub.flush(self.now);
+        }
+
         fn full_map(&mut self) -> Arc<[u8]> {
             self.hub.map().unwrap().full()
         }
@@ -755,7 +789,7 @@ mod tests {
     fn reconnecting_nodes_share_one_encoding_of_the_map() {
         let mut mesh = Mesh::new();
         let joined: Vec<Node> = ["a", "b", "c"].iter().map(|n| mesh.join(n)).collect();
-        mesh.hub.flush();
+        mesh.flush();
         // A newcomer finds itself in its first map.
         let ServerMessage::PeerMap { nodes, .. } = decode(maps(&joined[2])[0]) else {
             panic!("not a peer map");
@@ -768,7 +802,7 @@ mod tests {
         for n in &joined {
             mesh.hub.closed(n.id);
         }
-        mesh.hub.flush();
+        mesh.flush();
         let shared = mesh.full_map();
         let b = mesh.hello(joined[1].key);
         let c = mesh.hello(joined[2].key);
@@ -786,7 +820,7 @@ mod tests {
         assert_eq!(nodes.len(), 3);
         assert!(nodes.iter().all(|n| !n.online), "{nodes:?}");
         // Their return reaches the others as one delta in the next turn.
-        mesh.hub.flush();
+        mesh.flush();
         let mut c = c;
         mesh.pump(&mut c);
         let last = decode(c.got.last().unwrap());
@@ -800,7 +834,7 @@ mod tests {
     fn a_change_makes_a_new_encoding_that_later_connections_get() {
         let mut mesh = Mesh::new();
         let mut a = mesh.join("a");
-        mesh.hub.flush();
+        mesh.flush();
         let before = mesh.full_map();
         let renamed = mesh.hub.admin(
             AdminRequest::Rename {
@@ -810,7 +844,7 @@ mod tests {
             mesh.now,
         );
         assert!(matches!(renamed, AdminResponse::Node { .. }), "{renamed:?}");
-        mesh.hub.flush();
+        mesh.flush();
         mesh.pump(&mut a);
         let after = mesh.full_map();
         assert!(!Arc::ptr_eq(&before, &after));
@@ -836,14 +870,14 @@ mod tests {
     fn a_removal_reaches_every_connection_and_leaves_the_map() {
         let mut mesh = Mesh::new();
         let mut nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|n| mesh.join(n)).collect();
-        mesh.hub.flush();
+        mesh.flush();
         let gone = nodes.pop().unwrap();
         let gone_id = mesh.hub.conns[&gone.id].node().unwrap();
         let r = mesh
             .hub
             .admin(AdminRequest::Remove { node: "d".into() }, mesh.now);
         assert!(matches!(r, AdminResponse::Node { .. }), "{r:?}");
-        mesh.hub.flush();
+        mesh.flush();
         for n in nodes.iter_mut() {
             let seen = n.got.len();
             mesh.pump(n);
@@ -865,11 +899,11 @@ mod tests {
         let mut mesh = Mesh::new();
         let herd = MAPS_IN_FLIGHT + MAPS_PER_TURN;
         let keys: Vec<Key> = (0..herd).map(|i| mesh.join(&format!("n{i}")).key).collect();
-        mesh.hub.flush();
+        mesh.flush();
         for id in 1..mesh.next {
             mesh.hub.closed(id);
         }
-        mesh.hub.flush();
+        mesh.flush();
         // The restart: everyone's Hello arrives in one turn, and nobody reads yet.
         mesh.hub.handle_timeout(mesh.now);
         let mut nodes = Vec::new();
@@ -906,7 +940,7 @@ mod tests {
             "one turn seals a bounded number of maps"
         );
         // The others' returns are flushed while most still wait for their map.
-        mesh.hub.flush();
+        mesh.flush();
         for _ in 0..herd {
             mesh.hub.handle_timeout(mesh.now);
         }

@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod invite;
 pub mod load;
 pub mod names;
+pub mod pacer;
 pub mod peermap;
 pub mod server;
 pub mod store;
