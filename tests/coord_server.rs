@@ -147,6 +147,7 @@ impl Client {
             name: None,
             hostname: hostname.into(),
             candidates: vec![],
+            online_by_id: false,
         };
         Client::connect(server, private, msg)
     }
@@ -156,6 +157,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             hostname: "h".into(),
             candidates: vec![],
+            online_by_id: false,
         };
         Client::connect(server, private, msg)
     }
@@ -377,6 +379,7 @@ fn bad_tokens_are_refused_with_a_reason() {
         name: None,
         hostname: "x".into(),
         candidates: vec![],
+        online_by_id: false,
     };
     let mut c = Client::connect_pinned(server.addr, &other, &Key::generate_private(), msg);
     c.until("the server hangs up", |c| c.closed);
@@ -452,6 +455,7 @@ fn before_hello_a_connection_may_send_only_one_small_message() {
         name: None,
         hostname: "big".into(),
         candidates: vec![],
+        online_by_id: false,
     };
     for (what, len) in [("a 5 KiB join", 5000), ("a fragmented join", 70_000)] {
         let mut c = Client::connect_raw(

@@ -118,7 +118,11 @@ pub fn source(i: usize, sources: usize) -> Ipv4Addr {
 }
 
 /// A TCP socket bound to `from` and connecting to `to`; non-blocking or not.
-fn dial(from: Ipv4Addr, to: SocketAddr, nonblocking: bool) -> std::io::Result<std::net::TcpStream> {
+pub(crate) fn dial(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    nonblocking: bool,
+) -> std::io::Result<std::net::TcpStream> {
     let SocketAddr::V4(to) = to else {
         return Err(std::io::Error::other("the flood dials IPv4 only"));
     };
@@ -309,6 +313,7 @@ fn step(h: &mut Hostile, buf: &mut [u8], plaintext: &[u8], stats: &FloodStats) -
                     version: PROTOCOL_VERSION,
                     hostname: "stranger".into(),
                     candidates: vec![],
+                    online_by_id: false,
                 });
                 session
                     .seal(&hello, &mut h.out)

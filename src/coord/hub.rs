@@ -2,7 +2,7 @@
 //! must hear about a change. No sockets here; the server's mio loop feeds
 //! bytes in and writes [`Hub::outgoing`] out, so tests can drive it directly.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -53,6 +53,9 @@ pub struct Hub {
     removed: BTreeSet<u64>,
     /// When those changes may go out: a herd of changes is coalesced.
     pacer: Pacer,
+    /// Connections whose node reads online changes as ids (see
+    /// `ClientMessage::Join::online_by_id`); the others get whole entries.
+    online_by_id: HashSet<ConnId>,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
     /// Welcomed connections waiting for their full map, first come first
@@ -88,6 +91,7 @@ impl Hub {
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             pacer: Pacer::default(),
+            online_by_id: HashSet::new(),
             dirty: BTreeSet::new(),
             map_queue: VecDeque::new(),
             map_in_flight: HashMap::new(),
@@ -181,10 +185,14 @@ impl Hub {
                     version,
                     hostname: _,
                     candidates: _,
+                    online_by_id,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
                     return Ok(());
+                }
+                if online_by_id {
+                    self.online_by_id.insert(id);
                 }
                 match self.store.node_by_key(&key)? {
                     Some(node) if node.removed.is_none() => self.admit(id, now, node)?,
@@ -210,10 +218,14 @@ impl Hub {
                     name,
                     hostname,
                     candidates: _,
+                    online_by_id,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
                     return Ok(());
+                }
+                if online_by_id {
+                    self.online_by_id.insert(id);
                 }
                 let hash = invite::secret_hash(&secret);
                 let req = JoinRequest {
@@ -421,6 +433,7 @@ impl Hub {
             self.went_offline(id, node);
         }
         self.dirty.remove(&id);
+        self.online_by_id.remove(&id);
         self.map_queue.retain(|&q| q != id);
         if self.map_in_flight.remove(&id).is_some() {
             self.send_maps();
@@ -457,22 +470,46 @@ impl Hub {
         }
         let remove: Vec<u64> = std::mem::take(&mut self.removed).into_iter().collect();
         let map = self.map.as_mut().expect("loaded above");
+        // The same changes twice: whole entries for every node, and returns
+        // and departures by id for nodes that read them so.
+        let (mut changed, mut online, mut offline) = (Vec::new(), Vec::new(), Vec::new());
         for n in &upsert {
+            if map.only_online_differs(n) {
+                if n.online { &mut online } else { &mut offline }.push(n.id);
+            } else {
+                changed.push(n.clone());
+            }
             map.upsert(n);
         }
         for &id in &remove {
             map.remove(id);
         }
-        let delta = messages::encode(&ServerMessage::PeerMapDelta {
-            version: map.bump(),
+        let version = map.bump();
+        let by_id =
+            (!self.online_by_id.is_empty() && !(online.is_empty() && offline.is_empty())).then(|| {
+                messages::encode(&ServerMessage::PeerMapDelta {
+                    version,
+                    upsert: changed,
+                    remove: remove.clone(),
+                    online,
+                    offline,
+                })
+            });
+        let whole = messages::encode(&ServerMessage::PeerMapDelta {
+            version,
             upsert,
             remove,
+            online: Vec::new(),
+            offline: Vec::new(),
         });
         self.pacer.sent(now);
         let waiting: BTreeSet<ConnId> = self.map_queue.iter().copied().collect();
         for (&cid, conn) in self.conns.iter_mut() {
             if matches!(conn.phase, Phase::Node(_)) && !waiting.contains(&cid) {
-                conn.send_encoded(&delta);
+                match &by_id {
+                    Some(d) if self.online_by_id.contains(&cid) => conn.send_encoded(d),
+                    _ => conn.send_encoded(&whole),
+                }
                 self.dirty.insert(cid);
             }
         }
@@ -708,6 +745,7 @@ mod tests {
                 name: Some(name.into()),
                 hostname: name.into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             self.connect(Key::generate_private(), &join)
         }
@@ -718,6 +756,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 hostname: "h".into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             self.connect(key, &hello)
         }
@@ -830,6 +869,70 @@ mod tests {
         assert_eq!(upsert.iter().filter(|n| n.online).count(), 2);
     }
 
+    /// The last delta a node got, after one more loop turn.
+    fn last_delta(mesh: &mut Mesh, n: &mut Node) -> (u64, Vec<PeerInfo>, Vec<u64>, Vec<u64>) {
+        mesh.pump(n);
+        match decode(n.got.last().unwrap()) {
+            ServerMessage::PeerMapDelta {
+                version,
+                upsert,
+                online,
+                offline,
+                ..
+            } => (version, upsert, online, offline),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn returns_reach_nodes_that_read_ids_as_ids_and_the_others_as_whole_entries() {
+        let mut mesh = Mesh::new();
+        let mut old = mesh.join("old");
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: mesh.token.secret.clone(),
+            name: Some("new".into()),
+            hostname: "new".into(),
+            candidates: vec![],
+            online_by_id: true,
+        };
+        let mut new = mesh.connect(Key::generate_private(), &join);
+        let c = mesh.join("c");
+        let c_node = mesh.hub.conns[&c.id].node().unwrap();
+        mesh.flush();
+        mesh.pump(&mut old);
+        mesh.pump(&mut new);
+        mesh.hub.closed(c.id);
+        mesh.flush();
+        let (v_old, up_old, on_old, off_old) = last_delta(&mut mesh, &mut old);
+        let (v_new, up_new, on_new, off_new) = last_delta(&mut mesh, &mut new);
+        assert_eq!(v_old, v_new, "one version, two encodings");
+        assert!(on_old.is_empty() && off_old.is_empty());
+        assert!(
+            up_old.len() == 1 && up_old[0].id == c_node && !up_old[0].online,
+            "{up_old:?}"
+        );
+        assert_eq!((up_new.len(), on_new.len(), off_new), (0, 0, vec![c_node]));
+        // Back, and renamed in the same interval: the rename is a whole entry for both.
+        let c = mesh.hello(c.key);
+        let r = mesh.hub.admin(
+            AdminRequest::Rename {
+                node: "old".into(),
+                new_name: "older".into(),
+            },
+            mesh.now,
+        );
+        assert!(matches!(r, AdminResponse::Node { .. }), "{r:?}");
+        mesh.flush();
+        let (_, up_old, ..) = last_delta(&mut mesh, &mut old);
+        let (_, up_new, on_new, _) = last_delta(&mut mesh, &mut new);
+        let names = |u: &[PeerInfo]| u.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&up_old), ["older", "c"]);
+        assert_eq!(names(&up_new), ["older"]);
+        assert_eq!(on_new, [c_node]);
+        drop(c);
+    }
+
     #[test]
     fn a_change_makes_a_new_encoding_that_later_connections_get() {
         let mut mesh = Mesh::new();
@@ -916,6 +1019,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 hostname: "h".into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             ch.send(&messages::encode(&hello)).unwrap();
             let init = ch.outgoing().to_vec();
