@@ -485,16 +485,16 @@ impl Hub {
             map.remove(id);
         }
         let version = map.bump();
-        let by_id =
-            (!self.online_by_id.is_empty() && !(online.is_empty() && offline.is_empty())).then(|| {
-                messages::encode(&ServerMessage::PeerMapDelta {
-                    version,
-                    upsert: changed,
-                    remove: remove.clone(),
-                    online,
-                    offline,
-                })
-            });
+        let only_flags = !online.is_empty() || !offline.is_empty();
+        let by_id = (only_flags && !self.online_by_id.is_empty()).then(|| {
+            messages::encode(&ServerMessage::PeerMapDelta {
+                version,
+                upsert: changed,
+                remove: remove.clone(),
+                online,
+                offline,
+            })
+        });
         let whole = messages::encode(&ServerMessage::PeerMapDelta {
             version,
             upsert,
@@ -694,7 +694,7 @@ fn log(conn: &Conn, what: &str) {
 mod tests {
     use super::*;
     use crate::control::channel::Channel;
-    use crate::coord::pacer::DELTA_INTERVAL;
+    use crate::coord::pacer::MAX_INTERVAL;
     use crate::coord::store::tests::TempDir;
     use std::sync::Arc;
 
@@ -804,7 +804,7 @@ mod tests {
 
         /// Ends a loop turn a pacer interval after the last: waiting changes go out.
         fn flush(&mut self) {
-            self.now += DELTA_INTERVAL;
+            self.now += MAX_INTERVAL;
             self.hub.flush(self.now);
         }
 
