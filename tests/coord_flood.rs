@@ -252,3 +252,65 @@ fn a_garbage_flood_writes_at_most_100_log_lines() {
     assert!(summary.is_some(), "no summary line counted the flood");
     assert!(c.node_joins(), "no Welcome for a node after the flood");
 }
+
+/// Valid Noise handshakes under made-up keys, each followed by a proper
+/// Hello, from 200 addresses: every one is refused (unknown key), and the
+/// refusals are counted in the summary line, not logged one by one, while a
+/// node joins as usual.
+#[test]
+fn hellos_with_unknown_keys_write_at_most_100_log_lines_and_a_node_still_joins() {
+    let mut c = Coordinator::start();
+    let before = c.log().len();
+    let (stats, flood) = flood_in_background(&c, Mode::Hello, 200, 20);
+    let deadline = Instant::now() + DEADLINE;
+    while get(&stats.handshakes) < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never got going: {}",
+            stats.line()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        c.node_joins(),
+        "no Welcome for a node during the flood ({})",
+        stats.line()
+    );
+    flood.join().unwrap();
+    let handshakes = get(&stats.handshakes);
+    // The refusals the server counted, summed over its summary lines.
+    let counted = |log: &[String]| -> u64 {
+        log.iter()
+            .filter_map(|l| {
+                let tail = &l[l.find("hello or join refused ")? + 22..];
+                tail.split(' ').next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    // Nearly every handshake was followed by a Hello the server refused; a
+    // summary is due within its interval (10 s) after the flood.
+    let log_deadline = Instant::now() + Duration::from_secs(60);
+    while counted(&c.log()) < handshakes * 9 / 10 && Instant::now() < log_deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = c.log();
+    eprintln!(
+        "flood: {}; {} refused hellos counted; coordinator log grew by {} lines",
+        stats.line(),
+        counted(&log),
+        log.len() - before
+    );
+    assert!(c.alive(), "the coordinator died");
+    assert!(handshakes >= 1000, "not much of a flood: {}", stats.line());
+    assert!(
+        counted(&log) >= handshakes * 9 / 10,
+        "the summary lines counted {} refused hellos of {handshakes} handshakes",
+        counted(&log)
+    );
+    assert!(
+        log.len() - before <= LOG_LINES_BOUND,
+        "{} log lines for {handshakes} refused hellos, bound {LOG_LINES_BOUND}",
+        log.len() - before
+    );
+    assert!(c.node_joins(), "no Welcome for a node after the flood");
+}

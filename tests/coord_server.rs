@@ -158,6 +158,7 @@ impl Client {
             name: None,
             hostname: hostname.into(),
             candidates: vec![],
+            online_by_id: false,
         };
         Client::connect(server, private, msg)
     }
@@ -167,6 +168,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             hostname: "h".into(),
             candidates: vec![],
+            online_by_id: false,
         };
         Client::connect(server, private, msg)
     }
@@ -396,6 +398,7 @@ fn bad_tokens_are_refused_with_a_reason() {
         name: None,
         hostname: "x".into(),
         candidates: vec![],
+        online_by_id: false,
     };
     let mut c = Client::connect_pinned(server.addr, &other, &Key::generate_private(), msg);
     c.until("the server hangs up", |c| c.closed);
@@ -471,6 +474,7 @@ fn before_hello_a_connection_may_send_only_one_small_message() {
         name: None,
         hostname: "big".into(),
         candidates: vec![],
+        online_by_id: false,
     };
     for (what, len) in [("a 5 KiB join", 5000), ("a fragmented join", 70_000)] {
         let mut c = Client::connect_raw(

@@ -219,11 +219,13 @@ impl ControlConn {
                 name: self.cfg.requested_name.clone(),
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
+                online_by_id: true,
             },
             None => ClientMessage::Hello {
                 version: PROTOCOL_VERSION,
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
+                online_by_id: true,
             },
         };
         // Queued in the channel; it goes out right after the handshake.
@@ -327,6 +329,8 @@ impl ControlConn {
                 version,
                 upsert,
                 remove,
+                online,
+                offline,
             } => {
                 if self.map_version.is_some_and(|v| v + 1 != version) {
                     // A gap means we missed something: reconnect for a full map.
@@ -340,6 +344,16 @@ impl ControlConn {
                 for p in upsert {
                     changed |= self.peers.get(&p.id) != Some(&p);
                     self.peers.insert(p.id, p);
+                }
+                let flags = online
+                    .iter()
+                    .map(|id| (id, true))
+                    .chain(offline.iter().map(|id| (id, false)));
+                for (id, up) in flags {
+                    if let Some(p) = self.peers.get_mut(id) {
+                        changed |= p.online != up;
+                        p.online = up;
+                    }
                 }
                 if changed {
                     self.update_me();

@@ -137,7 +137,7 @@ impl Sim {
                 }
             }
             if let Some(hub) = self.hub.as_mut() {
-                hub.flush();
+                hub.flush(now);
                 for id in hub.take_dirty() {
                     let out = hub.outgoing(id).to_vec();
                     hub.consume_outgoing(id, out.len());

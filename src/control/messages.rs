@@ -29,6 +29,9 @@ pub enum ClientMessage {
         version: u32,
         hostname: String,
         candidates: Vec<SocketAddr>,
+        /// See [`ClientMessage::Join::online_by_id`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        online_by_id: bool,
     },
     /// First message of a new node: redeems an invite.
     Join {
@@ -39,6 +42,11 @@ pub enum ClientMessage {
         name: Option<String>,
         hostname: String,
         candidates: Vec<SocketAddr>,
+        /// The node reads [`ServerMessage::PeerMapDelta`]'s `online` and
+        /// `offline` lists; without it, every change is a whole entry in
+        /// `upsert` (what agents from before these lists understand).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        online_by_id: bool,
     },
     /// The node's current endpoint candidates (replaces the previous set).
     Candidates {
@@ -151,6 +159,14 @@ pub enum ServerMessage {
         version: u64,
         upsert: Vec<PeerInfo>,
         remove: Vec<u64>,
+        /// Nodes whose only change is that they came online (went offline),
+        /// by id: a few bytes each instead of a whole entry, since after a
+        /// coordinator restart every node hears of every other's return.
+        /// Only for nodes that said `online_by_id`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        online: Vec<u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        offline: Vec<u64>,
     },
     /// Refusal or failure, followed by the coordinator closing the connection.
     Error {
@@ -281,6 +297,15 @@ mod tests {
                 version: 2,
                 upsert: vec![peer()],
                 remove: vec![4],
+                online: vec![],
+                offline: vec![],
+            },
+            ServerMessage::PeerMapDelta {
+                version: 3,
+                upsert: vec![],
+                remove: vec![],
+                online: vec![5, 6],
+                offline: vec![7],
             },
             ServerMessage::Error {
                 code: ErrorCode::InviteUsed,
@@ -297,8 +322,44 @@ mod tests {
             name: None,
             hostname: "box".into(),
             candidates: vec![],
+            online_by_id: true,
         };
         assert_eq!(decode_client(&encode(&join)).unwrap(), join);
+    }
+
+    /// What agents and coordinators from before `online_by_id` send and read.
+    #[test]
+    fn online_by_id_is_invisible_to_those_that_do_not_know_it() {
+        let hello = r#"{"type":"hello","version":1,"hostname":"nas","candidates":[]}"#;
+        assert!(matches!(
+            decode_client(hello.as_bytes()).unwrap(),
+            ClientMessage::Hello {
+                online_by_id: false,
+                ..
+            }
+        ));
+        let plain = ServerMessage::PeerMapDelta {
+            version: 2,
+            upsert: vec![peer()],
+            remove: vec![],
+            online: vec![],
+            offline: vec![],
+        };
+        let text = String::from_utf8(encode(&plain)).unwrap();
+        assert!(
+            !text.contains("online\":[") && !text.contains("offline"),
+            "{text}"
+        );
+        let old = ClientMessage::Hello {
+            version: 1,
+            hostname: "nas".into(),
+            candidates: vec![],
+            online_by_id: false,
+        };
+        assert_eq!(
+            String::from_utf8(encode(&old)).unwrap(),
+            r#"{"type":"hello","version":1,"hostname":"nas","candidates":[]}"#
+        );
     }
 
     #[test]
@@ -317,6 +378,7 @@ mod tests {
             version: 1,
             hostname: "x".repeat(300),
             candidates: vec![],
+            online_by_id: false,
         };
         assert!(decode_client(&encode(&long)).is_err());
     }

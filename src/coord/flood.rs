@@ -11,7 +11,9 @@
 //! - `hold`: sends all but the last byte of the largest opening allowed;
 //! - `mix`: the three above in turn;
 //! - `garbage`: connects, writes a few random bytes and resets, as fast as
-//!   it can (no handshake).
+//!   it can (no handshake);
+//! - `hello`: the exception to "never says Hello": a proper Hello under the
+//!   made-up key, which the coordinator refuses (unknown key) and closes.
 //!
 //! A connection the coordinator closes is opened again at once, until the time is up.
 
@@ -29,6 +31,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::inbound::MAX_BYTES_BEFORE_AUTH;
 use crate::control::frame::{self, FrameDecoder, FrameKind, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN};
+use crate::control::messages::{self, ClientMessage, PROTOCOL_VERSION};
 use crate::control::noise::{self, Initiating, Session};
 use crate::keys::Key;
 
@@ -50,6 +53,7 @@ pub enum Mode {
     Hold,
     Mix,
     Garbage,
+    Hello,
 }
 
 impl std::str::FromStr for Mode {
@@ -61,7 +65,8 @@ impl std::str::FromStr for Mode {
             "hold" => Mode::Hold,
             "mix" => Mode::Mix,
             "garbage" => Mode::Garbage,
-            _ => bail!("flood mode {s:?}: expected fragments, big-frame, hold, mix or garbage"),
+            "hello" => Mode::Hello,
+            _ => bail!("flood mode {s:?}: expected fragments, big-frame, hold, mix, garbage or hello"),
         })
     }
 }
@@ -113,7 +118,11 @@ pub fn source(i: usize, sources: usize) -> Ipv4Addr {
 }
 
 /// A TCP socket bound to `from` and connecting to `to`; non-blocking or not.
-fn dial(from: Ipv4Addr, to: SocketAddr, nonblocking: bool) -> std::io::Result<std::net::TcpStream> {
+pub(crate) fn dial(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    nonblocking: bool,
+) -> std::io::Result<std::net::TcpStream> {
     let SocketAddr::V4(to) = to else {
         return Err(std::io::Error::other("the flood dials IPv4 only"));
     };
@@ -298,6 +307,19 @@ fn step(h: &mut Hostile, buf: &mut [u8], plaintext: &[u8], stats: &FloodStats) -
         }
         h.stage = match h.mode {
             Mode::Fragments => Stage::Open(Box::new(session)),
+            Mode::Hello => {
+                let mut session = session;
+                let hello = messages::encode(&ClientMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                    hostname: "stranger".into(),
+                    candidates: vec![],
+                    online_by_id: false,
+                });
+                session
+                    .seal(&hello, &mut h.out)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Stage::Holding
+            }
             Mode::BigFrame => {
                 let len = MAX_FRAME_LEN as u32;
                 h.out.extend_from_slice(&len.to_be_bytes());

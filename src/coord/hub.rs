@@ -2,7 +2,7 @@
 //! must hear about a change. No sockets here; the server's mio loop feeds
 //! bytes in and writes [`Hub::outgoing`] out, so tests can drive it directly.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use super::admin::{AdminRequest, AdminResponse, NodeView};
 use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
+use super::pacer::Pacer;
 use super::peermap::PeerMap;
 use super::relayfeed::RelayFeed;
 use super::store::{JoinRequest, Node, Store};
@@ -51,6 +52,11 @@ pub struct Hub {
     /// per loop turn means a burst of joins costs one delta, not one each.
     changed: BTreeSet<u64>,
     removed: BTreeSet<u64>,
+    /// When those changes may go out: a herd of changes is coalesced.
+    pacer: Pacer,
+    /// Connections whose node reads online changes as ids (see
+    /// `ClientMessage::Join::online_by_id`); the others get whole entries.
+    online_by_id: HashSet<ConnId>,
     /// Connections with new bytes to write.
     dirty: BTreeSet<ConnId>,
     /// Welcomed connections waiting for their full map, first come first
@@ -71,6 +77,9 @@ pub struct Hub {
     on_removed: Option<Box<dyn FnMut(Key) + Send>>,
     /// Separate relays subscribed to the member keys.
     feed: RelayFeed,
+    /// Hello or Join refused since the server last took them: a stranger's
+    /// input, so the server counts them in its summary instead of a log line each.
+    refused_openings: Vec<ErrorCode>,
 }
 
 impl Hub {
@@ -84,6 +93,8 @@ impl Hub {
             map: None,
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
+            pacer: Pacer::default(),
+            online_by_id: HashSet::new(),
             dirty: BTreeSet::new(),
             map_queue: VecDeque::new(),
             map_in_flight: HashMap::new(),
@@ -93,6 +104,7 @@ impl Hub {
             wgstun: Vec::new(),
             on_removed: None,
             feed: RelayFeed::default(),
+            refused_openings: Vec::new(),
         }
     }
 
@@ -184,10 +196,14 @@ impl Hub {
                     version,
                     hostname: _,
                     candidates: _,
+                    online_by_id,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
                     return Ok(());
+                }
+                if online_by_id {
+                    self.online_by_id.insert(id);
                 }
                 match self.store.node_by_key(&key)? {
                     Some(node) if node.removed.is_none() => self.admit(id, now, node)?,
@@ -213,10 +229,14 @@ impl Hub {
                     name,
                     hostname,
                     candidates: _,
+                    online_by_id,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
                     return Ok(());
+                }
+                if online_by_id {
+                    self.online_by_id.insert(id);
                 }
                 let hash = invite::secret_hash(&secret);
                 let req = JoinRequest {
@@ -306,11 +326,23 @@ impl Hub {
         false
     }
 
+    /// Refuses a connection with `code`: a member's refusal is logged, a
+    /// refused Hello or Join (not a member, whatever its handshake proved) is
+    /// only counted (see [`Hub::take_refused_openings`]).
     fn refuse(&mut self, id: ConnId, now: Instant, code: ErrorCode, reason: &str) {
         if let Some(c) = self.conns.get(&id) {
-            log(c, &format!("refused: {reason}"));
+            if c.phase == Phase::Opening {
+                self.refused_openings.push(code);
+            } else {
+                log(c, &format!("refused: {reason}"));
+            }
         }
         conn_fail(&mut self.conns, id, now, code, reason);
+    }
+
+    /// The Hello or Join refusals since the last call, for the server's summary line.
+    pub fn take_refused_openings(&mut self) -> Vec<ErrorCode> {
+        std::mem::take(&mut self.refused_openings)
     }
 
     fn admit(&mut self, id: ConnId, now: Instant, node: Node) -> Result<()> {
@@ -433,17 +465,24 @@ impl Hub {
         }
         self.dirty.remove(&id);
         self.feed.closed(id);
+        self.online_by_id.remove(&id);
         self.map_queue.retain(|&q| q != id);
         if self.map_in_flight.remove(&id).is_some() {
             self.send_maps();
         }
     }
 
+    fn changes_waiting(&self) -> bool {
+        !self.changed.is_empty() || !self.removed.is_empty()
+    }
+
     /// Pushes batched changes to every connected node as one delta, and
-    /// applies them to the in-memory map that connecting nodes get.
-    pub fn flush(&mut self) {
+    /// applies them to the in-memory map that connecting nodes get; at once
+    /// after a quiet while, else when the pacer allows (see `pacer.rs`).
+    /// Subscribed relays get their member delta every turn.
+    pub fn flush(&mut self, now: Instant) {
         self.feed.flush(&mut self.conns, &mut self.dirty);
-        if self.changed.is_empty() && self.removed.is_empty() {
+        if !self.changes_waiting() || !self.pacer.due(now) {
             return;
         }
         if let Err(e) = self.map() {
@@ -465,21 +504,46 @@ impl Hub {
         }
         let remove: Vec<u64> = std::mem::take(&mut self.removed).into_iter().collect();
         let map = self.map.as_mut().expect("loaded above");
+        // The same changes twice: whole entries for every node, and returns
+        // and departures by id for nodes that read them so.
+        let (mut changed, mut online, mut offline) = (Vec::new(), Vec::new(), Vec::new());
         for n in &upsert {
+            if map.only_online_differs(n) {
+                if n.online { &mut online } else { &mut offline }.push(n.id);
+            } else {
+                changed.push(n.clone());
+            }
             map.upsert(n);
         }
         for &id in &remove {
             map.remove(id);
         }
-        let delta = messages::encode(&ServerMessage::PeerMapDelta {
-            version: map.bump(),
+        let version = map.bump();
+        let only_flags = !online.is_empty() || !offline.is_empty();
+        let by_id = (only_flags && !self.online_by_id.is_empty()).then(|| {
+            messages::encode(&ServerMessage::PeerMapDelta {
+                version,
+                upsert: changed,
+                remove: remove.clone(),
+                online,
+                offline,
+            })
+        });
+        let whole = messages::encode(&ServerMessage::PeerMapDelta {
+            version,
             upsert,
             remove,
+            online: Vec::new(),
+            offline: Vec::new(),
         });
+        self.pacer.sent(now);
         let waiting: BTreeSet<ConnId> = self.map_queue.iter().copied().collect();
         for (&cid, conn) in self.conns.iter_mut() {
             if matches!(conn.phase, Phase::Node(_)) && !waiting.contains(&cid) {
-                conn.send_encoded(&delta);
+                match &by_id {
+                    Some(d) if self.online_by_id.contains(&cid) => conn.send_encoded(d),
+                    _ => conn.send_encoded(&whole),
+                }
                 self.dirty.insert(cid);
             }
         }
@@ -520,7 +584,8 @@ impl Hub {
         let maps_due = (self.map_in_flight.len() < MAPS_IN_FLIGHT && !self.map_queue.is_empty())
             .then_some(self.turn)
             .flatten();
-        deadlines.into_iter().chain(maps_due).min()
+        let delta_due = self.pacer.next(self.changes_waiting());
+        deadlines.into_iter().chain(maps_due).chain(delta_due).min()
     }
 
     /// Connections that have bytes to write or should be closed; drained.
@@ -665,6 +730,7 @@ fn log(conn: &Conn, what: &str) {
 mod tests {
     use super::*;
     use crate::control::channel::Channel;
+    use crate::coord::pacer::MAX_INTERVAL;
     use crate::coord::store::tests::TempDir;
     use std::sync::Arc;
 
@@ -715,6 +781,7 @@ mod tests {
                 name: Some(name.into()),
                 hostname: name.into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             self.connect(Key::generate_private(), &join)
         }
@@ -725,6 +792,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 hostname: "h".into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             self.connect(key, &hello)
         }
@@ -770,6 +838,12 @@ mod tests {
             }
         }
 
+        /// Ends a loop turn a pacer interval after the last: waiting changes go out.
+        fn flush(&mut self) {
+            self.now += MAX_INTERVAL;
+            self.hub.flush(self.now);
+        }
+
         fn full_map(&mut self) -> Arc<[u8]> {
             self.hub.map().unwrap().full()
         }
@@ -790,7 +864,7 @@ mod tests {
     fn reconnecting_nodes_share_one_encoding_of_the_map() {
         let mut mesh = Mesh::new();
         let joined: Vec<Node> = ["a", "b", "c"].iter().map(|n| mesh.join(n)).collect();
-        mesh.hub.flush();
+        mesh.flush();
         // A newcomer finds itself in its first map.
         let ServerMessage::PeerMap { nodes, .. } = decode(maps(&joined[2])[0]) else {
             panic!("not a peer map");
@@ -803,7 +877,7 @@ mod tests {
         for n in &joined {
             mesh.hub.closed(n.id);
         }
-        mesh.hub.flush();
+        mesh.flush();
         let shared = mesh.full_map();
         let b = mesh.hello(joined[1].key);
         let c = mesh.hello(joined[2].key);
@@ -821,7 +895,7 @@ mod tests {
         assert_eq!(nodes.len(), 3);
         assert!(nodes.iter().all(|n| !n.online), "{nodes:?}");
         // Their return reaches the others as one delta in the next turn.
-        mesh.hub.flush();
+        mesh.flush();
         let mut c = c;
         mesh.pump(&mut c);
         let last = decode(c.got.last().unwrap());
@@ -831,11 +905,75 @@ mod tests {
         assert_eq!(upsert.iter().filter(|n| n.online).count(), 2);
     }
 
+    /// The last delta a node got, after one more loop turn.
+    fn last_delta(mesh: &mut Mesh, n: &mut Node) -> (u64, Vec<PeerInfo>, Vec<u64>, Vec<u64>) {
+        mesh.pump(n);
+        match decode(n.got.last().unwrap()) {
+            ServerMessage::PeerMapDelta {
+                version,
+                upsert,
+                online,
+                offline,
+                ..
+            } => (version, upsert, online, offline),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn returns_reach_nodes_that_read_ids_as_ids_and_the_others_as_whole_entries() {
+        let mut mesh = Mesh::new();
+        let mut old = mesh.join("old");
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: mesh.token.secret.clone(),
+            name: Some("new".into()),
+            hostname: "new".into(),
+            candidates: vec![],
+            online_by_id: true,
+        };
+        let mut new = mesh.connect(Key::generate_private(), &join);
+        let c = mesh.join("c");
+        let c_node = mesh.hub.conns[&c.id].node().unwrap();
+        mesh.flush();
+        mesh.pump(&mut old);
+        mesh.pump(&mut new);
+        mesh.hub.closed(c.id);
+        mesh.flush();
+        let (v_old, up_old, on_old, off_old) = last_delta(&mut mesh, &mut old);
+        let (v_new, up_new, on_new, off_new) = last_delta(&mut mesh, &mut new);
+        assert_eq!(v_old, v_new, "one version, two encodings");
+        assert!(on_old.is_empty() && off_old.is_empty());
+        assert!(
+            up_old.len() == 1 && up_old[0].id == c_node && !up_old[0].online,
+            "{up_old:?}"
+        );
+        assert_eq!((up_new.len(), on_new.len(), off_new), (0, 0, vec![c_node]));
+        // Back, and renamed in the same interval: the rename is a whole entry for both.
+        let c = mesh.hello(c.key);
+        let r = mesh.hub.admin(
+            AdminRequest::Rename {
+                node: "old".into(),
+                new_name: "older".into(),
+            },
+            mesh.now,
+        );
+        assert!(matches!(r, AdminResponse::Node { .. }), "{r:?}");
+        mesh.flush();
+        let (_, up_old, ..) = last_delta(&mut mesh, &mut old);
+        let (_, up_new, on_new, _) = last_delta(&mut mesh, &mut new);
+        let names = |u: &[PeerInfo]| u.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&up_old), ["older", "c"]);
+        assert_eq!(names(&up_new), ["older"]);
+        assert_eq!(on_new, [c_node]);
+        drop(c);
+    }
+
     #[test]
     fn a_change_makes_a_new_encoding_that_later_connections_get() {
         let mut mesh = Mesh::new();
         let mut a = mesh.join("a");
-        mesh.hub.flush();
+        mesh.flush();
         let before = mesh.full_map();
         let renamed = mesh.hub.admin(
             AdminRequest::Rename {
@@ -845,7 +983,7 @@ mod tests {
             mesh.now,
         );
         assert!(matches!(renamed, AdminResponse::Node { .. }), "{renamed:?}");
-        mesh.hub.flush();
+        mesh.flush();
         mesh.pump(&mut a);
         let after = mesh.full_map();
         assert!(!Arc::ptr_eq(&before, &after));
@@ -871,14 +1009,14 @@ mod tests {
     fn a_removal_reaches_every_connection_and_leaves_the_map() {
         let mut mesh = Mesh::new();
         let mut nodes: Vec<Node> = ["a", "b", "c", "d"].iter().map(|n| mesh.join(n)).collect();
-        mesh.hub.flush();
+        mesh.flush();
         let gone = nodes.pop().unwrap();
         let gone_id = mesh.hub.conns[&gone.id].node().unwrap();
         let r = mesh
             .hub
             .admin(AdminRequest::Remove { node: "d".into() }, mesh.now);
         assert!(matches!(r, AdminResponse::Node { .. }), "{r:?}");
-        mesh.hub.flush();
+        mesh.flush();
         for n in nodes.iter_mut() {
             let seen = n.got.len();
             mesh.pump(n);
@@ -900,11 +1038,11 @@ mod tests {
         let mut mesh = Mesh::new();
         let herd = MAPS_IN_FLIGHT + MAPS_PER_TURN;
         let keys: Vec<Key> = (0..herd).map(|i| mesh.join(&format!("n{i}")).key).collect();
-        mesh.hub.flush();
+        mesh.flush();
         for id in 1..mesh.next {
             mesh.hub.closed(id);
         }
-        mesh.hub.flush();
+        mesh.flush();
         // The restart: everyone's Hello arrives in one turn, and nobody reads yet.
         mesh.hub.handle_timeout(mesh.now);
         let mut nodes = Vec::new();
@@ -917,6 +1055,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 hostname: "h".into(),
                 candidates: vec![],
+                online_by_id: false,
             };
             ch.send(&messages::encode(&hello)).unwrap();
             let init = ch.outgoing().to_vec();
@@ -941,7 +1080,7 @@ mod tests {
             "one turn seals a bounded number of maps"
         );
         // The others' returns are flushed while most still wait for their map.
-        mesh.hub.flush();
+        mesh.flush();
         for _ in 0..herd {
             mesh.hub.handle_timeout(mesh.now);
         }

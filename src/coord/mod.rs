@@ -10,6 +10,7 @@ pub mod invite;
 pub mod load;
 pub mod metrics;
 pub mod names;
+pub mod pacer;
 pub mod peermap;
 pub mod relayfeed;
 pub mod server;

@@ -48,6 +48,18 @@ impl PeerMap {
         self.entries.contains_key(&id)
     }
 
+    /// Whether `node` is its entry here with only the online flag changed.
+    pub fn only_online_differs(&self, node: &PeerInfo) -> bool {
+        let Some(entry) = self.entries.get(&node.id) else {
+            return false;
+        };
+        let flipped = PeerInfo {
+            online: !node.online,
+            ..node.clone()
+        };
+        **entry == *messages::encode(&flipped)
+    }
+
     pub fn upsert(&mut self, node: &PeerInfo) {
         self.entries.insert(node.id, messages::encode(node).into());
         self.full = None;
@@ -132,6 +144,27 @@ mod tests {
             let mut map = PeerMap::new(42, nodes.clone());
             assert_eq!(&*map.full(), whole(42, &nodes).as_slice(), "{n} nodes");
         }
+    }
+
+    #[test]
+    fn tells_an_online_change_from_any_other() {
+        let a = peer(1, "a");
+        let map = PeerMap::new(1, [a.clone()]);
+        let back = PeerInfo {
+            online: !a.online,
+            ..a.clone()
+        };
+        assert!(map.only_online_differs(&back));
+        assert!(
+            !map.only_online_differs(&a),
+            "no change at all is not an online change"
+        );
+        let renamed = PeerInfo {
+            name: "a2".into(),
+            ..back
+        };
+        assert!(!map.only_online_differs(&renamed));
+        assert!(!map.only_online_differs(&peer(2, "new")), "a new entry is not");
     }
 
     #[test]

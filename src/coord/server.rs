@@ -303,7 +303,7 @@ impl Server {
             // Writing can close connections, which changes the map again: repeat
             // until nothing is left, so no change waits for the next event.
             loop {
-                self.hub.flush();
+                self.hub.flush(now);
                 writable.extend(self.hub.take_dirty());
                 if writable.is_empty() {
                     break;
@@ -311,6 +311,9 @@ impl Server {
                 for id in std::mem::take(&mut writable) {
                     self.write_node(id, now);
                 }
+            }
+            for code in self.hub.take_refused_openings() {
+                self.tally.refused_opening(code);
             }
             if let Some(line) = self.tally.summary(now) {
                 log!("{line}");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::admission::Refusal;
 use super::inbound::Violation;
+use crate::control::messages::ErrorCode;
 
 /// At most one summary line this often.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -46,6 +47,14 @@ pub struct Counts {
     pub evicted: u64,
     pub hung_up: u64,
     pub refused_by_hub: u64,
+    /// Hello or Join refused by the hub (a valid handshake with a key or
+    /// invite that is not a member's), by why. The same connections are also
+    /// counted among the closed ones (`refused_by_hub`) when they go.
+    pub opening_unknown_key: u64,
+    pub opening_removed: u64,
+    pub opening_invite: u64,
+    pub opening_version: u64,
+    pub opening_other: u64,
 }
 
 impl Counts {
@@ -66,8 +75,16 @@ impl Counts {
             + self.refused_by_hub
     }
 
+    pub fn refused_openings(&self) -> u64 {
+        self.opening_unknown_key
+            + self.opening_removed
+            + self.opening_invite
+            + self.opening_version
+            + self.opening_other
+    }
+
     fn events(&self) -> u64 {
-        self.refused() + self.closed() + self.accept_errors
+        self.refused() + self.closed() + self.accept_errors + self.refused_openings()
     }
 }
 
@@ -126,6 +143,23 @@ impl Tally {
         }
     }
 
+    /// The hub refused a Hello or Join with `code`: counted, never logged
+    /// one by one (whoever sent it is not a member).
+    pub fn refused_opening(&mut self, code: ErrorCode) {
+        for c in [&mut self.total, &mut self.recent] {
+            let field = match code {
+                ErrorCode::UnknownNode => &mut c.opening_unknown_key,
+                ErrorCode::Removed => &mut c.opening_removed,
+                ErrorCode::InviteUnknown | ErrorCode::InviteExpired | ErrorCode::InviteUsed => {
+                    &mut c.opening_invite
+                }
+                ErrorCode::Version => &mut c.opening_version,
+                _ => &mut c.opening_other,
+            };
+            *field += 1;
+        }
+    }
+
     /// When a summary is due, if anything is waiting to be summed up.
     pub fn poll_timeout(&self) -> Option<Instant> {
         (self.recent.events() > 0).then_some(self.next_summary)
@@ -167,6 +201,18 @@ impl Tally {
             r.hung_up,
             r.refused_by_hub
         );
+        if r.refused_openings() > 0 {
+            let _ = write!(
+                line,
+                " hello or join refused {} (unknown key {}, removed node {}, bad invite {}, protocol version {}, other {});",
+                r.refused_openings(),
+                r.opening_unknown_key,
+                r.opening_removed,
+                r.opening_invite,
+                r.opening_version,
+                r.opening_other
+            );
+        }
         if r.accept_errors > 0 {
             let _ = write!(line, " accept errors {};", r.accept_errors);
         }
@@ -213,5 +259,23 @@ mod tests {
         );
         assert!(!last.contains('\n'));
         assert_eq!(t.summary(t0 + Duration::from_secs(60)), None);
+    }
+
+    #[test]
+    fn refused_openings_are_summed_up_by_why() {
+        let t0 = Instant::now();
+        let mut t = Tally::new(t0);
+        for _ in 0..5 {
+            t.refused_opening(ErrorCode::UnknownNode);
+        }
+        t.refused_opening(ErrorCode::InviteExpired);
+        t.refused_opening(ErrorCode::Removed);
+        assert_eq!(t.poll_timeout(), Some(t0), "something to report");
+        let line = t.summary(t0).unwrap();
+        assert!(
+            line.contains("hello or join refused 7 (unknown key 5, removed node 1, bad invite 1, protocol version 0, other 0);"),
+            "{line}"
+        );
+        assert_eq!(t.summary(t0 + SUMMARY_INTERVAL), None, "nothing new");
     }
 }

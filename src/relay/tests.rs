@@ -1017,6 +1017,7 @@ impl Mesh {
             name: Some(name.into()),
             hostname: name.into(),
             candidates: vec![],
+            online_by_id: false,
         }))
         .unwrap();
         let mut buf = [0u8; 65536];
