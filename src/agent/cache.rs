@@ -75,7 +75,7 @@ pub fn save(state_dir: &Path, state: &AgentState) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coord::store::tests::TempDir;
+    use crate::testutil::TempDir;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

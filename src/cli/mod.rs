@@ -3,9 +3,12 @@
 mod agent;
 mod keys;
 pub mod out;
+#[cfg(feature = "relay-server")]
 mod relay;
+#[cfg(feature = "server")]
 mod server;
 pub mod wg;
+#[cfg(feature = "wgstun-server")]
 mod wgstun;
 
 use anyhow::Result;
@@ -45,16 +48,21 @@ pub enum Command {
     Netcheck(agent::SocketArgs),
     /// Switch this node to a new WireGuard key, keeping its name and address.
     RotateKey(agent::SocketArgs),
+    #[cfg(feature = "server")]
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
     Server(server::ServerArgs),
+    #[cfg(feature = "wgstun-server")]
     /// Run the WG-STUN server (a WireGuard peer at 100.64.0.4 answering STUN), or print its [Peer].
     Wgstun(wgstun::WgstunArgs),
+    #[cfg(feature = "relay-server")]
     /// Run the relay (forwards sealed datagrams between nodes that cannot reach each other).
     Relay(relay::RelayArgs),
+    #[cfg(feature = "relay-server")]
     /// Load generator for relay benchmarks.
     #[command(subcommand, hide = true)]
     RelayLoad(relay::LoadCommand),
+    #[cfg(feature = "wgstun-server")]
     /// Load generator for WG-STUN tests and benchmarks.
     #[command(subcommand, hide = true)]
     WgstunLoad(wgstun::LoadCommand),
@@ -65,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Genkey => keys::genkey(),
         Command::Pubkey => keys::pubkey(),
         Command::Wg(c) => wg::run(c),
+        #[cfg(feature = "server")]
         Command::Server(args) => server::run(args),
         Command::Agent(a) => agent::agent(a),
         Command::Up(a) => agent::up(a),
@@ -73,9 +82,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RotateKey(a) => agent::rotate_key(a),
         Command::Ping(a) => agent::ping(a),
         Command::Netcheck(a) => agent::netcheck(a),
+        #[cfg(feature = "wgstun-server")]
         Command::Wgstun(args) => wgstun::run(args),
+        #[cfg(feature = "wgstun-server")]
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
+        #[cfg(feature = "relay-server")]
         Command::Relay(args) => relay::run(args),
+        #[cfg(feature = "relay-server")]
         Command::RelayLoad(cmd) => relay::load(cmd),
     }
 }

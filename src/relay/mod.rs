@@ -2,12 +2,18 @@
 //! nodes, addressed by WireGuard public key, over TCP + Noise IK. The client's
 //! Noise static key is its WireGuard key, so registering proves ownership.
 
+// Per-source token buckets: the relay's, the coordinator's and WG-STUN's admission.
+#[cfg(any(feature = "relay-server", feature = "wgstun-server"))]
 pub mod admission;
+#[cfg(feature = "relay-server")]
 pub mod budget;
 pub mod client;
+#[cfg(feature = "relay-server")]
 pub mod client_conn;
 pub mod frame;
+#[cfg(feature = "relay-server")]
 pub mod load;
+#[cfg(feature = "relay-server")]
 pub mod server;
 
 use crate::control::noise::Profile;
@@ -22,5 +28,6 @@ pub const DEFAULT_PORT: u16 = 7778;
 /// The relay's key file in its state directory.
 pub const KEY_FILE: &str = "relay.key";
 
-#[cfg(test)]
+// The end-to-end tests run a coordinator with its embedded relay.
+#[cfg(all(test, feature = "server"))]
 mod tests;
