@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test check-agent-only test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
+.PHONY: all build release deb deps test check-agent-only test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
 
 all: build
 
@@ -11,6 +11,23 @@ build:
 
 release:
 	$(CARGO) build --locked --release
+
+# The Debian package, target/debian/warren_VERSION_ARCH.deb (cargo-deb), with man
+# pages generated from the CLI, then held to lintian with no error or warning.
+# DEB_BIN=PATH packages that binary instead of a release build (the install
+# test packages the binary under test: no release build in `make test`);
+# DEB_OUT puts the .deb elsewhere, DEB_FLAGS go to cargo deb (--fast).
+DEB_BIN ?=
+DEB_OUT ?= target/debian
+# cargo-deb takes the binary from CARGO_TARGET_DIR/release/.
+DEB_TARGET := $(if $(DEB_BIN),target/deb-bin,target)
+deb: deps
+	$(if $(DEB_BIN),mkdir -p $(DEB_TARGET)/release && cp $(DEB_BIN) $(DEB_TARGET)/release/warren,$(CARGO) build --locked --release)
+	rm -rf target/man
+	$(CARGO) run --locked --quiet --example man -- target/man
+	rm -f $(DEB_OUT)/warren_*.deb
+	CARGO_TARGET_DIR=$(DEB_TARGET) $(CARGO) deb --locked --no-build --output $(DEB_OUT) $(DEB_FLAGS)
+	lintian --fail-on error,warning $(DEB_OUT)/warren_*.deb
 
 # Installs the Debian packages and PyPI tools the test tiers use (idempotent).
 deps:
@@ -43,7 +60,8 @@ test-lab: build
 test-kernel: build
 	./integration/run kernel
 
-bench: deps release
+# deb: bench-size reports the package's size.
+bench: deps release deb
 	./integration/bench
 
 demo: deps build

@@ -17,10 +17,13 @@ pub mod logline;
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod coord;
+pub mod dns;
 pub mod ifaddrs;
 pub mod keys;
+pub mod metrics;
 pub mod nat;
 pub mod netlink;
 pub mod outgoing;

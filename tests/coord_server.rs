@@ -1,7 +1,7 @@
 //! The real coordinator on loopback, driven by in-process clients speaking
 //! the real protocol over TCP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use warren::control::channel::Channel;
-use warren::control::messages::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, ServerMessage};
+use warren::control::messages::{
+    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+};
 use warren::coord::admin::{self, AdminRequest, AdminResponse};
 use warren::coord::invite::JoinToken;
 use warren::coord::server::{Server, ServerConfig, Stopper};
@@ -50,6 +52,11 @@ struct TestServer {
 
 impl TestServer {
     fn start(dir: &TempDir) -> TestServer {
+        TestServer::start_with_relays(dir, vec![])
+    }
+
+    /// A coordinator publishing these relays (`warren server --relay`).
+    fn start_with_relays(dir: &TempDir, relays: Vec<RelayInfo>) -> TestServer {
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             state_dir: dir.0.join("state"),
@@ -57,6 +64,7 @@ impl TestServer {
             advertise: vec![],
         };
         let mut server = Server::bind(&cfg).unwrap();
+        server.set_relays(relays);
         let (addr, key, stopper) = (server.local_addr(), server.public_key(), server.stopper());
         let thread = std::thread::spawn(move || server.run().unwrap());
         TestServer {
@@ -110,6 +118,8 @@ struct Client {
     error: Option<(ErrorCode, String)>,
     closed: bool,
     pongs: Vec<u64>,
+    /// The member keys, when subscribed as a relay.
+    members: Option<HashSet<Key>>,
 }
 
 impl Client {
@@ -135,6 +145,7 @@ impl Client {
             error: None,
             closed: false,
             pongs: Vec::new(),
+            members: None,
         };
         c.flush();
         c
@@ -215,6 +226,14 @@ impl Client {
             }
             ServerMessage::Error { code, reason } => self.error = Some((code, reason)),
             ServerMessage::Pong { nonce } => self.pongs.push(nonce),
+            ServerMessage::Members { keys } => self.members = Some(keys.into_iter().collect()),
+            ServerMessage::MembersDelta { added, removed } => {
+                let m = self.members.get_or_insert_default();
+                for k in removed {
+                    m.remove(&k);
+                }
+                m.extend(added);
+            }
         }
     }
 
@@ -508,4 +527,61 @@ fn restart_keeps_names_and_addresses() {
         }
     );
     assert_eq!(a.map.len(), 2);
+}
+
+/// Only a relay the coordinator publishes may subscribe to the member keys
+/// (a stranger's key and a node's key are refused); it gets every member,
+/// then each join, key rotation and removal as it happens.
+#[test]
+fn a_published_relay_learns_the_members_and_others_may_not_subscribe() {
+    let dir = TempDir::new();
+    let relay = Key::generate_private();
+    let server = TestServer::start_with_relays(
+        &dir,
+        vec![RelayInfo {
+            public_key: relay.public_key(),
+            addrs: vec!["127.0.0.1:1".into()],
+        }],
+    );
+    let token = server.invite(true, None);
+    let a = Key::generate_private();
+    let mut na = Client::join(&server, &token, &a, "a");
+    na.welcomed();
+    let subscribe = ClientMessage::SubscribeMembers {
+        version: PROTOCOL_VERSION,
+    };
+    for (who, key) in [("a stranger", Key::generate_private()), ("a node", a)] {
+        let (code, reason) = Client::connect(&server, &key, subscribe.clone()).refused();
+        assert_eq!(code, ErrorCode::UnknownNode, "{who}");
+        assert!(
+            reason.contains("is not a relay of this coordinator"),
+            "{who}: {reason}"
+        );
+    }
+    let has = |c: &Client, k: &Key| c.members.as_ref().is_some_and(|m| m.contains(&k.public_key()));
+    let count = |c: &Client| c.members.as_ref().map_or(0, HashSet::len);
+    let mut r = Client::connect(&server, &relay, subscribe);
+    r.until("the member set", |c| has(c, &a) && count(c) == 1);
+
+    let b = Key::generate_private();
+    let mut nb = Client::join(&server, &token, &b, "b");
+    nb.welcomed();
+    r.until("b's join", |c| has(c, &b) && count(c) == 2);
+    let b2 = Key::generate_private();
+    nb.send(&ClientMessage::RotateKey {
+        new_public_key: b2.public_key(),
+    });
+    r.until("b's rotated key in place of its old one", |c| {
+        has(c, &b2) && !has(c, &b) && count(c) == 2
+    });
+    server
+        .admin(AdminRequest::Remove {
+            node: a.public_key().to_base64(),
+        })
+        .unwrap();
+    r.until("a's removal", |c| !has(c, &a) && has(c, &b2) && count(c) == 1);
+    // It stays subscribed by pinging, as nodes do.
+    r.send(&ClientMessage::Ping { nonce: 9 });
+    r.until("a pong", |c| c.pongs.contains(&9));
+    server.stop();
 }

@@ -368,6 +368,8 @@ impl ControlConn {
                 }
             }
             ServerMessage::Pong { .. } => {}
+            // For relays only (the member feed); a node never subscribes.
+            ServerMessage::Members { .. } | ServerMessage::MembersDelta { .. } => {}
         }
     }
 
@@ -434,7 +436,7 @@ impl ControlConn {
         self.last_error = Some(reason.to_string());
         let delay = self.backoff();
         self.failures = self.failures.saturating_add(1);
-        log!(
+        log_warn!(
             "agent: coordinator connection lost ({reason}); retrying in {} ms",
             delay.as_millis()
         );

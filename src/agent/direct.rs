@@ -73,7 +73,7 @@ impl DirectPath {
             Err(e) if e.kind() == ErrorKind::AddrInUse => {
                 let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
                     .context("binding the check socket to any UDP port")?;
-                log!(
+                log_warn!(
                     "agent: check socket: UDP port {port} is in use by another process; using {}",
                     s.local_addr().map(|a| a.port()).unwrap_or(0)
                 );
@@ -108,7 +108,7 @@ impl DirectPath {
 
     fn note_error(&mut self, msg: String) {
         if self.last_error.as_deref() != Some(&msg) {
-            log!("agent: direct path: {msg}");
+            log_warn!("agent: direct path: {msg}");
         }
         self.last_error = Some(msg);
     }

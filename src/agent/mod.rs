@@ -4,6 +4,8 @@ pub mod api;
 pub mod cache;
 pub mod control;
 pub mod direct;
+pub mod dns;
+pub mod metrics;
 pub mod paths;
 pub mod peer_msg;
 pub mod portmap;

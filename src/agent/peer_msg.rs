@@ -70,7 +70,7 @@ impl PeerMessages {
     pub fn set_peers(&mut self, peers: &[Key]) {
         for p in peers {
             if let Err(e) = self.sealer.add_peer(*p) {
-                log!("agent: peer {}: {e}", p.short());
+                log_warn!("agent: peer {}: {e}", p.short());
             }
         }
         self.sealer.retain_peers(&peers.iter().copied().collect());

@@ -127,7 +127,7 @@ impl PortMap {
 
     fn error(&mut self, msg: String) {
         if self.last_error.as_deref() != Some(&msg) {
-            log!("portmap: {msg}");
+            log_warn!("portmap: {msg}");
         }
         self.last_error = Some(msg);
     }
@@ -263,7 +263,7 @@ fn log(e: &Event) {
             socket.as_str(),
             lease.as_secs()
         ),
-        Event::Lost { protocol, why } => log!("portmap: lost the {protocol} mappings: {why}"),
+        Event::Lost { protocol, why } => log_warn!("portmap: lost the {protocol} mappings: {why}"),
         Event::NothingAnswered { retry_in } => log!(
             "portmap: the router answers none of PCP, NAT-PMP and UPnP; asking again in {} s",
             retry_in.as_secs()
@@ -273,7 +273,7 @@ fn log(e: &Event) {
             socket,
             why,
         } => {
-            log!("portmap: {protocol} refused the {} port: {why}", socket.as_str())
+            log_warn!("portmap: {protocol} refused the {} port: {why}", socket.as_str())
         }
     }
 }

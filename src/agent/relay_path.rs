@@ -144,6 +144,9 @@ pub struct RelayPath {
     muted: HashMap<Key, Mute>,
     /// Datagrams dropped for that reason.
     pub muted_drops: u64,
+    /// WireGuard datagram bytes handed to relays, and delivered from them to WireGuard.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 impl RelayPath {
@@ -162,6 +165,8 @@ impl RelayPath {
             proxy_error: None,
             muted: HashMap::new(),
             muted_drops: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
         }
     }
 
@@ -260,7 +265,7 @@ impl RelayPath {
             if let Err(e) = self.open_proxy(registry, peer, relay) {
                 let msg = format!("{e:#}");
                 if self.proxy_error.as_deref() != Some(&msg) {
-                    log!("agent: relay path for peer {}: {msg}", peer.short());
+                    log_warn!("agent: relay path for peer {}: {msg}", peer.short());
                 }
                 self.proxy_error = Some(msg);
             }
@@ -479,6 +484,7 @@ impl RelayPath {
             match p.socket.recv(&mut self.buf) {
                 Ok(n) => {
                     if let Some(l) = link.as_mut() {
+                        self.bytes_sent += n as u64;
                         l.send(now, *peer, &self.buf[..n]);
                         if l.client.outgoing().len() >= FLUSH_EVERY {
                             write_link(now, l);
@@ -509,7 +515,7 @@ impl RelayPath {
                             _ => why,
                         };
                         if l.last_error.as_deref() != Some(&why) {
-                            log!("agent: relay {}: {why}", describe(l));
+                            log_warn!("agent: relay {}: {why}", describe(l));
                         }
                         l.last_error = Some(why);
                         l.next_addr += 1;
@@ -534,7 +540,9 @@ impl RelayPath {
                             self.muted_drops += 1;
                         } else if let Some(p) = self.proxies.get(&from) {
                             // WireGuard drops anything that is not a valid message from this peer.
-                            let _ = p.socket.send(&payload);
+                            if p.socket.send(&payload).is_ok() {
+                                self.bytes_received += payload.len() as u64;
+                            }
                         }
                     }
                     Event::PeerPresent(_) | Event::PeerGone(_) => {}
@@ -589,7 +597,7 @@ fn close(l: &mut Link, now: Instant, why: String) {
     l.connected = false;
     l.resolving = false;
     if l.last_error.as_deref() != Some(&why) {
-        log!("agent: relay {}: {why}", describe(l));
+        log_warn!("agent: relay {}: {why}", describe(l));
     }
     l.last_error = Some(why.clone());
     l.next_addr += 1;

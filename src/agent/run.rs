@@ -16,9 +16,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::api::{self, PairStatus, PeerStatus, Request, Response, Status};
-use super::cache::{self, AgentState};
+use super::cache::{self, AgentState, Store};
 use super::control::{ControlConfig, ControlConn, Event, Phase};
 use super::direct::{self, DirectPath, Received};
+use super::dns::{Dns, DnsConfig};
+use super::metrics::Counters;
 use super::paths::{self, PathKind};
 use super::peer_msg::PeerMessages;
 use super::portmap::PortMap;
@@ -28,6 +30,7 @@ use crate::control::messages::{ErrorCode, PeerInfo, WgStunInfo};
 use crate::coord::admin::{peer_uid, uid_allowed};
 use crate::coord::invite::JoinToken;
 use crate::keys::Key;
+use crate::metrics::serve::Responder;
 use crate::nat::candidate;
 use crate::nat::path::{Desired, Mute, Sample, Via};
 use crate::nat::traversal::Traversal;
@@ -39,6 +42,7 @@ use crate::wg::{
     AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
 };
 
+mod metrics;
 mod network;
 mod report;
 mod traversal;
@@ -51,6 +55,11 @@ const MONITOR: Token = Token(2);
 const RESOLVER: Token = Token(5);
 /// SIGTERM / SIGINT (src/agent/portmap.rs has 6).
 const SIGNALS: Token = Token(8);
+/// The metrics listener; its connections take the tokens from [`METRICS_CONNS`].
+const METRICS: Token = Token(9);
+/// Far above the API clients' tokens (from 16, one per `warren` command) and
+/// below the relay path's (from `usize::MAX / 2`).
+const METRICS_CONNS: usize = usize::MAX / 4;
 const FIRST_CLIENT: usize = 16;
 /// How often a sample also checks the interface and its address (see `Agent::reconcile`).
 const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
@@ -60,6 +69,9 @@ const LOCK_FILE: &str = "agent.lock";
 
 pub struct AgentConfig {
     pub state_dir: PathBuf,
+    /// Where the peer map is kept (see `cache`): the state directory, or a
+    /// tmpfs on a router whose state directory is on flash.
+    pub cache_dir: PathBuf,
     pub ifname: String,
     pub listen_port: u16,
     pub join: Option<String>,
@@ -68,6 +80,10 @@ pub struct AgentConfig {
     pub backend: Option<BackendChoice>,
     /// Ask the home router to map our two ports (PCP, NAT-PMP, UPnP).
     pub portmap: bool,
+    /// Serve Prometheus metrics here; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The name server for the mesh's names (src/agent/dns.rs).
+    pub dns: DnsConfig,
 }
 
 struct Client {
@@ -90,9 +106,11 @@ const SEALED_DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 struct Agent {
     cfg: AgentConfig,
     state: AgentState,
+    store: Store,
     ctrl: ControlConn,
     nat: Traversal,
     direct: DirectPath,
+    dns: Dns,
     /// What WireGuard was last told per peer, and what of its relay traffic is muted.
     applied: Vec<(Key, Desired, Mute)>,
     /// Peers' mesh addresses: the tunnel's senders and the probes' destinations.
@@ -106,6 +124,9 @@ struct Agent {
     /// The coordinator address whose dial waits for the resolver.
     dial_waiting: Option<String>,
     msgs: PeerMessages,
+    /// The Prometheus endpoint, when `--metrics-listen` is given.
+    metrics: Option<Responder>,
+    counters: Counters,
     last_sealed_drop_log: Option<Instant>,
     backend: Box<dyn Backend>,
     rtnl: Rtnl,
@@ -211,8 +232,7 @@ fn private_dir(dir: &Path) -> Result<()> {
 /// token. A token for the mesh the cache is already a member of changes
 /// nothing and is handed back: if the coordinator has removed this node
 /// meanwhile (while its agent was down), the agent joins with it at once.
-fn prepare_state(cfg: &AgentConfig) -> Result<(AgentState, Option<JoinToken>)> {
-    let cached = cache::load(&cfg.state_dir)?;
+fn prepare_state(cfg: &AgentConfig, cached: Option<AgentState>) -> Result<(AgentState, Option<JoinToken>)> {
     let Some(token) = &cfg.join else {
         let state = cached.with_context(|| {
             format!(
@@ -224,10 +244,20 @@ fn prepare_state(cfg: &AgentConfig) -> Result<(AgentState, Option<JoinToken>)> {
         return Ok((state, None));
     };
     let token = JoinToken::parse(token)?;
-    if let Some(c) = cached
+    if let Some(mut c) = cached
         && c.server_key == token.server_key
         && (c.me.is_some() || c.join_secret.as_deref() == Some(token.secret.as_str()))
     {
+        // The same mesh (the coordinator's key) at a new address: the
+        // coordinator moved; the token says where it is now.
+        if c.servers != token.servers {
+            log!(
+                "agent: coordinator address changed from {} to {} (new token for the same mesh)",
+                c.servers.join(","),
+                token.servers.join(",")
+            );
+            c.servers = token.servers.clone();
+        }
         let spare = c.me.is_some().then_some(token);
         return Ok((c, spare));
     }
@@ -268,11 +298,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
     crate::rlimit::raise_fd_limit();
-    let (mut state, mut spare) = prepare_state(&cfg)?;
+    let (mut store, cached) = Store::open(&cfg.state_dir, &cfg.cache_dir)?;
+    let (mut state, mut spare) = prepare_state(&cfg, cached)?;
     let (mut cfg, mut signals) = (cfg, signals);
     loop {
-        cache::save(&cfg.state_dir, &state)?;
-        let mut agent = start(cfg, state, signals, spare.is_some())?;
+        store.save_all(Instant::now(), &state)?;
+        let mut agent = start(cfg, state, store, signals, spare.is_some())?;
         let result = agent.run();
         if !agent.rejoin {
             return result;
@@ -281,17 +312,26 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             return result;
         };
         let Agent {
-            cfg: c, signals: sig, ..
+            cfg: c,
+            signals: sig,
+            store: st,
+            ..
         } = agent;
         log!("agent: joining again with the token given");
         state = joining_state(token, c.name.clone());
-        (cfg, signals) = (c, sig);
+        (cfg, signals, store) = (c, sig, st);
     }
 }
 
 /// Everything the agent's loop owns, set up for `state`. `can_rejoin`: a
 /// token is in hand should the coordinator say this node was removed.
-fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: bool) -> Result<Agent> {
+fn start(
+    cfg: AgentConfig,
+    state: AgentState,
+    store: Store,
+    signals: StopSignals,
+    can_rejoin: bool,
+) -> Result<Agent> {
     let choice = BackendChoice::resolve(cfg.backend)?;
     let backend = match select::backend_for_existing(choice, &cfg.ifname)? {
         Some(b) => b,
@@ -370,7 +410,21 @@ fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: 
         // Stable across restarts, secret to the LAN: see `PortMapper::new`.
         state.private_key.0,
     )?;
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let m = Responder::bind(poll.registry(), addr, METRICS, METRICS_CONNS)?;
+            crate::metrics::warn_if_exposed("agent", addr);
+            log!("agent: metrics on http://{}/metrics", m.local_addr()?);
+            Some(m)
+        }
+        None => None,
+    };
+    let mut dns = Dns::new(cfg.dns.clone());
+    dns.set_nodes(state.me.as_ref(), state.peers.iter());
     let mut agent = Agent {
+        metrics,
+        counters: Counters::default(),
+        dns,
         relay,
         portmap,
         signals,
@@ -385,6 +439,7 @@ fn start(cfg: AgentConfig, state: AgentState, signals: StopSignals, can_rejoin: 
         last_sealed_drop_log: None,
         cfg,
         state,
+        store,
         ctrl,
         backend,
         rtnl,
@@ -420,12 +475,14 @@ impl Agent {
                 self.relay.poll_timeout(),
                 self.msgs.poll_timeout(),
                 self.portmap.poll_timeout(),
+                self.store.poll_timeout(),
+                self.metrics.as_ref().and_then(Responder::poll_timeout),
             ]
             .into_iter()
             .flatten()
             .min();
             let unread = self.direct.unread();
-            let timeout = if unread.is_empty() {
+            let timeout = if unread.is_empty() && !self.dns.unread() {
                 wake.map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -451,7 +508,13 @@ impl Agent {
                             self.stop = Some(Ok(()));
                         }
                     }
+                    t if self.metrics.as_ref().is_some_and(|m| m.owns(t)) => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.ready(self.poll.registry(), now, t);
+                        }
+                    }
                     t if PortMap::owns(t) => self.portmap.ready(now),
+                    t if Dns::owns(t) => self.dns.ready(now),
                     t if DirectPath::owns(t) => self.direct_ready(now, t),
                     t if self.relay.owns(t) => {
                         self.relay.ready(self.poll.registry(), &mut self.resolver, now, t)
@@ -461,6 +524,9 @@ impl Agent {
             }
             for t in unread {
                 self.direct_ready(now, t);
+            }
+            if self.dns.unread() {
+                self.dns.ready(now);
             }
             self.ctrl.handle_timeout(now);
             self.drain_control(now);
@@ -486,15 +552,29 @@ impl Agent {
                 if let Err(e) = self.reconcile(now, full) {
                     let msg = format!("{e:#}");
                     if self.last_error.as_deref() != Some(&msg) {
-                        log!("agent: {msg}");
+                        log_warn!("agent: {msg}");
                     }
                     self.last_error = Some(msg);
                 } else {
                     self.last_error = None;
+                    // The mesh address is on the interface now: the name server can bind it.
+                    if let Some(me) = &self.state.me {
+                        self.dns
+                            .ensure_bound(self.poll.registry(), me.mesh_addr, &self.cfg.ifname);
+                    }
                 }
             }
+            if let Err(e) = self.store.write_due(now, &self.state) {
+                log_error!("agent: {e:#}");
+            }
+            self.serve_metrics(now);
             if let Some(result) = self.stop.take() {
+                // The latest map, so a restart begins where this agent ended.
+                if let Err(e) = self.store.flush(now, &self.state) {
+                    log_error!("agent: {e:#}");
+                }
                 self.portmap.release();
+                self.dns.stop();
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
@@ -531,20 +611,28 @@ impl Agent {
                     self.state.relays = relays;
                     self.state.wgstun = wgstun;
                     self.state.join_secret = None;
-                    self.save();
+                    self.dns
+                        .set_nodes(self.state.me.as_ref(), self.state.peers.iter());
+                    self.save_identity();
+                    self.store.map_changed(now);
                     self.configure_stun(now);
                     self.need_apply = true;
                 }
                 Event::MapChanged => {
                     self.state.me = self.ctrl.me().cloned();
                     self.state.peers = self.ctrl.peers().cloned().collect();
-                    self.save();
+                    self.dns
+                        .set_nodes(self.state.me.as_ref(), self.state.peers.iter());
+                    // A rename of this node changes its identity file too.
+                    self.save_identity();
+                    self.store.map_changed(now);
                     self.need_apply = true;
                 }
                 Event::KeyRotated => {
                     self.state.private_key = *self.ctrl.private_key();
                     self.state.pending_private_key = None;
-                    self.save();
+                    self.save_identity();
+                    self.store.map_changed(now);
                     log!(
                         "agent: now using key {}",
                         self.state.private_key.public_key().short()
@@ -556,7 +644,7 @@ impl Agent {
                     reason,
                     permanent,
                 } => {
-                    log!("agent: coordinator refused: {reason}");
+                    log_warn!("agent: coordinator refused: {reason}");
                     if permanent {
                         self.refused_for_good(code, &reason);
                     }
@@ -589,7 +677,7 @@ impl Agent {
                     .is_none_or(|t| now.saturating_duration_since(t) >= SEALED_DROP_LOG_INTERVAL)
             {
                 self.last_sealed_drop_log = Some(now);
-                log!(
+                log_warn!(
                     "agent: dropped a peer message from {}: {why}",
                     self.peer_label(&from)
                 );
@@ -688,10 +776,10 @@ impl Agent {
         match self.backend.exists(&ifname) {
             Ok(true) => match self.backend.delete(&ifname) {
                 Ok(()) => log!("agent: stopped the userspace WireGuard of {ifname}"),
-                Err(e) => log!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
+                Err(e) => log_warn!("agent: stopping the userspace WireGuard of {ifname}: {e:#}"),
             },
             Ok(false) => {}
-            Err(e) => log!("agent: {ifname}: {e:#}"),
+            Err(e) => log_warn!("agent: {ifname}: {e:#}"),
         }
     }
 
@@ -702,9 +790,9 @@ impl Agent {
                 if self.backend.exists(&self.cfg.ifname).unwrap_or(false)
                     && let Err(e) = self.backend.delete(&self.cfg.ifname)
                 {
-                    log!("agent: removing {}: {e:#}", self.cfg.ifname);
+                    log_warn!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
-                let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                self.store.forget();
                 if self.can_rejoin {
                     // Removed while the agent was down, and started with a new token: use it.
                     self.rejoin = true;
@@ -718,7 +806,7 @@ impl Agent {
             | ErrorCode::InviteUsed
             | ErrorCode::Version => {
                 if self.state.me.is_none() {
-                    let _ = std::fs::remove_file(cache::path(&self.cfg.state_dir));
+                    self.store.forget();
                 }
                 self.stop = Some(Err(anyhow::anyhow!("joining the mesh: {reason}")));
             }
@@ -726,9 +814,10 @@ impl Agent {
         }
     }
 
-    fn save(&self) {
-        if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
-            log!("agent: {e:#}");
+    /// The identity is written at once (see `cache`); the map is coalesced.
+    fn save_identity(&mut self) {
+        if let Err(e) = self.store.save_identity(&self.state) {
+            log_error!("agent: {e:#}");
         }
     }
 
@@ -962,7 +1051,7 @@ impl Agent {
                     // On disk before it is announced: see `AgentState::pending_private_key`.
                     let new = Key::generate_private();
                     self.state.pending_private_key = Some(new);
-                    if let Err(e) = cache::save(&self.cfg.state_dir, &self.state) {
+                    if let Err(e) = self.store.save_identity(&self.state) {
                         return Response::Error {
                             reason: format!("rotating key: {e:#}"),
                         };

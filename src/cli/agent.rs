@@ -1,6 +1,7 @@
 //! `warren agent`, `warren up`, `warren down`, `warren status`.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::agent::api::{self, DEFAULT_SOCKET, Request, Response, Status};
+use crate::agent::dns::{DnsConfig, Listen};
 use crate::agent::run::{self, AgentConfig};
 use crate::wg::select::BackendChoice;
 
@@ -21,6 +23,8 @@ const UP_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Join token from `warren server invite` (needed once; remembered after);
     /// `-` reads it from stdin. Given here it is in this process's command
     /// line, which every local user can read: prefer `-` or --join-file.
@@ -36,6 +40,11 @@ pub struct AgentArgs {
     /// Where the key and the last peer map are kept.
     #[arg(long, default_value = "/var/lib/warren")]
     pub state_dir: PathBuf,
+    /// Where the last peer map is kept (default: the state directory). A
+    /// router with its state directory on flash points this at a tmpfs
+    /// (e.g. /tmp/warren): the map changes often and the coordinator resends it.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// WireGuard interface the agent owns.
     #[arg(long, default_value = "warren0")]
     pub interface: String,
@@ -52,12 +61,56 @@ pub struct AgentArgs {
     /// WireGuard and check ports.
     #[arg(long)]
     pub no_portmap: bool,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9101, or the mesh
+    /// address) at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where the name server for mesh names listens: `:PORT` (the mesh
+    /// address, another port: where a local resolver such as dnsmasq holds
+    /// 53) or `ADDR:PORT` with a mesh or loopback address. Default: the
+    /// mesh address, port 53.
+    #[arg(long, value_name = "ADDR", value_parser = parse_dns_listen, conflicts_with = "no_dns")]
+    pub dns_listen: Option<Listen>,
+    /// Do not answer DNS for mesh names.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// The domain of mesh names: NAME.DOMAIN.
+    #[arg(long, value_name = "DOMAIN", default_value = crate::dns::names::DEFAULT_DOMAIN)]
+    pub dns_domain: String,
+    /// Keep the mesh's names in a `# BEGIN warren` block of FILE (e.g.
+    /// /etc/hosts, where no systemd-resolved or dnsmasq asks the agent);
+    /// removed on a clean stop. Off by default.
+    #[arg(long, value_name = "FILE")]
+    pub hosts_file: Option<PathBuf>,
+}
+
+/// `:PORT`, `PORT` or `ADDR:PORT`; an address must be the mesh's or
+/// loopback, so that the name server never answers on a WAN address.
+fn parse_dns_listen(s: &str) -> std::result::Result<Listen, String> {
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(Listen::Mesh(port));
+    }
+    let addr: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not :PORT or ADDR:PORT"))?;
+    let allowed = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || crate::dns::names::in_mesh(v4),
+        std::net::IpAddr::V6(v6) => v6.is_loopback(),
+    };
+    if !allowed {
+        return Err(format!(
+            "{addr}: the name server listens only on a mesh (100.64.0.0/10) or loopback address"
+        ));
+    }
+    Ok(Listen::At(addr))
 }
 
 #[derive(Args, Debug)]
 pub struct SocketArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Print JSON, errors too (`{"error": ...}`); see README "JSON output".
     #[arg(long)]
     pub json: bool,
 }
@@ -107,7 +160,7 @@ fn read_token_file(path: &Path) -> Result<Option<String>> {
     };
     let mode = file.metadata().with_context(what)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        log!(
+        log_warn!(
             "warren: warning: {} is readable by other users (mode {mode:04o}); \
              anyone who reads the token can add nodes: chmod 600 it",
             path.display()
@@ -122,6 +175,7 @@ fn read_token_file(path: &Path) -> Result<Option<String>> {
 
 fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
     AgentConfig {
+        cache_dir: a.cache_dir.unwrap_or_else(|| a.state_dir.clone()),
         state_dir: a.state_dir,
         ifname: a.interface,
         listen_port: a.port,
@@ -130,10 +184,21 @@ fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
         socket: a.socket,
         backend: a.backend,
         portmap: !a.no_portmap,
+        metrics_listen: a.metrics_listen,
+        dns: DnsConfig {
+            listen: match (a.no_dns, a.dns_listen) {
+                (true, _) => Listen::Off,
+                (false, Some(l)) => l,
+                (false, None) => Listen::Mesh(crate::agent::dns::DEFAULT_PORT),
+            },
+            domain: a.dns_domain,
+            hosts_file: a.hosts_file,
+        },
     }
 }
 
 pub fn agent(a: AgentArgs) -> Result<()> {
+    a.daemon.start();
     let joined = crate::agent::cache::path(&a.state_dir).exists();
     let join = match read_token(&a, joined) {
         Ok(t) => t,
@@ -149,7 +214,7 @@ pub fn agent(a: AgentArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     if a.join.as_deref().is_some_and(|t| t != JOIN_FROM_STDIN) {
-        log!(
+        log_warn!(
             "agent: warning: --join TOKEN leaves the token in the process list for every local \
              user to read; use --join-file FILE"
         );
@@ -159,13 +224,17 @@ pub fn agent(a: AgentArgs) -> Result<()> {
 
 /// Starts the agent in the background and waits until it is in the mesh.
 pub fn up(a: AgentArgs) -> Result<()> {
+    a.daemon.start();
     if api::request(&a.socket, &Request::Status).is_ok() {
         bail!(
             "warren is already up (agent answering on {}); see `warren status`",
             a.socket.display()
         );
     }
-    let token = read_token(&a, false)?;
+    // A joined node needs no token: the config file's join_token_file may
+    // name a file removed after joining.
+    let joined = crate::agent::cache::path(&a.state_dir).exists();
+    let token = read_token(&a, joined)?;
     if let Some(j) = &token {
         // A mistyped token is reported here, before anything is started.
         crate::coord::invite::JoinToken::parse(j)?;
@@ -187,6 +256,9 @@ pub fn up(a: AgentArgs) -> Result<()> {
     if token.is_some() {
         cmd.arg("--join-file").arg(JOIN_FROM_STDIN);
     }
+    if let Some(d) = &a.cache_dir {
+        cmd.arg("--cache-dir").arg(d);
+    }
     if let Some(n) = &a.name {
         cmd.arg("--name").arg(n);
     }
@@ -195,6 +267,30 @@ pub fn up(a: AgentArgs) -> Result<()> {
     }
     if a.no_portmap {
         cmd.arg("--no-portmap");
+    }
+    if let Some(m) = a.metrics_listen {
+        cmd.arg("--metrics-listen").arg(m.to_string());
+    }
+    // The agent reads the same file again, for the keys `up` has no use for.
+    if let Some(c) = &a.daemon.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("--log-level").arg(a.daemon.log_level.name());
+    match a.dns_listen {
+        Some(Listen::Mesh(port)) => {
+            cmd.arg("--dns-listen").arg(format!(":{port}"));
+        }
+        Some(Listen::At(addr)) => {
+            cmd.arg("--dns-listen").arg(addr.to_string());
+        }
+        Some(Listen::Off) | None => {}
+    }
+    if a.no_dns {
+        cmd.arg("--no-dns");
+    }
+    cmd.arg("--dns-domain").arg(&a.dns_domain);
+    if let Some(f) = &a.hosts_file {
+        cmd.arg("--hosts-file").arg(f);
     }
     let stdin = if token.is_some() {
         Stdio::piped()
@@ -260,20 +356,58 @@ pub struct PingArgs {
     pub count: u32,
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// One JSON document after the last ping (see README "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Time between two pings of `warren ping`.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One line per ping; fails if none came back. A wrong peer name or a
-/// missing agent fails at once instead of repeating the same error.
+/// `warren ping --json`: every ping, answered or lost.
+#[derive(serde::Serialize, Default)]
+struct PingReport {
+    peer: String,
+    name: Option<String>,
+    mesh_addr: Option<std::net::Ipv4Addr>,
+    sent: u32,
+    received: u32,
+    pings: Vec<PingResult>,
+}
+
+#[derive(serde::Serialize)]
+struct PingResult {
+    seq: u32,
+    /// direct, relay, or absent when lost.
+    path: Option<String>,
+    /// The direct endpoint or the relay's address.
+    via: Option<String>,
+    rtt_us: Option<u64>,
+    error: Option<String>,
+}
+
+/// "direct ADDR" / "relay ADDR" as the agent words a pong's path: (path, via).
+fn split_path(relay: &str) -> (String, Option<String>) {
+    match relay.split_once(' ') {
+        Some((p, via)) => (p.to_string(), Some(via.to_string())),
+        None => (relay.to_string(), None),
+    }
+}
+
+/// One line per ping (or one JSON document); fails if none came back. A
+/// wrong peer name or a missing agent fails at once instead of repeating the
+/// same error.
 pub fn ping(a: PingArgs) -> Result<()> {
-    let mut answered = 0;
+    let mut report = PingReport {
+        peer: a.peer.clone(),
+        ..PingReport::default()
+    };
     let mut lost = None;
-    for i in 0..a.count {
-        if i > 0 {
+    for seq in 1..=a.count {
+        if seq > 1 {
             std::thread::sleep(PING_INTERVAL);
         }
+        report.sent += 1;
         match api::request(&a.socket, &Request::Ping { peer: a.peer.clone() }) {
             Ok(Response::Pong {
                 name,
@@ -281,29 +415,49 @@ pub fn ping(a: PingArgs) -> Result<()> {
                 relay,
                 rtt_us,
             }) => {
-                answered += 1;
-                let path = match relay.strip_prefix("relay ") {
-                    Some(r) => format!("through relay {r}"),
-                    None => match relay.strip_prefix("direct ") {
-                        Some(d) => format!("direct to {d}"),
-                        None => relay,
-                    },
-                };
-                outln!(
-                    "pong from {name} ({mesh_addr}) {path}: {:.1} ms",
-                    rtt_us as f64 / 1000.0
-                )?;
+                report.received += 1;
+                let (path, via) = split_path(&relay);
+                if !a.json {
+                    let words = match (path.as_str(), &via) {
+                        ("relay", Some(r)) => format!("through relay {r}"),
+                        ("direct", Some(d)) => format!("direct to {d}"),
+                        _ => relay.clone(),
+                    };
+                    outln!(
+                        "pong from {name} ({mesh_addr}) {words}: {:.1} ms",
+                        rtt_us as f64 / 1000.0
+                    )?;
+                }
+                report.name = Some(name);
+                report.mesh_addr = Some(mesh_addr);
+                report.pings.push(PingResult {
+                    seq,
+                    path: Some(path),
+                    via,
+                    rtt_us: Some(rtt_us),
+                    error: None,
+                });
             }
             Ok(_) => bail!("unexpected answer from the agent"),
             Err(e) if format!("{e:#}").contains(PING_LOST) => {
-                outln!("{e:#}")?;
+                if !a.json {
+                    outln!("{e:#}")?;
+                }
+                report.pings.push(PingResult {
+                    seq,
+                    path: None,
+                    via: None,
+                    rtt_us: None,
+                    error: Some(format!("{e:#}")),
+                });
                 lost = Some(e);
             }
             Err(e) => return Err(e),
         }
     }
     match lost {
-        Some(e) if answered == 0 => Err(e),
+        Some(e) if report.received == 0 => Err(e),
+        _ if a.json => super::out::json(&report),
         _ => Ok(()),
     }
 }
@@ -317,8 +471,7 @@ pub fn netcheck(a: SocketArgs) -> Result<()> {
         bail!("unexpected answer from the agent");
     };
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?)?;
-        return Ok(());
+        return super::out::json(&report);
     }
     let or_why = |v: Option<std::net::SocketAddr>, why: &Option<String>| match (v, why) {
         (Some(v), _) => v.to_string(),
@@ -409,6 +562,9 @@ pub fn netcheck(a: SocketArgs) -> Result<()> {
 
 pub fn down(a: SocketArgs) -> Result<()> {
     api::request(&a.socket, &Request::Down)?;
+    if a.json {
+        return super::out::json(&serde_json::json!({ "down": true }));
+    }
     outln!("warren is down")?;
     Ok(())
 }
@@ -417,12 +573,10 @@ pub fn status(a: SocketArgs) -> Result<()> {
     let Response::Status { status } = api::request(&a.socket, &Request::Status)? else {
         bail!("unexpected answer from the agent");
     };
-    let text = if a.json {
-        format!("{}\n", serde_json::to_string_pretty(&status)?)
-    } else {
-        format_status(&status)
-    };
-    super::out::write(&text)
+    if a.json {
+        return super::out::json(&status);
+    }
+    super::out::write(&format_status(&status))
 }
 
 fn format_status(s: &Status) -> String {
@@ -526,6 +680,9 @@ pub fn rotate_key(a: SocketArgs) -> Result<()> {
     let deadline = Instant::now() + ROTATE_TIMEOUT;
     while Instant::now() < deadline {
         let now = current_status(&a.socket)?.public_key;
+        if now != old && a.json {
+            return super::out::json(&serde_json::json!({ "public_key": now, "old_public_key": old }));
+        }
         if now != old {
             outln!(
                 "new key {} (was {}); name and address unchanged",

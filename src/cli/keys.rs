@@ -3,6 +3,7 @@
 use std::io::Read;
 
 use anyhow::{Context, Result};
+use clap::Args;
 
 use crate::keys::Key;
 
@@ -14,12 +15,22 @@ pub fn genkey() -> Result<()> {
     super::out::write(&format!("{key}\n"))
 }
 
-pub fn pubkey() -> Result<()> {
+#[derive(Args, Debug)]
+pub struct PubkeyArgs {
+    /// Print `{"public_key": KEY}` (errors as `{"error": ...}`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn pubkey(a: PubkeyArgs) -> Result<()> {
     let mut input = String::new();
     std::io::stdin()
         .take(MAX_KEY_INPUT)
         .read_to_string(&mut input)
         .context("reading a private key from stdin")?;
     let private: Key = input.parse().context("reading a private key from stdin")?;
+    if a.json {
+        return super::out::json(&serde_json::json!({ "public_key": private.public_key() }));
+    }
     super::out::write(&format!("{}\n", private.public_key()))
 }

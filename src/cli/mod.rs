@@ -1,6 +1,8 @@
 //! Command-line surface: one file per subcommand family.
 
 mod agent;
+mod bugreport;
+mod daemon;
 mod keys;
 pub mod out;
 #[cfg(feature = "relay-server")]
@@ -30,7 +32,7 @@ pub enum Command {
     /// Print a new private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
-    Pubkey,
+    Pubkey(keys::PubkeyArgs),
     /// Low-level WireGuard interface commands (apply a config file, show, delete).
     #[command(subcommand)]
     Wg(wg::WgCommand),
@@ -48,6 +50,9 @@ pub enum Command {
     Netcheck(agent::SocketArgs),
     /// Switch this node to a new WireGuard key, keeping its name and address.
     RotateKey(agent::SocketArgs),
+    /// Write one redacted file for an issue: versions, status, netcheck, the
+    /// interface's WireGuard state and routes, the last log lines.
+    Bugreport(bugreport::BugreportArgs),
     #[cfg(feature = "server")]
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
@@ -68,10 +73,35 @@ pub enum Command {
     WgstunLoad(wgstun::LoadCommand),
 }
 
+impl Command {
+    /// Whether the command line asked for JSON (`--json` on a read command).
+    fn json(&self) -> bool {
+        match self {
+            Command::Pubkey(a) => a.json,
+            Command::Wg(wg::WgCommand::Show(a)) => a.json,
+            Command::Down(a) | Command::Status(a) | Command::Netcheck(a) | Command::RotateKey(a) => a.json,
+            Command::Ping(a) => a.json,
+            #[cfg(feature = "server")]
+            Command::Server(a) => a.json(),
+            #[cfg(feature = "wgstun-server")]
+            Command::Wgstun(a) => a.json(),
+            #[cfg(feature = "relay-server")]
+            Command::Relay(a) => a.json(),
+            _ => false,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let json = cli.command.json();
+    out::json_errors(json, || dispatch(cli.command))
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Genkey => keys::genkey(),
-        Command::Pubkey => keys::pubkey(),
+        Command::Pubkey(a) => keys::pubkey(a),
+        Command::Bugreport(a) => bugreport::run(a),
         Command::Wg(c) => wg::run(c),
         #[cfg(feature = "server")]
         Command::Server(args) => server::run(args),

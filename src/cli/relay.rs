@@ -1,20 +1,27 @@
 //! `warren relay`: run the relay on its own (it is also meant to run inside `warren server`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::out::outln;
+use crate::keys::Key;
 use crate::relay::admission::SourceLimits;
 use crate::relay::client_conn::Limits;
+use crate::relay::feed::{self, Coordinator, FeedConfig};
+use crate::relay::members::{MEMBERS_FILE, MemberSet};
 use crate::relay::server::{DEFAULT_MAX_CLIENTS, DEFAULT_MAX_PENDING, RelayConfig, RelayGuards, RelayServer};
 use crate::relay::{DEFAULT_PORT, KEY_FILE};
 use crate::wgstun::key;
 
 #[derive(Args, Debug)]
 pub struct RelayArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Address for client connections (TCP).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     pub listen: SocketAddr,
@@ -58,13 +65,39 @@ pub struct RelayArgs {
     /// at least 64). 0: no limit.
     #[arg(long)]
     pub source_max_clients: Option<usize>,
+    /// The coordinator to learn the mesh's members from, as KEY@HOST:PORT
+    /// (its public key, as in join tokens, and its control address). The
+    /// coordinator must list this relay with --relay. Keys that are not
+    /// members are refused, and a removed node's connection is closed at
+    /// once. Until the first member set arrives every key is served; the
+    /// last set is kept (in STATE_DIR/relay-members) while the coordinator
+    /// is unreachable, also across restarts. Without it: every key is served.
+    #[arg(long, value_name = "KEY@HOST:PORT", verbatim_doc_comment)]
+    pub coordinator: Option<Coordinator>,
     /// Print the relay's public key and exit.
     #[arg(long)]
     pub show_key: bool,
+    /// With --show-key: `{"public_key": KEY}` (errors as `{"error": ...}`).
+    #[arg(long, requires = "show_key")]
+    pub json: bool,
+    /// Serve Prometheus metrics on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl RelayArgs {
+    /// Whether `--show-key` was asked for JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 pub fn run(args: RelayArgs) -> Result<()> {
+    args.daemon.start();
     let private_key = key::load_or_create_file(&args.state_dir, KEY_FILE, "relay key")?;
+    if args.show_key && args.json {
+        return super::out::json(&serde_json::json!({ "public_key": private_key.public_key() }));
+    }
     if args.show_key {
         return super::out::write(&format!("{}\n", private_key.public_key()));
     }
@@ -79,7 +112,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
             max_clients: args.source_max_clients.unwrap_or(defaults.max_clients),
         },
     };
-    RelayServer::bind_guarded(
+    let mut relay = RelayServer::bind_guarded(
         RelayConfig {
             limits: Limits {
                 rate_bytes_per_sec: args.client_rate_mib.saturating_mul(1024 * 1024),
@@ -89,8 +122,53 @@ pub fn run(args: RelayArgs) -> Result<()> {
             ..RelayConfig::new(args.listen, private_key)
         },
         guards,
-    )?
-    .run()
+    )?;
+    match args.coordinator {
+        None => log!(
+            "warren relay: no --coordinator: serving every key that completes the handshake (removed nodes are not refused)"
+        ),
+        Some(coordinator) => start_feed(&mut relay, coordinator, &args.state_dir, private_key)?,
+    }
+    if let Some(addr) = args.metrics_listen {
+        let handle = relay.handle();
+        crate::metrics::serve_role("warren relay", addr, move || {
+            let mut e = crate::metrics::Exposition::new();
+            crate::relay::metrics::render(&mut e, &handle.stats());
+            e.finish()
+        })?;
+    }
+    relay.run()
+}
+
+/// Loads the persisted member set into the relay and starts the thread that
+/// keeps it current from the coordinator.
+fn start_feed(relay: &mut RelayServer, coordinator: Coordinator, state_dir: &Path, key: Key) -> Result<()> {
+    let members = MemberSet::load(state_dir).unwrap_or_else(|e| {
+        log!("warren relay: {e:#}: ignoring it until the coordinator sends the members");
+        MemberSet::open()
+    });
+    let who = format!("coordinator {} at {}", coordinator.key.short(), coordinator.addr);
+    match members.known_len() {
+        Some(n) => log!(
+            "warren relay: member keys from {who}; until it answers, the {n} members in {MEMBERS_FILE} (other keys refused)"
+        ),
+        None => log!("warren relay: member keys from {who}; until it answers, every key is served"),
+    }
+    relay.set_members(members.clone());
+    let cfg = FeedConfig {
+        relay_private: key,
+        coordinator,
+        state_dir: state_dir.to_path_buf(),
+        members,
+    };
+    let handle = relay.handle();
+    // The relay runs until the process ends; so does its feed.
+    let stop = Arc::new(AtomicBool::new(false));
+    std::thread::Builder::new()
+        .name("relay-feed".into())
+        .spawn(move || feed::run(cfg, handle, stop))
+        .context("starting the relay's member feed thread")?;
+    Ok(())
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -112,6 +190,9 @@ pub enum LoadCommand {
         relay: SocketAddr,
         #[arg(long)]
         key: crate::keys::Key,
+        /// Connect with the private key in this file (base64) instead of a fresh one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -189,10 +270,25 @@ pub fn load(cmd: LoadCommand) -> Result<()> {
             })?;
             outln!("attempts={} reopened={}", r.attempts, r.reopened)?;
         }
-        LoadCommand::Echo { relay, key, seconds } => {
+        LoadCommand::Echo {
+            relay,
+            key,
+            key_file,
+            seconds,
+        } => {
+            let own = match key_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .trim()
+                        .parse::<Key>()
+                        .with_context(|| format!("{}: bad private key", f.display()))?,
+                ),
+                None => None,
+            };
             // Handshake done and first sealed message sent: the relay registers on it.
             let started = std::time::Instant::now();
-            let echoed = load::echo(relay, &key, seconds, |me| {
+            let echoed = load::echo(relay, &key, own, seconds, |me| {
                 outln!("key={me} registered_ms={}", started.elapsed().as_millis())
             })?;
             outln!("echoed={echoed}")?;

@@ -17,6 +17,8 @@ use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// Address for node connections.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     pub listen: SocketAddr,
@@ -61,6 +63,10 @@ pub struct ServerArgs {
     /// STUN is assumed on HOST:3478 (`warren wgstun`'s default).
     #[arg(long = "wgstun", value_name = "KEY@HOST:PORT")]
     pub wgstuns: Vec<String>,
+    /// Serve Prometheus metrics (the coordinator's, and those of the relay
+    /// and WG-STUN running here) on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     pub action: Option<ServerAction>,
 }
@@ -89,13 +95,25 @@ pub struct FloodArgs {
 pub enum ServerAction {
     /// List the mesh's nodes.
     Nodes {
+        /// A JSON array of nodes (errors as `{"error": ...}`).
         #[arg(long)]
         json: bool,
     },
     /// Remove a node (by name, mesh address, key or id); it cannot reconnect.
-    Remove { node: String },
+    Remove {
+        node: String,
+        /// The removed node as `server nodes --json` shows one.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rename a node.
-    Rename { node: String, new_name: String },
+    Rename {
+        node: String,
+        new_name: String,
+        /// The renamed node as `server nodes --json` shows one.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark: N light nodes join through the admin socket's invite, then one change is timed.
     #[command(hide = true)]
     Load {
@@ -121,10 +139,29 @@ pub enum ServerAction {
         /// Name for the node that joins with this token.
         #[arg(long)]
         name: Option<String>,
+        /// `{"token", "expires", "reusable", "name"}` (errors as `{"error": ...}`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
+impl ServerArgs {
+    /// Whether an admin command was asked for JSON.
+    pub fn json(&self) -> bool {
+        matches!(
+            self.action,
+            Some(
+                ServerAction::Nodes { json: true }
+                    | ServerAction::Invite { json: true, .. }
+                    | ServerAction::Remove { json: true, .. }
+                    | ServerAction::Rename { json: true, .. }
+            )
+        )
+    }
+}
+
 pub fn run(args: ServerArgs) -> Result<()> {
+    args.daemon.start();
     let socket = args.state_dir.join(ADMIN_SOCKET);
     let Some(action) = args.action else {
         let cfg = ServerConfig {
@@ -145,6 +182,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         // Bind the coordinator first: a busy coordinator port fails before any thread starts.
         let mut server = Server::bind(&cfg)?;
+        let mut relay_stats = None;
+        let mut wgstun_stats = None;
         if !args.no_relay {
             let addrs = if !args.relay_advertise.is_empty() {
                 args.relay_advertise.clone()
@@ -152,6 +191,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 advertised_addrs(args.relay_listen, server.advertise())
             };
             let (key, relay) = start_relay(&cfg.state_dir, args.relay_listen)?;
+            relay_stats = Some(relay.clone());
             // Removed nodes lose the relay at once, not only their peers.
             server.set_on_removed(move |k| relay.refuse_key(k))?;
             relays.insert(
@@ -167,19 +207,34 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         server.set_relays(relays);
         if !args.no_wgstun {
-            let (key, wg, stun) = start_wgstun(
+            let (key, wg, stun, stats) = start_wgstun(
                 &cfg.state_dir,
                 args.wgstun_listen,
                 (!args.no_stun).then_some(args.stun_listen),
             )?;
+            wgstun_stats = Some(stats);
             match own_wgstun(key, wg, stun, server.advertise()) {
                 Some(own) => wgstuns.insert(0, own),
-                None => log!(
+                None => log_warn!(
                     "warren: WG-STUN runs but is not published: no address to give nodes (pass --advertise HOST:PORT)"
                 ),
             }
         }
         server.set_wgstun(wgstuns);
+        if let Some(addr) = args.metrics_listen {
+            let coord = server.stats_handle();
+            crate::metrics::serve_role("warren server", addr, move || {
+                let mut e = crate::metrics::Exposition::new();
+                crate::coord::metrics::render(&mut e, &coord.get());
+                if let Some(r) = &relay_stats {
+                    crate::relay::metrics::render(&mut e, &r.stats());
+                }
+                if let Some(w) = &wgstun_stats {
+                    crate::wgstun::metrics::render(&mut e, &w.get());
+                }
+                e.finish()
+            })?;
+        }
         return server.run();
     };
     match action {
@@ -188,21 +243,25 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 bail!("unexpected answer from the coordinator");
             };
             if json {
-                outln!("{}", serde_json::to_string_pretty(&nodes)?)?;
+                super::out::json(&nodes)?;
             } else {
                 print_nodes(&nodes)?;
             }
         }
-        ServerAction::Remove { node } => {
+        ServerAction::Remove { node, json } => {
             let r = admin::request(&socket, &AdminRequest::Remove { node })?;
-            if let AdminResponse::Node { node } = r {
-                outln!("removed {} ({})", node.name, node.mesh_addr)?;
+            match r {
+                AdminResponse::Node { node } if json => super::out::json(&node)?,
+                AdminResponse::Node { node } => outln!("removed {} ({})", node.name, node.mesh_addr)?,
+                _ => bail!("unexpected answer from the coordinator"),
             }
         }
-        ServerAction::Rename { node, new_name } => {
+        ServerAction::Rename { node, new_name, json } => {
             let r = admin::request(&socket, &AdminRequest::Rename { node, new_name })?;
-            if let AdminResponse::Node { node } = r {
-                outln!("renamed to {} ({})", node.name, node.mesh_addr)?;
+            match r {
+                AdminResponse::Node { node } if json => super::out::json(&node)?,
+                AdminResponse::Node { node } => outln!("renamed to {} ({})", node.name, node.mesh_addr)?,
+                _ => bail!("unexpected answer from the coordinator"),
             }
         }
         ServerAction::Load { server, nodes, hold } => {
@@ -242,6 +301,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             reusable,
             expires,
             name,
+            json,
         } => {
             let expires_in = expires.as_deref().map(invite::parse_duration).transpose()?;
             let r = admin::request(
@@ -249,10 +309,20 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 &AdminRequest::Invite {
                     reusable,
                     expires_in,
-                    name,
+                    name: name.clone(),
                 },
             )?;
-            if let AdminResponse::Invite { token, .. } = r {
+            let AdminResponse::Invite { token, expires } = r else {
+                bail!("unexpected answer from the coordinator");
+            };
+            if json {
+                super::out::json(&serde_json::json!({
+                    "token": token,
+                    "expires": expires,
+                    "reusable": reusable,
+                    "name": name,
+                }))?;
+            } else {
                 outln!("{token}")?;
             }
         }
@@ -352,7 +422,7 @@ fn start_relay(state_dir: &Path, listen: SocketAddr) -> Result<(Key, RelayHandle
         .name("relay".into())
         .spawn(move || match relay.run() {
             Ok(()) => log!("warren: relay stopped"),
-            Err(e) => log!("warren: relay stopped: {e:#}"),
+            Err(e) => log_error!("warren: relay stopped: {e:#}"),
         })
         .context("starting the relay thread")?;
     Ok((key, handle))
@@ -365,10 +435,15 @@ fn start_wgstun(
     state_dir: &Path,
     listen: SocketAddr,
     stun_listen: Option<SocketAddr>,
-) -> Result<(Key, SocketAddr, Option<SocketAddr>)> {
+) -> Result<(
+    Key,
+    SocketAddr,
+    Option<SocketAddr>,
+    crate::wgstun::metrics::StatsHandle,
+)> {
     let private_key = crate::wgstun::key::load_or_create(state_dir)?;
     let public_key = private_key.public_key();
-    let (wg, stun, thread) = crate::wgstun::spawn(crate::wgstun::Config {
+    let (wg, stun, thread, stats) = crate::wgstun::spawn_watched(crate::wgstun::Config {
         listen,
         stun_listen,
         private_key,
@@ -388,11 +463,11 @@ fn start_wgstun(
         .name("wgstun-watch".into())
         .spawn(move || match thread.join() {
             Ok(Ok(())) => log!("warren: WG-STUN stopped"),
-            Ok(Err(e)) => log!("warren: WG-STUN stopped: {e:#}"),
-            Err(_) => log!("warren: WG-STUN stopped: its thread panicked"),
+            Ok(Err(e)) => log_error!("warren: WG-STUN stopped: {e:#}"),
+            Err(_) => log_error!("warren: WG-STUN stopped: its thread panicked"),
         })
         .context("starting the WG-STUN watcher thread")?;
-    Ok((public_key, wg, stun))
+    Ok((public_key, wg, stun, stats))
 }
 
 fn print_nodes(nodes: &[NodeView]) -> Result<()> {

@@ -115,7 +115,7 @@ fn apply(args: ApplyArgs) -> Result<()> {
             if report.created {
                 // Nothing half-applied: the interface did not exist before this call.
                 if let Err(d) = backend.delete(ifname) {
-                    log!("warren: {ifname}: removing the half-configured interface failed: {d:#}");
+                    log_warn!("warren: {ifname}: removing the half-configured interface failed: {d:#}");
                 }
             }
             return Err(e.context(format!("applying {}", args.config.display())));

@@ -12,6 +12,8 @@ use crate::wgstun::{self, key, responder};
 
 #[derive(Args, Debug)]
 pub struct WgstunArgs {
+    #[command(flatten)]
+    pub daemon: super::daemon::DaemonArgs,
     /// UDP address for WireGuard.
     #[arg(long, default_value = wgstun::DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -51,9 +53,24 @@ pub struct WgstunArgs {
     /// Endpoint to put in the stanza (default: the listen address, or this host's name).
     #[arg(long, value_name = "HOST:PORT", requires = "print_peer")]
     endpoint: Option<String>,
+    /// With --print-peer: `{"public_key", "endpoint", "allowed_ips"}` (errors
+    /// as `{"error": ...}`).
+    #[arg(long, requires = "print_peer")]
+    json: bool,
+    /// Serve Prometheus metrics on ADDR at /metrics; off when absent.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl WgstunArgs {
+    /// Whether `--print-peer` was asked for JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 pub fn run(args: WgstunArgs) -> Result<()> {
+    args.daemon.start();
     let private_key = key::load_or_create(&args.state_dir)?;
     if args.print_peer {
         let endpoint = match args.endpoint {
@@ -65,10 +82,17 @@ pub fn run(args: WgstunArgs) -> Result<()> {
                 format!("{}:{}", host.trim(), args.listen.port())
             }
         };
+        if args.json {
+            return super::out::json(&serde_json::json!({
+                "public_key": private_key.public_key(),
+                "endpoint": endpoint,
+                "allowed_ips": [format!("{}/32", wgstun::inner::WGSTUN_ADDR)],
+            }));
+        }
         super::out::write(&wgstun::peer_stanza(&private_key.public_key(), &endpoint))?;
         return Ok(());
     }
-    wgstun::run(wgstun::Config {
+    let server = wgstun::Server::bind(&wgstun::Config {
         listen: args.listen,
         stun_listen: (!args.no_stun).then_some(args.stun_listen),
         private_key,
@@ -78,7 +102,16 @@ pub fn run(args: WgstunArgs) -> Result<()> {
         handshakes_per_source: args.source_handshake_rate,
         stun_requests_per_source: args.stun_rate,
         stats_interval: args.stats_interval.map(Duration::from_secs),
-    })
+    })?;
+    if let Some(addr) = args.metrics_listen {
+        let stats = server.stats_handle();
+        crate::metrics::serve_role("warren wgstun", addr, move || {
+            let mut e = crate::metrics::Exposition::new();
+            wgstun::metrics::render(&mut e, &stats.get());
+            e.finish()
+        })?;
+    }
+    server.run()
 }
 
 /// Hidden `warren wgstun-load`: drives a WG-STUN server for lab tests and the benchmark.

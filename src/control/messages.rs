@@ -53,6 +53,11 @@ pub enum ClientMessage {
     Ping {
         nonce: u64,
     },
+    /// First message of a separate relay (its relay key, listed in the
+    /// coordinator's `--relay`): stream me the mesh's member keys.
+    SubscribeMembers {
+        version: u32,
+    },
 }
 
 /// One node as every other node sees it.
@@ -154,6 +159,15 @@ pub enum ServerMessage {
     },
     Pong {
         nonce: u64,
+    },
+    /// To a subscribed relay: every member's key; replaces what it had.
+    Members {
+        keys: Vec<Key>,
+    },
+    /// To a subscribed relay: changes to the member set since the last message.
+    MembersDelta {
+        added: Vec<Key>,
+        removed: Vec<Key>,
     },
 }
 

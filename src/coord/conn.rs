@@ -37,6 +37,8 @@ pub enum Phase {
     Opening,
     /// Authenticated as this node.
     Node(u64),
+    /// A separate relay subscribed to the member feed (`relayfeed.rs`).
+    Relay,
     /// An error was queued; flushing it, then hanging up.
     Closing,
 }
@@ -120,7 +122,7 @@ impl Conn {
             let msg = messages::decode_client(&raw).map_err(|e| (ErrorCode::Protocol, format!("{e:#}")))?;
             out.push(msg);
         }
-        if matches!(self.phase, Phase::Node(_)) {
+        if matches!(self.phase, Phase::Node(_) | Phase::Relay) {
             self.deadline = now + IDLE_TIMEOUT;
         }
         Ok(out)
@@ -137,6 +139,12 @@ impl Conn {
     pub fn authenticated(&mut self, node: u64, now: Instant) {
         self.phase = Phase::Node(node);
         self.node = Some(node);
+        self.deadline = now + IDLE_TIMEOUT;
+    }
+
+    /// A relay subscribed to the member feed; it pings like a node.
+    pub fn subscribed(&mut self, now: Instant) {
+        self.phase = Phase::Relay;
         self.deadline = now + IDLE_TIMEOUT;
     }
 
@@ -180,7 +188,7 @@ impl Conn {
             Phase::Closing => self.channel.outgoing().is_empty() || now >= self.deadline,
             // A stranger's handshake deadline: hung up on without a word (see the module docs).
             Phase::Opening => now >= self.deadline,
-            Phase::Node(_) => false,
+            Phase::Node(_) | Phase::Relay => false,
         }
     }
 
@@ -192,7 +200,7 @@ impl Conn {
         }
         match self.phase {
             Phase::Opening => None,
-            Phase::Node(_) => Some("idle timeout"),
+            Phase::Node(_) | Phase::Relay => Some("idle timeout"),
             Phase::Closing => Some("close linger over"),
         }
     }
@@ -208,7 +216,10 @@ impl Conn {
 
 /// The messages that may open a connection.
 fn is_opening(m: &ClientMessage) -> bool {
-    matches!(m, ClientMessage::Hello { .. } | ClientMessage::Join { .. })
+    matches!(
+        m,
+        ClientMessage::Hello { .. } | ClientMessage::Join { .. } | ClientMessage::SubscribeMembers { .. }
+    )
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use super::admin::{AdminRequest, AdminResponse, NodeView};
 use super::conn::{Conn, Phase};
 use super::invite::{self, JoinToken};
 use super::peermap::PeerMap;
+use super::relayfeed::RelayFeed;
 use super::store::{JoinRequest, Node, Store};
 use crate::control::messages::{
     self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage, WgStunInfo,
@@ -68,6 +69,8 @@ pub struct Hub {
     wgstun: Vec<WgStunInfo>,
     /// Told the key of every removed node (the embedded relay refuses them).
     on_removed: Option<Box<dyn FnMut(Key) + Send>>,
+    /// Separate relays subscribed to the member keys.
+    feed: RelayFeed,
 }
 
 impl Hub {
@@ -89,11 +92,14 @@ impl Hub {
             relays: Vec::new(),
             wgstun: Vec::new(),
             on_removed: None,
+            feed: RelayFeed::default(),
         }
     }
 
     /// Sets the relays nodes use; call before nodes connect (they learn them on connect).
     pub fn set_relays(&mut self, relays: Vec<RelayInfo>) {
+        // The relays nodes are sent to are the ones that may learn who is a member.
+        self.feed.set_authorised(relays.iter().map(|r| r.public_key));
         self.relays = relays;
         // Entries name each node's home relay: build them again with these.
         self.map = None;
@@ -126,6 +132,11 @@ impl Hub {
         }
         let i = (node % self.relays.len() as u64) as usize;
         Some(self.relays[i].public_key)
+    }
+
+    /// Nodes connected now (the metrics' connected nodes).
+    pub fn online_count(&self) -> usize {
+        self.online.len()
     }
 
     pub fn public_key(&self) -> Key {
@@ -222,9 +233,27 @@ impl Hub {
                             key.short(),
                             node.mesh_addr
                         );
+                        self.feed.added(key);
                         self.admit(id, now, node)?;
                     }
                     Err(refusal) => self.refuse(id, now, refusal.code, &refusal.reason),
+                }
+            }
+            (Phase::Opening, ClientMessage::SubscribeMembers { version }) => {
+                if !self.version_ok(id, now, version) {
+                    return Ok(());
+                }
+                if !self.feed.is_authorised(&key) {
+                    let reason = format!("key {} is not a relay of this coordinator (--relay)", key.short());
+                    self.refuse(id, now, ErrorCode::UnknownNode, &reason);
+                    return Ok(());
+                }
+                let (feed, store) = (&mut self.feed, &self.store);
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    feed.subscribe(id, now, conn, || {
+                        Ok(store.nodes()?.into_iter().map(|n| n.public_key).collect())
+                    })?;
+                    log(conn, "relay subscribed to the member keys");
                 }
             }
             (Phase::Opening, other) => self.refuse(
@@ -244,18 +273,20 @@ impl Hub {
                     key.short(),
                     new_public_key.short()
                 );
+                self.feed.removed(key);
+                self.feed.added(new_public_key);
                 self.changed.insert(node);
             }
             (Phase::Node(node), ClientMessage::Goodbye) => {
                 self.went_offline(id, node);
                 conn_fail(&mut self.conns, id, now, ErrorCode::Protocol, "goodbye");
             }
-            (Phase::Node(_), ClientMessage::Ping { nonce }) => {
+            (Phase::Node(_) | Phase::Relay, ClientMessage::Ping { nonce }) => {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.send(&ServerMessage::Pong { nonce });
                 }
             }
-            (Phase::Node(_), other) => self.refuse(
+            (Phase::Node(_) | Phase::Relay, other) => self.refuse(
                 id,
                 now,
                 ErrorCode::Protocol,
@@ -401,6 +432,7 @@ impl Hub {
             self.went_offline(id, node);
         }
         self.dirty.remove(&id);
+        self.feed.closed(id);
         self.map_queue.retain(|&q| q != id);
         if self.map_in_flight.remove(&id).is_some() {
             self.send_maps();
@@ -410,6 +442,7 @@ impl Hub {
     /// Pushes batched changes to every connected node as one delta, and
     /// applies them to the in-memory map that connecting nodes get.
     pub fn flush(&mut self) {
+        self.feed.flush(&mut self.conns, &mut self.dirty);
         if self.changed.is_empty() && self.removed.is_empty() {
             return;
         }
@@ -538,6 +571,7 @@ impl Hub {
                 if let Some(f) = &mut self.on_removed {
                     f(n.public_key);
                 }
+                self.feed.removed(n.public_key);
                 if let Some(cid) = self.online.remove(&n.id) {
                     conn_fail(
                         &mut self.conns,
@@ -616,6 +650,7 @@ fn kind(m: &ClientMessage) -> &'static str {
         ClientMessage::RotateKey { .. } => "rotate_key",
         ClientMessage::Goodbye => "goodbye",
         ClientMessage::Ping { .. } => "ping",
+        ClientMessage::SubscribeMembers { .. } => "subscribe_members",
     }
 }
 

@@ -19,9 +19,13 @@ pub mod invite;
 #[cfg(feature = "server")]
 pub mod load;
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod names;
 #[cfg(feature = "server")]
 pub mod peermap;
+#[cfg(feature = "server")]
+pub mod relayfeed;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

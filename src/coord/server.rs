@@ -123,6 +123,8 @@ pub struct Server {
     next: usize,
     stopper: Stopper,
     local_addr: SocketAddr,
+    /// What the loop counted as of its last turn, for the metrics thread.
+    metrics: super::metrics::StatsHandle,
 }
 
 /// Reads the coordinator's static key, creating it (mode 0600) on first start.
@@ -197,6 +199,7 @@ impl Server {
                 waker,
             },
             local_addr,
+            metrics: Default::default(),
         })
     }
 
@@ -226,6 +229,19 @@ impl Server {
     /// WG-STUN servers to publish in every Welcome.
     pub fn set_wgstun(&mut self, wgstun: Vec<crate::control::messages::WgStunInfo>) {
         self.hub.set_wgstun(wgstun);
+    }
+
+    /// Where the metrics thread reads the coordinator's counters.
+    pub fn stats_handle(&self) -> super::metrics::StatsHandle {
+        self.metrics.clone()
+    }
+
+    fn publish(&self) {
+        if let Ok(mut s) = self.metrics.0.lock() {
+            s.nodes_connected = self.hub.online_count();
+            s.connections = self.streams.len();
+            s.tally.clone_from(self.tally.total());
+        }
     }
 
     pub fn stopper(&self) -> Stopper {
@@ -299,6 +315,7 @@ impl Server {
             if let Some(line) = self.tally.summary(now) {
                 log!("{line}");
             }
+            self.publish();
         }
         let _ = std::fs::remove_file(&self.admin_path);
         Ok(())

@@ -187,10 +187,25 @@ pub struct PeerPath {
     next_warm: Instant,
 }
 
+/// Connectivity checks of all peers since start: what an operator reads
+/// to tell "checks never answered" (a firewall) from "checks pass but no
+/// upgrade" (WireGuard not following).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckCounts {
+    pub pings_sent: u64,
+    /// Pongs that proved a round trip to the address checked.
+    pub pongs_valid: u64,
+    /// Check rounds that found a pair and started an upgrade.
+    pub rounds_passed: u64,
+    /// Check rounds that ended without a usable pair.
+    pub rounds_failed: u64,
+}
+
 /// What a path emits; the caller owns the queues.
 pub struct Out<'a> {
     pub transmits: &'a mut VecDeque<Transmit>,
     pub events: &'a mut VecDeque<PathEvent>,
+    pub checks: &'a mut CheckCounts,
     /// Seed of transaction and message ids (xorshift).
     pub rng: &'a mut u64,
     /// Our own candidates: to tell which one the peer reached.
@@ -470,8 +485,10 @@ impl PeerPath {
             }
             Message::CheckPong { txid, observed } => {
                 let Via::Check(src) = via else { return };
-                if let State::Checking { list } = &mut self.state {
-                    list.handle_pong(now, txid, src, observed);
+                if let State::Checking { list } = &mut self.state
+                    && list.handle_pong(now, txid, src, observed)
+                {
+                    out.checks.pongs_valid += 1;
                 }
                 self.decide(now, out);
             }
@@ -551,9 +568,11 @@ impl PeerPath {
                         msg: upgrade.clone(),
                     });
                 }
+                out.checks.rounds_passed += 1;
                 self.begin_upgrade(now, pair, out);
             }
             None if list.finished(now) => {
+                out.checks.rounds_failed += 1;
                 // Every passing pair is banned: say so rather than "failing".
                 let banned_until = list
                     .targets
@@ -889,6 +908,7 @@ impl PeerPath {
         if let State::Checking { list } = &mut self.state {
             let txid = out.next_id();
             if let Some(p) = list.poll_ping(now, txid) {
+                out.checks.pings_sent += 1;
                 out.transmits.push_back(Transmit {
                     peer: self.key,
                     via: Via::Check(p.to),

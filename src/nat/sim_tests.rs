@@ -609,6 +609,21 @@ fn two_nodes_on_one_lan_go_direct_by_their_lan_addresses() {
             st.remote.map(|(a, k)| (a.ip(), k)),
             Some((w.nodes[1].ip.into(), Kind::Local))
         );
+        // What the metrics export: checks sent and answered, a round passed.
+        let counts = [w.nodes[0].nat.check_counts(), w.nodes[1].nat.check_counts()];
+        // (The side that upgrades first may leave the other's checks unanswered.)
+        assert!(
+            counts.iter().all(|c| c.pings_sent >= 1),
+            "seed {seed}: {counts:?}"
+        );
+        assert!(
+            counts.iter().map(|c| c.pongs_valid).sum::<u64>() >= 1,
+            "seed {seed}: {counts:?}"
+        );
+        assert!(
+            counts.iter().map(|c| c.rounds_passed).sum::<u64>() >= 1,
+            "seed {seed}: {counts:?}"
+        );
     }
 }
 
@@ -716,6 +731,9 @@ fn a_pair_whose_checks_pass_but_wireguard_cannot_use_it_is_banned_with_backoff_a
         );
         // The relay carried the traffic throughout.
         assert!(w.nodes[1].app_relayed > 1000, "seed {seed}");
+        // Rounds whose only passing pair is banned count as failed.
+        let c = w.nodes[0].nat.check_counts();
+        assert!(c.rounds_failed >= 1 && c.pongs_valid >= 1, "seed {seed}: {c:?}");
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::candidate::{Candidate, Kind};
 use super::gather::{Gather, Mappings, Socket, StunRequest};
 use super::message::{MAX_CANDIDATES, Message};
-use super::path::{Desired, Mute, Out, PathEvent, PathStatus, PeerPath, Sample, Transmit, Via};
+use super::path::{CheckCounts, Desired, Mute, Out, PathEvent, PathStatus, PeerPath, Sample, Transmit, Via};
 use crate::keys::Key;
 
 /// WireGuard is sampled this often when nothing is in progress: it drives
@@ -57,6 +57,7 @@ pub struct Traversal {
 struct Shared {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PathEvent>,
+    checks: CheckCounts,
     rng: u64,
     announced: Vec<Candidate>,
     grid: Instant,
@@ -67,6 +68,7 @@ impl Shared {
         Out {
             transmits: &mut self.transmits,
             events: &mut self.events,
+            checks: &mut self.checks,
             rng: &mut self.rng,
             local: &self.announced,
             grid: self.grid,
@@ -90,6 +92,7 @@ impl Traversal {
             io: Shared {
                 transmits: VecDeque::new(),
                 events: VecDeque::new(),
+                checks: CheckCounts::default(),
                 rng: seed | 1,
                 announced: Vec::new(),
                 grid: now,
@@ -386,6 +389,10 @@ impl Traversal {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.io.transmits.pop_front()
+    }
+
+    pub fn check_counts(&self) -> CheckCounts {
+        self.io.checks
     }
 
     pub fn poll_event(&mut self) -> Option<PathEvent> {

@@ -73,7 +73,11 @@ pub struct LoadClient {
 
 impl LoadClient {
     pub fn connect(relay: SocketAddr, relay_key: &Key) -> Result<LoadClient> {
-        let key = Key::generate_private();
+        LoadClient::connect_as(relay, relay_key, Key::generate_private())
+    }
+
+    /// The same with a given private key (a node's, to see what the relay makes of it).
+    pub fn connect_as(relay: SocketAddr, relay_key: &Key, key: Key) -> Result<LoadClient> {
         let stream = TcpStream::connect(relay).with_context(|| format!("connecting to relay {relay}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
@@ -222,10 +226,11 @@ impl LoadClient {
 pub fn echo(
     relay: SocketAddr,
     relay_key: &Key,
+    own: Option<Key>,
     seconds: u64,
     ready: impl FnOnce(Key) -> Result<()>,
 ) -> Result<u64> {
-    let mut c = LoadClient::connect(relay, relay_key)?;
+    let mut c = LoadClient::connect_as(relay, relay_key, own.unwrap_or_else(Key::generate_private))?;
     c.stream.set_read_timeout(Some(Duration::from_millis(500)))?;
     ready(c.key.public_key())?;
     let end = Instant::now() + Duration::from_secs(seconds);

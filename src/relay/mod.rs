@@ -2,17 +2,22 @@
 //! nodes, addressed by WireGuard public key, over TCP + Noise IK. The client's
 //! Noise static key is its WireGuard key, so registering proves ownership.
 
-// Per-source token buckets: the relay's, the coordinator's and WG-STUN's admission.
-#[cfg(any(feature = "relay-server", feature = "wgstun-server"))]
+// Per-source token buckets: the relay's, the coordinator's, WG-STUN's and the agent's DNS.
 pub mod admission;
 #[cfg(feature = "relay-server")]
 pub mod budget;
 pub mod client;
 #[cfg(feature = "relay-server")]
 pub mod client_conn;
+#[cfg(feature = "relay-server")]
+pub mod feed;
 pub mod frame;
 #[cfg(feature = "relay-server")]
 pub mod load;
+#[cfg(feature = "relay-server")]
+pub mod members;
+#[cfg(feature = "relay-server")]
+pub mod metrics;
 #[cfg(feature = "relay-server")]
 pub mod server;
 

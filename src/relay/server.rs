@@ -21,6 +21,7 @@ use super::admission::{Admission, Refusal, Source, SourceLimits};
 use super::budget::{DEFAULT_TOTAL_QUEUE_BYTES, QueueBudget};
 use super::client_conn::{ClientConn, Limits, Request};
 use super::frame::RelayFrame;
+use super::members::{MemberSet, MemberUpdate};
 use crate::keys::Key;
 use crate::sockopt;
 
@@ -196,6 +197,11 @@ pub struct RelayServer {
     /// Keys removed from the mesh: never registered again. Only grows, by
     /// what the coordinator removes, so it stays small.
     refused: HashSet<Key>,
+    /// Member keys from the coordinator's feed (`feed.rs`), for a separate
+    /// relay; open (any key) until a set is known.
+    members: MemberSet,
+    /// Updates handed over by [`RelayHandle::update_members`], taken in on the next wake.
+    member_inbox: Arc<Mutex<Vec<MemberUpdate>>>,
     stats: RelayStats,
     cfg: RelayConfig,
     max_pending: usize,
@@ -226,6 +232,7 @@ pub struct RelayHandle {
     waker: Arc<Waker>,
     stats: Arc<Mutex<RelayStats>>,
     refuse_inbox: Arc<Mutex<Vec<Key>>>,
+    member_inbox: Arc<Mutex<Vec<MemberUpdate>>>,
 }
 
 impl RelayHandle {
@@ -243,6 +250,15 @@ impl RelayHandle {
     pub fn refuse_key(&self, key: Key) {
         if let Ok(mut inbox) = self.refuse_inbox.lock() {
             inbox.push(key);
+        }
+        let _ = self.waker.wake();
+    }
+
+    /// The coordinator's member set changed: refuse keys outside it from
+    /// now on and close their connections.
+    pub fn update_members(&self, update: MemberUpdate) {
+        if let Ok(mut inbox) = self.member_inbox.lock() {
+            inbox.push(update);
         }
         let _ = self.waker.wake();
     }
@@ -286,6 +302,8 @@ impl RelayServer {
             shared_stats: Arc::new(Mutex::new(RelayStats::default())),
             refuse_inbox: Arc::new(Mutex::new(Vec::new())),
             refused: HashSet::new(),
+            members: MemberSet::open(),
+            member_inbox: Arc::new(Mutex::new(Vec::new())),
             stats: RelayStats {
                 queue_budget_bytes: guards.total_queue_bytes,
                 ..RelayStats::default()
@@ -322,7 +340,13 @@ impl RelayServer {
             waker: self.waker.clone(),
             stats: self.shared_stats.clone(),
             refuse_inbox: self.refuse_inbox.clone(),
+            member_inbox: self.member_inbox.clone(),
         }
+    }
+
+    /// The member set to start with (persisted by an earlier run), before [`RelayServer::run`].
+    pub fn set_members(&mut self, members: MemberSet) {
+        self.members = members;
     }
 
     pub fn run(mut self) -> Result<()> {
@@ -352,7 +376,10 @@ impl RelayServer {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_ready = true,
-                    WAKER => self.take_refused_keys(),
+                    WAKER => {
+                        self.take_refused_keys();
+                        self.take_member_updates();
+                    }
                     t => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.mark_ready(t);
@@ -518,6 +545,31 @@ impl RelayServer {
         }
     }
 
+    /// Takes in the coordinator's member changes and closes the connections
+    /// of keys no longer members (after a full set, any key outside it).
+    fn take_member_updates(&mut self) {
+        let updates = match self.member_inbox.lock() {
+            Ok(mut inbox) => std::mem::take(&mut *inbox),
+            Err(_) => return,
+        };
+        if updates.is_empty() {
+            return;
+        }
+        for u in &updates {
+            self.members.apply(u);
+        }
+        let gone: Vec<Token> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| !self.members.allows(k))
+            .map(|(_, &t)| t)
+            .collect();
+        for t in gone {
+            self.stats.refused_removed += 1;
+            self.close(t, "key removed from the mesh");
+        }
+    }
+
     fn read_conn(&mut self, now: Instant, t: Token) {
         let mut requests = Vec::new();
         for _ in 0..READS_PER_TURN {
@@ -560,7 +612,7 @@ impl RelayServer {
             Request::Registered(key) => {
                 self.pending.remove(&from);
                 let source = self.conns.get(&from).map(|c| c.source);
-                if self.refused.contains(&key) {
+                if self.refused.contains(&key) || !self.members.allows(&key) {
                     self.stats.refused_removed += 1;
                     return self.close(from, "key removed from the mesh");
                 }

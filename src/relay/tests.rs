@@ -909,6 +909,55 @@ fn a_refused_key_is_closed_at_once_and_cannot_register_again() {
     assert_eq!((s.registered, s.forwarded), (1, 1), "{s:?}");
 }
 
+/// A separate relay's member set from the coordinator's feed: before any set
+/// every key registers; a set closes registered keys outside it and refuses
+/// them from then on; a delta adds and removes keys.
+#[test]
+fn the_member_set_gates_registration_and_closes_keys_that_leave_it() {
+    use super::members::MemberUpdate;
+    let relay = Relay::start(Limits::default());
+    let (a_key, b_key) = (Key::generate_private(), Key::generate_private());
+    let mut a = Client::connect(&relay, a_key);
+    let mut b = Client::connect(&relay, b_key);
+    relay.wait_stats("both registered with no set known", |s| s.registered == 2);
+
+    relay
+        .handle
+        .update_members(MemberUpdate::Full(vec![b_key.public_key()]));
+    assert!(a.closed_by_relay(), "a key outside the first set is closed");
+    assert!(
+        Client::connect(&relay, a_key).closed_by_relay(),
+        "and cannot register again"
+    );
+    assert!(
+        Client::connect(&relay, Key::generate_private()).closed_by_relay(),
+        "nor can a key that was never a member"
+    );
+    b.send_to(b.public(), b"self");
+    assert_eq!(
+        b.recv().unwrap(),
+        recv_from(b.public(), b"self"),
+        "a member is served"
+    );
+
+    relay.handle.update_members(MemberUpdate::Delta {
+        added: vec![a_key.public_key()],
+        removed: vec![b_key.public_key()],
+    });
+    assert!(b.closed_by_relay(), "a removed member is closed");
+    let mut a = Client::connect(&relay, a_key);
+    a.send_to(a.public(), b"back");
+    assert_eq!(
+        a.recv().unwrap(),
+        recv_from(a.public(), b"back"),
+        "an added member registers"
+    );
+    // The counters are published after the turn's writes: wait for both.
+    relay.wait_stats("every refusal counted and the added member registered", |s| {
+        s.refused_removed == 4 && s.registered == 1
+    });
+}
+
 /// A coordinator and a relay wired as `warren server` wires its embedded
 /// relay: every removed node's key is handed to the relay.
 struct Mesh {

@@ -18,6 +18,8 @@ pub mod key;
 #[cfg(feature = "wgstun-server")]
 pub mod load;
 #[cfg(feature = "wgstun-server")]
+pub mod metrics;
+#[cfg(feature = "wgstun-server")]
 pub mod peers;
 #[cfg(feature = "wgstun-server")]
 pub mod responder;
@@ -79,13 +81,29 @@ pub fn spawn(
     Option<SocketAddr>,
     std::thread::JoinHandle<anyhow::Result<()>>,
 )> {
+    let (wg, stun, thread, _) = spawn_watched(config)?;
+    Ok((wg, stun, thread))
+}
+
+#[cfg(feature = "wgstun-server")]
+/// [`spawn`], and the handle its counters are read from (for metrics).
+#[allow(clippy::type_complexity)]
+pub fn spawn_watched(
+    config: Config,
+) -> anyhow::Result<(
+    SocketAddr,
+    Option<SocketAddr>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+    metrics::StatsHandle,
+)> {
     let server = Server::bind(&config)?;
     let (wg, stun) = (server.wg_addr()?, server.stun_addr());
+    let stats = server.stats_handle();
     let thread = std::thread::Builder::new()
         .name("wgstun".into())
         .spawn(move || server.run())
         .map_err(|e| anyhow::anyhow!("starting the WG-STUN thread: {e}"))?;
-    Ok((wg, stun, thread))
+    Ok((wg, stun, thread, stats))
 }
 
 #[cfg(feature = "wgstun-server")]

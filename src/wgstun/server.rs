@@ -12,6 +12,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
 use super::Config;
+use super::metrics::{Snapshot, StatsHandle};
 use super::responder::{Responder, ResponderConfig};
 use crate::stun::server::StunServer;
 
@@ -36,6 +37,8 @@ pub struct Server {
     stun_server: StunServer,
     stats_interval: Option<Duration>,
     send_errors: u64,
+    /// The counters as of the last loop turn, for the metrics thread.
+    shared: StatsHandle,
 }
 
 impl Server {
@@ -72,6 +75,7 @@ impl Server {
             stun_server: StunServer::new(config.stun_requests_per_source),
             stats_interval: config.stats_interval,
             send_errors: 0,
+            shared: StatsHandle::default(),
         })
     }
 
@@ -81,6 +85,21 @@ impl Server {
 
     pub fn stun_addr(&self) -> Option<SocketAddr> {
         self.stun.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    pub fn stats_handle(&self) -> StatsHandle {
+        self.shared.clone()
+    }
+
+    fn publish(&self) {
+        if let Ok(mut s) = self.shared.0.lock() {
+            *s = Snapshot {
+                wg: self.responder.stats(),
+                stun: self.stun_server.stats(),
+                sessions: self.responder.session_count(),
+                send_errors: self.send_errors,
+            };
+        }
     }
 
     pub fn stats_line(&self) -> String {
@@ -160,6 +179,7 @@ impl Server {
             if STATS_REQUESTED.swap(false, Ordering::Relaxed) || periodic {
                 log!("warren {}", self.stats_line());
             }
+            self.publish();
         }
     }
 

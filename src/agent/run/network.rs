@@ -66,7 +66,7 @@ impl Agent {
         let router = match self.rtnl.default_gateway_v4() {
             Ok(r) => r.map(|(g, _)| g),
             Err(e) => {
-                log!("agent: reading the default route: {e:#}");
+                log_warn!("agent: reading the default route: {e:#}");
                 return;
             }
         };
@@ -124,7 +124,7 @@ impl Agent {
                     self.nat.network_changed(now);
                 }
             }
-            Err(e) => log!("agent: reading network changes: {e:#}"),
+            Err(e) => log_warn!("agent: reading network changes: {e:#}"),
         }
     }
 }

@@ -44,7 +44,7 @@ impl Agent {
                     Ok(sealed) => {
                         self.relay.send_sealed(now, &t.peer, &sealed);
                     }
-                    Err(e) => log!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
+                    Err(e) => log_warn!("agent: sealing for {}: {e:#}", self.peer_label(&t.peer)),
                 },
                 via => {
                     // The peer's check port is its own (another WireGuard port, or a
@@ -57,6 +57,12 @@ impl Agent {
         }
         self.relay.flush(now);
         while let Some(ev) = self.nat.poll_event() {
+            // An event is a change between direct and not direct.
+            if ev.to.starts_with("direct") {
+                self.counters.upgrades += 1;
+            } else {
+                self.counters.downgrades += 1;
+            }
             let why = if ev.why.is_empty() {
                 String::new()
             } else {

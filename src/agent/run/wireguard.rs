@@ -150,7 +150,7 @@ impl Agent {
         if !update.is_empty()
             && let Err(e) = self.backend.set(ifname, &update)
         {
-            log!("agent: re-setting endpoints after an address change: {e:#}");
+            log_warn!("agent: re-setting endpoints after an address change: {e:#}");
         }
     }
 
