@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deb deps test test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
+.PHONY: all build release deb deps test check-agent-only test-unit test-integration test-lab test-kernel bench demo fmt clippy fuzz clean
 
 all: build
 
@@ -36,6 +36,7 @@ deps:
 test: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(MAKE) check-agent-only
 	$(CARGO) test --locked
 	$(MAKE) test-integration
 
@@ -43,6 +44,12 @@ test: deps
 test-integration: build
 	lab=0; kernel=0; ./integration/run lab || lab=$$?; ./integration/run kernel || kernel=$$?; \
 	[ $$lab -eq 0 ] && [ $$kernel -eq 0 ]
+
+# The router build (no server roles) must not rot: clippy checks it, tests
+# included. Its own target directory, shared with the agent_only lab test.
+check-agent-only:
+	$(CARGO) clippy --locked --no-default-features --features agent --all-targets \
+		--target-dir target/agent-only -- -D warnings
 
 test-unit:
 	$(CARGO) test --locked

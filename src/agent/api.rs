@@ -210,7 +210,7 @@ mod tests {
     /// read notices the close first.
     #[test]
     fn a_refusal_without_reading_the_request_is_reported() {
-        let dir = crate::coord::store::tests::TempDir::new("api-refusal");
+        let dir = crate::testutil::TempDir::new("api-refusal");
         let path = dir.0.join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {

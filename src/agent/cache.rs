@@ -314,7 +314,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coord::store::tests::TempDir;
+    use crate::testutil::TempDir;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn peer(id: u64, name: &str) -> PeerInfo {

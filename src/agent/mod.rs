@@ -13,5 +13,6 @@ pub mod relay_path;
 pub mod resolve;
 pub mod run;
 
-#[cfg(test)]
+// Agents against a real coordinator hub and store.
+#[cfg(all(test, feature = "server"))]
 mod sim_tests;

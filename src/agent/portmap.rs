@@ -43,7 +43,9 @@ impl PortMap {
         check_port: u16,
         secret: [u8; 32],
     ) -> Result<PortMap> {
-        let worker = if enabled {
+        // Without the `upnp` feature there is no client to run: no thread,
+        // and every Discover fails at once with `upnp::NOT_BUILT`.
+        let worker = if enabled && cfg!(feature = "upnp") {
             Some(upnp::Worker::spawn(waker).context("starting the UPnP worker thread")?)
         } else {
             None
@@ -205,7 +207,11 @@ impl PortMap {
                 .as_ref()
                 .is_some_and(|w| w.submit(id, command.clone()));
             if !queued {
-                let outcome = upnp::Outcome::Failed("the UPnP worker is busy or gone".into());
+                let why = match self.worker {
+                    Some(_) => "the UPnP worker is busy or gone",
+                    None => upnp::NOT_BUILT,
+                };
+                let outcome = upnp::Outcome::Failed(why.into());
                 self.mapper.handle_upnp(now, upnp::Reply { id, command, outcome });
             }
         }

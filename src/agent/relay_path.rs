@@ -646,7 +646,7 @@ fn write_link(now: Instant, l: &mut Link) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "relay-server"))]
 mod tests {
     //! Two agents' relay paths and a real relay server on loopback, with plain
     //! UDP sockets standing in for the two WireGuard interfaces.

@@ -297,7 +297,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     crate::netlink::check_name(&cfg.ifname)?;
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
-    crate::coord::load::raise_fd_limit();
+    crate::rlimit::raise_fd_limit();
     let (mut store, cached) = Store::open(&cfg.state_dir, &cfg.cache_dir)?;
     let (mut state, mut spare) = prepare_state(&cfg, cached)?;
     let (mut cfg, mut signals) = (cfg, signals);

@@ -5,9 +5,12 @@ mod bugreport;
 mod daemon;
 mod keys;
 pub mod out;
+#[cfg(feature = "relay-server")]
 mod relay;
+#[cfg(feature = "server")]
 mod server;
 pub mod wg;
+#[cfg(feature = "wgstun-server")]
 mod wgstun;
 
 use anyhow::Result;
@@ -50,16 +53,21 @@ pub enum Command {
     /// Write one redacted file for an issue: versions, status, netcheck, the
     /// interface's WireGuard state and routes, the last log lines.
     Bugreport(bugreport::BugreportArgs),
+    #[cfg(feature = "server")]
     /// Run the coordinator, or administer it (nodes, remove, rename, invite).
     #[command(alias = "coord")]
     Server(server::ServerArgs),
+    #[cfg(feature = "wgstun-server")]
     /// Run the WG-STUN server (a WireGuard peer at 100.64.0.4 answering STUN), or print its [Peer].
     Wgstun(wgstun::WgstunArgs),
+    #[cfg(feature = "relay-server")]
     /// Run the relay (forwards sealed datagrams between nodes that cannot reach each other).
     Relay(relay::RelayArgs),
+    #[cfg(feature = "relay-server")]
     /// Load generator for relay benchmarks.
     #[command(subcommand, hide = true)]
     RelayLoad(relay::LoadCommand),
+    #[cfg(feature = "wgstun-server")]
     /// Load generator for WG-STUN tests and benchmarks.
     #[command(subcommand, hide = true)]
     WgstunLoad(wgstun::LoadCommand),
@@ -73,8 +81,11 @@ impl Command {
             Command::Wg(wg::WgCommand::Show(a)) => a.json,
             Command::Down(a) | Command::Status(a) | Command::Netcheck(a) | Command::RotateKey(a) => a.json,
             Command::Ping(a) => a.json,
+            #[cfg(feature = "server")]
             Command::Server(a) => a.json(),
+            #[cfg(feature = "wgstun-server")]
             Command::Wgstun(a) => a.json(),
+            #[cfg(feature = "relay-server")]
             Command::Relay(a) => a.json(),
             _ => false,
         }
@@ -92,6 +103,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Pubkey(a) => keys::pubkey(a),
         Command::Bugreport(a) => bugreport::run(a),
         Command::Wg(c) => wg::run(c),
+        #[cfg(feature = "server")]
         Command::Server(args) => server::run(args),
         Command::Agent(a) => agent::agent(a),
         Command::Up(a) => agent::up(a),
@@ -100,9 +112,13 @@ fn dispatch(command: Command) -> Result<()> {
         Command::RotateKey(a) => agent::rotate_key(a),
         Command::Ping(a) => agent::ping(a),
         Command::Netcheck(a) => agent::netcheck(a),
+        #[cfg(feature = "wgstun-server")]
         Command::Wgstun(args) => wgstun::run(args),
+        #[cfg(feature = "wgstun-server")]
         Command::WgstunLoad(cmd) => wgstun::load(cmd),
+        #[cfg(feature = "relay-server")]
         Command::Relay(args) => relay::run(args),
+        #[cfg(feature = "relay-server")]
         Command::RelayLoad(cmd) => relay::load(cmd),
     }
 }

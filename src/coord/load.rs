@@ -124,20 +124,7 @@ pub struct LoadReport {
     pub change_max: Duration,
 }
 
-/// Raises the open-file limit to its hard maximum: one descriptor per connection.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
+pub use crate::rlimit::raise_fd_limit;
 
 /// With `hold`, the nodes stay connected (pinging, reconnecting like agents
 /// when the coordinator goes) until the process is killed and nothing is

@@ -32,11 +32,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use igd_next::{
-    AddAnyPortError, AddPortError, GatewayIpVersion, GetExternalIpError, GetGenericPortMappingEntryError,
-    PortMappingProtocol, RemovePortError, RequestError, SearchError, SearchOptions,
-};
+#[cfg(feature = "upnp")]
+use igd::search_igd;
 use mio::Waker;
+
+// igd-next behind the worker's `Gateway` calls.
+#[cfg(feature = "upnp")]
+mod igd;
 
 /// Commands waiting for the worker, besides the one it is running.
 pub const QUEUE_LEN: usize = 16;
@@ -59,9 +61,8 @@ pub const MAX_CHECKED_ENTRIES: u32 = 64;
 pub const CHECK_BUDGET: Duration = Duration::from_secs(10);
 /// The reply to Map, Check and Unmap while the worker holds no gateway.
 pub const NO_GATEWAY: &str = "no UPnP gateway discovered";
-/// A router's error text (igd-next passes on whole SOAP bodies) is cut to this
-/// many characters, so a reply stays a short line.
-const MAX_ROUTER_TEXT: usize = 160;
+/// Why UPnP never answers in a build without the `upnp` feature.
+pub const NOT_BUILT: &str = "UPnP IGD is not in this build (cargo feature upnp)";
 const THREAD_NAME: &str = "warren-upnp";
 
 // UPnP error codes (WANIPConnection:2, section 2.5) the worker acts on.
@@ -70,10 +71,6 @@ const NO_SUCH_ENTRY: u16 = 714;
 const CONFLICT: u16 = 718;
 const SAME_PORT_VALUES_REQUIRED: u16 = 724;
 const ONLY_PERMANENT_LEASES: u16 = 725;
-// Mapped back from igd-next's typed errors, so messages show the code.
-const NOT_AUTHORIZED: u16 = 606;
-const ARGUMENT_TOO_LONG: u16 = 605;
-const NO_PORT_MAPS_AVAILABLE: u16 = 728;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -566,17 +563,14 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// A router's text on one line, cut to [`MAX_ROUTER_TEXT`] characters.
-fn router_text(text: &str) -> String {
-    let mut out = one_line(text);
-    if let Some((cut, _)) = out.char_indices().nth(MAX_ROUTER_TEXT) {
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
+#[cfg_attr(not(feature = "upnp"), allow(dead_code))]
+fn upnp(code: u16, name: &str) -> CallError {
+    CallError::Upnp(code, name.into())
 }
 
 /// How one call to the gateway failed.
+// Made only by a gateway: igd-next's (feature `upnp`) or the tests' router.
+#[cfg_attr(not(feature = "upnp"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum CallError {
     /// No answer: refused, timed out, reset, not HTTP. The gateway is dropped.
@@ -633,156 +627,10 @@ trait Gateway {
     fn remove_port(&self, external_port: u16) -> Result<(), CallError>;
 }
 
-struct IgdGateway {
-    gateway: igd_next::Gateway,
-    control: SocketAddr,
-}
-
+/// Without the `upnp` feature the worker has no client: every Discover fails.
+#[cfg(not(feature = "upnp"))]
 fn search_igd() -> Result<Box<dyn Gateway>, String> {
-    let mut options = SearchOptions::default();
-    options.timeout = Some(DISCOVER_TIMEOUT);
-    options.single_search_timeout = Some(DISCOVER_TIMEOUT);
-    // Mappings here are IPv4; an IPv6 gateway's firewall is another service.
-    options.gateway_ip_version = GatewayIpVersion::V4;
-    match igd_next::search_gateway(options) {
-        Ok(gateway) => {
-            // igd-next keeps a control URL on the description's host:port as a
-            // path, one on another port of that host as an absolute URL.
-            let control = gateway
-                .control_url
-                .strip_prefix("http://")
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|host_port| host_port.parse().ok())
-                .unwrap_or(gateway.addr);
-            Ok(Box::new(IgdGateway { gateway, control }))
-        }
-        Err(SearchError::NoResponseWithinTimeout) => Err(format!(
-            "no UPnP gateway answered within {} s",
-            DISCOVER_TIMEOUT.as_secs()
-        )),
-        Err(e) => Err(format!("UPnP gateway search: {}", router_text(&e.to_string()))),
-    }
-}
-
-fn upnp(code: u16, name: &str) -> CallError {
-    CallError::Upnp(code, name.into())
-}
-
-fn request_error(e: RequestError) -> CallError {
-    match e {
-        RequestError::ErrorCode(code, description) => CallError::Upnp(code, router_text(&description)),
-        RequestError::UnsupportedAction(_) => CallError::Unsupported,
-        RequestError::InvalidResponse(body) => {
-            CallError::Other(format!("unreadable answer: {}", router_text(&body)))
-        }
-        // attohttpc or the socket: the connection, not the gateway's answer.
-        other => CallError::Transport(router_text(&other.to_string())),
-    }
-}
-
-impl Gateway for IgdGateway {
-    fn control(&self) -> SocketAddr {
-        self.control
-    }
-
-    fn external_ip(&self) -> Result<IpAddr, CallError> {
-        self.gateway.get_external_ip().map_err(|e| match e {
-            GetExternalIpError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-            GetExternalIpError::RequestError(e) => request_error(e),
-        })
-    }
-
-    fn add_port(
-        &self,
-        external_port: u16,
-        internal: SocketAddrV4,
-        lease_secs: u32,
-        description: &str,
-    ) -> Result<(), CallError> {
-        let internal = SocketAddr::V4(internal);
-        self.gateway
-            .add_port(
-                PortMappingProtocol::UDP,
-                external_port,
-                internal,
-                lease_secs,
-                description,
-            )
-            .map_err(|e| match e {
-                AddPortError::PortInUse => upnp(CONFLICT, "ConflictInMappingEntry"),
-                AddPortError::SamePortValuesRequired => {
-                    upnp(SAME_PORT_VALUES_REQUIRED, "SamePortValuesRequired")
-                }
-                AddPortError::OnlyPermanentLeasesSupported => {
-                    upnp(ONLY_PERMANENT_LEASES, "OnlyPermanentLeasesSupported")
-                }
-                AddPortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                AddPortError::DescriptionTooLong => upnp(ARGUMENT_TOO_LONG, "String argument too long"),
-                AddPortError::RequestError(e) => request_error(e),
-                e @ (AddPortError::ExternalPortZeroInvalid | AddPortError::InternalPortZeroInvalid) => {
-                    CallError::Other(e.to_string())
-                }
-            })
-    }
-
-    fn add_any_port(
-        &self,
-        internal: SocketAddrV4,
-        lease_secs: u32,
-        description: &str,
-    ) -> Result<u16, CallError> {
-        // Without the action igd-next would try 20 random AddPortMappings of
-        // its own, each up to SOAP_TIMEOUT: the worker's fallback does fewer.
-        if !self.gateway.control_schema.contains_key("AddAnyPortMapping") {
-            return Err(CallError::Unsupported);
-        }
-        let internal = SocketAddr::V4(internal);
-        self.gateway
-            .add_any_port(PortMappingProtocol::UDP, internal, lease_secs, description)
-            .map_err(|e| match e {
-                AddAnyPortError::NoPortsAvailable => upnp(NO_PORT_MAPS_AVAILABLE, "NoPortMapsAvailable"),
-                AddAnyPortError::ExternalPortInUse => upnp(CONFLICT, "ConflictInMappingEntry"),
-                AddAnyPortError::OnlyPermanentLeasesSupported => {
-                    upnp(ONLY_PERMANENT_LEASES, "OnlyPermanentLeasesSupported")
-                }
-                AddAnyPortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                AddAnyPortError::DescriptionTooLong => upnp(ARGUMENT_TOO_LONG, "String argument too long"),
-                AddAnyPortError::RequestError(e) => request_error(e),
-                e @ AddAnyPortError::InternalPortZeroInvalid => CallError::Other(e.to_string()),
-            })
-    }
-
-    fn entry(&self, index: u32) -> Result<Entry, CallError> {
-        let e = self
-            .gateway
-            .get_generic_port_mapping_entry(index)
-            .map_err(|e| match e {
-                GetGenericPortMappingEntryError::SpecifiedArrayIndexInvalid => {
-                    upnp(INDEX_INVALID, "SpecifiedArrayIndexInvalid")
-                }
-                GetGenericPortMappingEntryError::ActionNotAuthorized => {
-                    upnp(NOT_AUTHORIZED, "Action not authorized")
-                }
-                GetGenericPortMappingEntryError::RequestError(e) => request_error(e),
-            })?;
-        Ok(Entry {
-            external_port: e.external_port,
-            udp: e.protocol == PortMappingProtocol::UDP,
-            internal_client: e.internal_client,
-            internal_port: e.internal_port,
-            enabled: e.enabled,
-        })
-    }
-
-    fn remove_port(&self, external_port: u16) -> Result<(), CallError> {
-        self.gateway
-            .remove_port(PortMappingProtocol::UDP, external_port)
-            .map_err(|e| match e {
-                RemovePortError::NoSuchPortMapping => upnp(NO_SUCH_ENTRY, "NoSuchEntryInArray"),
-                RemovePortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                RemovePortError::RequestError(e) => request_error(e),
-            })
-    }
+    Err(NOT_BUILT.into())
 }
 
 #[cfg(test)]
@@ -1351,11 +1199,8 @@ mod tests {
     }
 
     #[test]
-    fn one_line_collapses_and_cuts() {
+    fn one_line_collapses() {
         assert_eq!(one_line(" a\r\n  b\tc "), "a b c");
-        let long = "é".repeat(MAX_ROUTER_TEXT + 1);
-        assert_eq!(router_text(&long), format!("{}…", &long[..2 * MAX_ROUTER_TEXT]));
-        assert_eq!(router_text(&long[2..]), &long[2..]);
     }
 
     /// Against Debian's miniupnpd in the network lab, run by

@@ -299,7 +299,8 @@ impl crate::outgoing::Outgoing for RelayClient {
     }
 }
 
-#[cfg(test)]
+// Against the server side of the connection.
+#[cfg(all(test, feature = "relay-server"))]
 mod tests {
     use super::*;
     use crate::relay::client_conn::{ClientConn, Limits, Request};

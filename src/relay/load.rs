@@ -109,7 +109,7 @@ impl LoadClient {
 
 /// Connects `n` idle clients and returns them (they stay registered while held).
 pub fn idle(relay: SocketAddr, relay_key: &Key, n: usize) -> Result<Vec<LoadClient>> {
-    crate::coord::load::raise_fd_limit();
+    crate::rlimit::raise_fd_limit();
     (0..n)
         .map(|i| LoadClient::connect(relay, relay_key).with_context(|| format!("idle client {i}")))
         .collect()
@@ -310,7 +310,7 @@ pub fn flood(
     seconds: f64,
     holding: impl FnOnce() -> Result<()>,
 ) -> Result<FloodReport> {
-    crate::coord::load::raise_fd_limit();
+    crate::rlimit::raise_fd_limit();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let filled = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = sources

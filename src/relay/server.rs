@@ -280,7 +280,7 @@ impl RelayServer {
                 cfg.limits.queue_bytes >> 10
             );
         }
-        crate::coord::load::raise_fd_limit();
+        crate::rlimit::raise_fd_limit();
         let poll = Poll::new().context("creating relay poll")?;
         let mut listener =
             TcpListener::bind(cfg.listen).with_context(|| format!("relay: listening on {}", cfg.listen))?;

@@ -7,6 +7,8 @@
 
 pub mod fingerprint;
 pub mod message;
+// The plain STUN server core, run by the WG-STUN server.
+#[cfg(feature = "wgstun-server")]
 pub mod server;
 
 pub use message::{Class, DecodeError, Message, TransactionId};

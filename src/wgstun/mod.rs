@@ -5,28 +5,46 @@
 //! `responder` is the sans-IO core, `peers` its bounded session table,
 //! `budget` the handshakes it takes on per second (in total, per source),
 //! `inner` the packets inside the tunnel, `server` the mio shell that owns
-//! the sockets, `key` the persistent server key.
+//! the sockets, `key` the persistent server key. Only `inner`'s addresses
+//! are in an agent-only build (the agent sends STUN to them); the server is
+//! the `wgstun-server` feature.
 
+#[cfg(feature = "wgstun-server")]
 pub mod budget;
 pub mod inner;
+// The server key file, also the relay server's.
+#[cfg(any(feature = "relay-server", feature = "wgstun-server"))]
 pub mod key;
+#[cfg(feature = "wgstun-server")]
 pub mod load;
+#[cfg(feature = "wgstun-server")]
 pub mod metrics;
+#[cfg(feature = "wgstun-server")]
 pub mod peers;
+#[cfg(feature = "wgstun-server")]
 pub mod responder;
+#[cfg(feature = "wgstun-server")]
 pub mod server;
 
+#[cfg(feature = "wgstun-server")]
 use std::net::SocketAddr;
+#[cfg(feature = "wgstun-server")]
 use std::time::Duration;
 
+#[cfg(feature = "wgstun-server")]
 pub use responder::{Responder, ResponderConfig, Stats, Transmit};
+#[cfg(feature = "wgstun-server")]
 pub use server::Server;
 
+#[cfg(feature = "wgstun-server")]
 use crate::keys::Key;
 
+#[cfg(feature = "wgstun-server")]
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:3479";
+#[cfg(feature = "wgstun-server")]
 pub const DEFAULT_STUN_LISTEN: &str = "0.0.0.0:3478";
 
+#[cfg(feature = "wgstun-server")]
 /// Everything a WG-STUN server needs; `warren server` builds one of these too.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -46,11 +64,13 @@ pub struct Config {
     pub stats_interval: Option<Duration>,
 }
 
+#[cfg(feature = "wgstun-server")]
 /// Binds the sockets and serves until an I/O error.
 pub fn run(config: Config) -> anyhow::Result<()> {
     Server::bind(&config)?.run()
 }
 
+#[cfg(feature = "wgstun-server")]
 /// For running inside another process (`warren server`): binds now, so a busy
 /// port is the caller's error, then serves on a thread of its own. Returns the
 /// bound WireGuard and STUN addresses and the thread, which only ends on an I/O error.
@@ -65,6 +85,7 @@ pub fn spawn(
     Ok((wg, stun, thread))
 }
 
+#[cfg(feature = "wgstun-server")]
 /// [`spawn`], and the handle its counters are read from (for metrics).
 #[allow(clippy::type_complexity)]
 pub fn spawn_watched(
@@ -85,6 +106,7 @@ pub fn spawn_watched(
     Ok((wg, stun, thread, stats))
 }
 
+#[cfg(feature = "wgstun-server")]
 /// The `[Peer]` stanza a vanilla WireGuard client adds to use this server.
 pub fn peer_stanza(public_key: &Key, endpoint: &str) -> String {
     format!(
@@ -95,5 +117,5 @@ pub fn peer_stanza(public_key: &Key, endpoint: &str) -> String {
     )
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "wgstun-server"))]
 mod tests;
