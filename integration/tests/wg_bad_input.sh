@@ -5,7 +5,7 @@
 # and leave no interface, process or UAPI socket behind.
 set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
-lab_require_cmd wg setpriv
+lab_require_cmd wg setpriv python3
 lab_init
 [ -x "$WARREN" ] || lab_fail "no warren binary at $WARREN"
 
@@ -80,7 +80,15 @@ expect_error "config file missing" 'nowhere\.toml' $(apply nowhere.toml)
 
 # Unknown interface.
 expect_error "wg show of an unknown interface" "${LAB}nope" "$WARREN" wg show --backend userspace "${LAB}nope"
-expect_error "wg show --json of an unknown interface" "${LAB}nope" "$WARREN" wg show --json --backend userspace "${LAB}nope"
+# With --json the error is {"error": ...} on stdout, same exit status, nothing on stderr.
+rc=0
+lab_exec a "$WARREN" wg show --json --backend userspace "${LAB}nope" >out.json 2>err.json || rc=$?
+echo "-- wg show --json of an unknown interface: exit $rc: $(head -c 300 out.json)"
+[ "$rc" -eq 1 ] || lab_fail "wg show --json of an unknown interface: exit status $rc, want 1"
+[ ! -s err.json ] || lab_fail "wg show --json of an unknown interface: stderr not empty: $(head -c 300 err.json)"
+python3 -c 'import json, sys; e = json.load(open("out.json"))["error"]; sys.exit(0 if sys.argv[1] in e else 1)' "${LAB}nope" ||
+    lab_fail "wg show --json of an unknown interface: no JSON error naming the interface: $(head -c 300 out.json)"
+nothing_left "wg show --json of an unknown interface"
 expect_error "wg delete of an unknown interface" "${LAB}nope" "$WARREN" wg delete --backend userspace "${LAB}nope"
 
 # Two peers claiming overlapping allowed IPs (identical, and one inside the other).
