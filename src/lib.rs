@@ -26,6 +26,7 @@ pub mod keys;
 pub mod metrics;
 pub mod nat;
 pub mod netlink;
+pub mod nonblock;
 pub mod outgoing;
 pub mod peer;
 pub mod peercred;

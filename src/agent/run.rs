@@ -960,28 +960,9 @@ impl Agent {
             // Already asked; the answer comes with the pong or the timeout.
             return;
         }
-        let mut buf = [0u8; 1024];
-        let mut eof = false;
         if c.output.is_empty() {
-            loop {
-                match c.stream.read(&mut buf) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        eof = true;
-                        break;
-                    }
-                }
-                if c.input.len() > api::MAX_REQUEST_LEN {
-                    eof = true;
-                    break;
-                }
-            }
+            let eof = crate::nonblock::read_available(&mut c.stream, &mut c.input, api::MAX_REQUEST_LEN)
+                || c.input.len() > api::MAX_REQUEST_LEN;
             let line = c
                 .input
                 .iter()

@@ -5,7 +5,7 @@
 //! exchange, and there are at most [`MAX_CONNECTIONS`] of them; a stranger
 //! holding more pushes out its own oldest, never the loop.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,6 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 pub const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections accepted per call, so a connect flood shares the loop.
 const ACCEPTS_PER_TURN: usize = 16;
-const READ_CHUNK: usize = 1024;
 
 struct Conn {
     stream: TcpStream,
@@ -202,23 +201,7 @@ impl Responder {
             return;
         }
         if c.output.is_empty() {
-            let mut buf = [0u8; READ_CHUNK];
-            let mut eof = false;
-            while c.input.len() <= MAX_REQUEST_LEN {
-                match c.stream.read(&mut buf) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        eof = true;
-                        break;
-                    }
-                }
-            }
+            let eof = crate::nonblock::read_available(&mut c.stream, &mut c.input, MAX_REQUEST_LEN);
             match http::parse(&c.input) {
                 Request::Incomplete if eof => return self.close(registry, slot),
                 Request::Incomplete => return,
@@ -291,7 +274,7 @@ pub fn spawn(addr: SocketAddr, mut render: impl FnMut() -> String + Send + 'stat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::BufReader;
+    use std::io::{BufReader, Read};
 
     fn scrape(addr: SocketAddr, request: &[u8]) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
