@@ -1,11 +1,13 @@
 //! The real coordinator on loopback, driven by in-process clients speaking
 //! the real protocol over TCP.
 
+mod common;
+use common::TempDir;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,27 +22,6 @@ use warren::keys::Key;
 
 /// Generous: the CPU is shared; a healthy run takes milliseconds.
 const DEADLINE: Duration = Duration::from_secs(15);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "warren-coord-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct TestServer {
     addr: SocketAddr,
@@ -266,7 +247,7 @@ fn node_names(server: &TestServer) -> Vec<(String, std::net::Ipv4Addr, bool)> {
 
 #[test]
 fn join_peer_map_rename_rotate_and_remove_propagate() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let server = TestServer::start(&dir);
     let token = server.invite(true, None);
     assert_eq!(token.servers, vec![server.addr.to_string()]);
@@ -355,7 +336,7 @@ fn join_peer_map_rename_rotate_and_remove_propagate() {
 
 #[test]
 fn bad_tokens_are_refused_with_a_reason() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let server = TestServer::start(&dir);
     let once = server.invite(false, None);
     Client::join(&server, &once, &Key::generate_private(), "first").welcomed();
@@ -408,7 +389,7 @@ fn bad_tokens_are_refused_with_a_reason() {
 
 #[test]
 fn garbage_and_oversized_frames_close_only_that_connection() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let server = TestServer::start(&dir);
     let token = server.invite(true, None);
     let mut good = Client::join(&server, &token, &Key::generate_private(), "good");
@@ -459,7 +440,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
 /// the node is known, its messages may be fragmented up to 64 KiB.
 #[test]
 fn before_hello_a_connection_may_send_only_one_small_message() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let server = TestServer::start(&dir);
     let token = server.invite(true, None);
     // JSON allows trailing whitespace: the padding keeps the Join valid.
@@ -507,7 +488,7 @@ fn before_hello_a_connection_may_send_only_one_small_message() {
 
 #[test]
 fn restart_keeps_names_and_addresses() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let server = TestServer::start(&dir);
     let token = server.invite(true, None);
     let ka = Key::generate_private();
@@ -538,7 +519,7 @@ fn restart_keeps_names_and_addresses() {
 /// then each join, key rotation and removal as it happens.
 #[test]
 fn a_published_relay_learns_the_members_and_others_may_not_subscribe() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("coord-test");
     let relay = Key::generate_private();
     let server = TestServer::start_with_relays(
         &dir,

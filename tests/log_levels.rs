@@ -2,35 +2,16 @@
 //! lines, and on the journal (JOURNAL_STREAM naming its stderr) lines carry
 //! the sd-daemon priority prefix instead of a timestamp.
 
+mod common;
+use common::TempDir;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Generous: the CPU is shared; the server is up in milliseconds.
 const DEADLINE: Duration = Duration::from_secs(20);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "warren-log-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 enum Journal {
     /// No JOURNAL_STREAM.
@@ -45,7 +26,7 @@ enum Journal {
 /// stops it, and returns its stderr. Its config file is readable by others,
 /// which it warns about: a warning line besides the info lines.
 fn server_lines(extra: &[&str], journal: Journal) -> Vec<String> {
-    let dir = TempDir::new();
+    let dir = TempDir::new("log-test");
     let state = dir.0.join("state");
     let config = dir.0.join("warren.toml");
     std::fs::write(
@@ -184,7 +165,7 @@ fn on_the_journal_lines_have_priorities_and_no_timestamps() {
 
 #[test]
 fn a_failed_command_ends_with_one_error_line() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("log-test");
     let err_path = dir.0.join("stderr");
     let err = std::fs::File::create(&err_path).unwrap();
     let meta = err.metadata().unwrap();
