@@ -71,6 +71,8 @@ fn identity_bytes(st: &AgentState) -> Result<Vec<u8>> {
         candidates: Vec::new(),
         online: false,
         home_relay: None,
+        routes: Vec::new(),
+        exit: false,
         ..m.clone()
     });
     let id = AgentState {
@@ -326,6 +328,8 @@ mod tests {
             candidates: vec![],
             online: true,
             home_relay: Some(Key([9; 32])),
+            routes: Vec::new(),
+            exit: false,
         }
     }
 

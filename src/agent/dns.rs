@@ -254,6 +254,8 @@ mod tests {
             candidates: Vec::new(),
             online: true,
             home_relay: None,
+            routes: Vec::new(),
+            exit: false,
         }
     }
 

@@ -95,6 +95,8 @@ mod tests {
             candidates: vec![],
             online: true,
             home_relay: None,
+            routes: Vec::new(),
+            exit: false,
         }
     }
 

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::Key;
+use crate::wg::AllowedIp;
 
 /// Version of the message set. A coordinator refuses nodes with a different
 /// major version with a clear error instead of misreading them.
@@ -81,6 +82,14 @@ pub struct PeerInfo {
     /// when no direct path exists. `None` when the mesh has no relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_relay: Option<Key>,
+    /// Prefixes behind this node (its LAN) that it advertises and an
+    /// administrator approved: other nodes route them to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<AllowedIp>,
+    /// The node offers itself as an exit node and an administrator approved
+    /// it: a node that chooses it sends its default route through it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit: bool,
 }
 
 /// A relay the coordinator publishes: nodes dial it and prove their key to it.
@@ -255,6 +264,8 @@ mod tests {
             candidates: vec!["192.168.1.5:51820".parse().unwrap()],
             online: true,
             home_relay: Some(Key([7; 32])),
+            routes: Vec::new(),
+            exit: false,
         }
     }
 

@@ -445,6 +445,8 @@ impl Hub {
             candidates: Vec::new(),
             online: self.online.contains_key(&n.id),
             home_relay: self.home_relay(n.id),
+            routes: Vec::new(),
+            exit: false,
         }
     }
 

@@ -127,6 +127,8 @@ mod tests {
             candidates: Vec::new(),
             online: id.is_multiple_of(2),
             home_relay: id.is_multiple_of(3).then(|| Key::generate_private().public_key()),
+            routes: Vec::new(),
+            exit: false,
         }
     }
 
