@@ -33,6 +33,7 @@ pub mod peercred;
 pub mod portmap;
 pub mod relay;
 pub mod rlimit;
+pub mod route;
 pub mod signals;
 pub mod sockopt;
 pub mod stun;

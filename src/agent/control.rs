@@ -83,6 +83,8 @@ pub struct ControlConfig {
     pub join_secret: Option<String>,
     pub requested_name: Option<String>,
     pub hostname: String,
+    /// Subnet routes and exit offer, sent with every Hello and Join.
+    pub advertise: crate::control::messages::Advertised,
 }
 
 pub struct ControlConn {
@@ -220,12 +222,14 @@ impl ControlConn {
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
                 online_by_id: true,
+                advertise: self.cfg.advertise.clone(),
             },
             None => ClientMessage::Hello {
                 version: PROTOCOL_VERSION,
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
                 online_by_id: true,
+                advertise: self.cfg.advertise.clone(),
             },
         };
         // Queued in the channel; it goes out right after the handshake.

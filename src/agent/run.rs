@@ -84,6 +84,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The name server for the mesh's names (src/agent/dns.rs).
     pub dns: DnsConfig,
+    /// Subnet routes and exit nodes (src/route).
+    pub routes: crate::route::RouteConfig,
 }
 
 struct Client {
@@ -130,6 +132,8 @@ struct Agent {
     last_sealed_drop_log: Option<Instant>,
     backend: Box<dyn Backend>,
     rtnl: Rtnl,
+    /// Subnet routes and exit nodes (src/route).
+    routing: crate::route::Routing,
     monitor: Monitor,
     poll: Poll,
     tcp: Option<TcpStream>,
@@ -375,6 +379,7 @@ fn start(
             join_secret: state.join_secret.clone(),
             requested_name: state.requested_name.clone(),
             hostname: hostname(),
+            advertise: cfg.routes.advertise.clone(),
         },
         now,
         seed,
@@ -419,6 +424,8 @@ fn start(
         }
         None => None,
     };
+    let mut routing = crate::route::Routing::new(cfg.routes.clone());
+    routing.start(&cfg.ifname)?;
     let mut dns = Dns::new(cfg.dns.clone());
     dns.set_nodes(state.me.as_ref(), state.peers.iter());
     let mut agent = Agent {
@@ -443,6 +450,7 @@ fn start(
         ctrl,
         backend,
         rtnl,
+        routing,
         monitor,
         poll,
         tcp: None,
@@ -575,6 +583,7 @@ impl Agent {
                 }
                 self.portmap.release();
                 self.dns.stop();
+                self.routing.stop(&mut self.rtnl, &self.cfg.ifname);
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;

@@ -75,6 +75,7 @@ impl Sim {
             join_secret: Some(token.secret.clone()),
             requested_name: None,
             hostname: host.into(),
+            advertise: Default::default(),
         };
         let ctrl = ControlConn::new(cfg, self.now, seed);
         self.agents.push(Agent {

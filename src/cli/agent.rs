@@ -82,6 +82,8 @@ pub struct AgentArgs {
     /// removed on a clean stop. Off by default.
     #[arg(long, value_name = "FILE")]
     pub hosts_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub routes: super::agent_routes::RouteArgs,
 }
 
 /// `:PORT`, `PORT` or `ADDR:PORT`; an address must be the mesh's or
@@ -194,6 +196,7 @@ fn config(a: AgentArgs, join: Option<String>) -> AgentConfig {
             domain: a.dns_domain,
             hosts_file: a.hosts_file,
         },
+        routes: a.routes.config(),
     }
 }
 
@@ -292,6 +295,7 @@ pub fn up(a: AgentArgs) -> Result<()> {
     if let Some(f) = &a.hosts_file {
         cmd.arg("--hosts-file").arg(f);
     }
+    a.routes.forward(&mut cmd);
     let stdin = if token.is_some() {
         Stdio::piped()
     } else {

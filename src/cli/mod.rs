@@ -1,6 +1,7 @@
 //! Command-line surface: one file per subcommand family.
 
 mod agent;
+mod agent_routes;
 mod bugreport;
 mod daemon;
 mod keys;
@@ -9,6 +10,8 @@ pub mod out;
 mod relay;
 #[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "server")]
+mod server_routes;
 pub mod wg;
 #[cfg(feature = "wgstun-server")]
 mod wgstun;

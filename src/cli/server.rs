@@ -128,6 +128,9 @@ pub enum ServerAction {
     /// Benchmark: hostile connections to a coordinator (see `coord/flood.rs`).
     #[command(hide = true)]
     Flood(Box<FloodArgs>),
+    /// Subnet routes and exit nodes: list, approve, revoke.
+    #[command(subcommand)]
+    Routes(super::server_routes::RoutesAction),
     /// Print a join token for `warren up --join TOKEN`.
     Invite {
         /// The token may enroll any number of nodes until it expires.
@@ -156,7 +159,7 @@ impl ServerArgs {
                     | ServerAction::Remove { json: true, .. }
                     | ServerAction::Rename { json: true, .. }
             )
-        )
+        ) || matches!(&self.action, Some(ServerAction::Routes(r)) if r.json())
     }
 }
 
@@ -264,6 +267,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 _ => bail!("unexpected answer from the coordinator"),
             }
         }
+        ServerAction::Routes(r) => super::server_routes::run(&socket, r)?,
         ServerAction::Load { server, nodes, hold } => {
             let r = crate::coord::load::run(&socket, server, nodes, hold)?;
             outln!("coordinator: nodes connected | {} |", r.nodes)?;

@@ -33,6 +33,9 @@ pub enum ClientMessage {
         /// See [`ClientMessage::Join::online_by_id`].
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         online_by_id: bool,
+        /// See [`Advertised`].
+        #[serde(default, skip_serializing_if = "Advertised::is_empty")]
+        advertise: Advertised,
     },
     /// First message of a new node: redeems an invite.
     Join {
@@ -48,6 +51,9 @@ pub enum ClientMessage {
         /// `upsert` (what agents from before these lists understand).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         online_by_id: bool,
+        /// See [`Advertised`].
+        #[serde(default, skip_serializing_if = "Advertised::is_empty")]
+        advertise: Advertised,
     },
     /// The node's current endpoint candidates (replaces the previous set).
     Candidates {
@@ -67,6 +73,28 @@ pub enum ClientMessage {
     SubscribeMembers {
         version: u32,
     },
+}
+
+/// Most prefixes a node may advertise behind it.
+pub const MAX_ADVERTISED_ROUTES: usize = 64;
+
+/// What a node offers to carry for the others, sent with every Hello and
+/// Join (it replaces what the node offered before); an administrator
+/// approves it before anyone uses it (see `src/coord/routes.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertised {
+    /// IPv4 prefixes behind the node (its LAN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<AllowedIp>,
+    /// The node offers itself as an exit node (0.0.0.0/0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit: bool,
+}
+
+impl Advertised {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && !self.exit
+    }
 }
 
 /// One node as every other node sees it.
@@ -214,6 +242,14 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage> {
 impl ClientMessage {
     /// Limits the coordinator enforces on what a node may send.
     fn check(&self) -> Result<()> {
+        if let ClientMessage::Hello { advertise, .. } | ClientMessage::Join { advertise, .. } = self
+            && advertise.routes.len() > MAX_ADVERTISED_ROUTES
+        {
+            anyhow::bail!(
+                "{} advertised routes exceed the limit of {MAX_ADVERTISED_ROUTES}",
+                advertise.routes.len()
+            );
+        }
         let (names, candidates): (Vec<&str>, &[SocketAddr]) = match self {
             ClientMessage::Hello {
                 hostname, candidates, ..
@@ -334,6 +370,7 @@ mod tests {
             hostname: "box".into(),
             candidates: vec![],
             online_by_id: true,
+            advertise: Default::default(),
         };
         assert_eq!(decode_client(&encode(&join)).unwrap(), join);
     }
@@ -366,6 +403,7 @@ mod tests {
             hostname: "nas".into(),
             candidates: vec![],
             online_by_id: false,
+            advertise: Default::default(),
         };
         assert_eq!(
             String::from_utf8(encode(&old)).unwrap(),
@@ -390,6 +428,7 @@ mod tests {
             hostname: "x".repeat(300),
             candidates: vec![],
             online_by_id: false,
+            advertise: Default::default(),
         };
         assert!(decode_client(&encode(&long)).is_err());
     }

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::Key;
+use crate::wg::AllowedIp;
 
 /// Longest admin request line accepted by the server.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -40,6 +41,28 @@ pub enum AdminRequest {
         expires_in: Option<i64>,
         name: Option<String>,
     },
+    /// Subnet routes and exit offers of every node (src/coord/routes.rs).
+    Routes,
+    /// Approve (`approved`) or revoke a prefix a node advertises.
+    Route {
+        node: String,
+        prefix: String,
+        approved: bool,
+    },
+}
+
+/// One node's routes as `warren server routes list` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteView {
+    pub id: u64,
+    pub name: String,
+    /// What the node offers now (0.0.0.0/0: as an exit node).
+    pub advertised: Vec<AllowedIp>,
+    /// What an administrator approved, offered now or not.
+    pub approved: Vec<AllowedIp>,
+    /// What the peer map carries: advertised and approved (a prefix
+    /// approved for two nodes goes to the lower id only).
+    pub published: Vec<AllowedIp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +83,8 @@ pub enum AdminResponse {
     Nodes { nodes: Vec<NodeView> },
     Node { node: NodeView },
     Invite { token: String, expires: Option<i64> },
+    Routes { routes: Vec<RouteView> },
+    Route { route: RouteView },
     Error { reason: String },
 }
 

@@ -13,9 +13,11 @@ use super::invite::{self, JoinToken};
 use super::pacer::Pacer;
 use super::peermap::PeerMap;
 use super::relayfeed::RelayFeed;
+use super::routes::Routes;
 use super::store::{JoinRequest, Node, Store};
 use crate::control::messages::{
-    self, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage, WgStunInfo,
+    self, Advertised, ClientMessage, ErrorCode, PROTOCOL_VERSION, PeerInfo, RelayInfo, ServerMessage,
+    WgStunInfo,
 };
 use crate::keys::Key;
 
@@ -80,11 +82,18 @@ pub struct Hub {
     /// Hello or Join refused since the server last took them: a stranger's
     /// input, so the server counts them in its summary instead of a log line each.
     refused_openings: Vec<ErrorCode>,
+    /// Published subnet routes and exit nodes (src/coord/routes.rs).
+    routes: Routes,
 }
 
 impl Hub {
     pub fn new(store: Store, private: Key, advertise: Vec<String>) -> Hub {
+        let routes = Routes::load(&store).unwrap_or_else(|e| {
+            log_error!("coordinator: {e:#}");
+            Routes::default()
+        });
         Hub {
+            routes,
             store,
             private,
             advertise,
@@ -197,6 +206,7 @@ impl Hub {
                     hostname: _,
                     candidates: _,
                     online_by_id,
+                    advertise,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -206,7 +216,10 @@ impl Hub {
                     self.online_by_id.insert(id);
                 }
                 match self.store.node_by_key(&key)? {
-                    Some(node) if node.removed.is_none() => self.admit(id, now, node)?,
+                    Some(node) if node.removed.is_none() => {
+                        self.routes_advertised(&node, &advertise)?;
+                        self.admit(id, now, node)?
+                    }
                     Some(node) => self.refuse(
                         id,
                         now,
@@ -230,6 +243,7 @@ impl Hub {
                     hostname,
                     candidates: _,
                     online_by_id,
+                    advertise,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -254,6 +268,7 @@ impl Hub {
                             node.mesh_addr
                         );
                         self.feed.added(key);
+                        self.routes_advertised(&node, &advertise)?;
                         self.admit(id, now, node)?;
                     }
                     Err(refusal) => self.refuse(id, now, refusal.code, &refusal.reason),
@@ -436,6 +451,7 @@ impl Hub {
     }
 
     fn peer_info(&self, n: &Node) -> PeerInfo {
+        let published = self.routes.of(n.id);
         PeerInfo {
             id: n.id,
             name: n.name.clone(),
@@ -445,9 +461,16 @@ impl Hub {
             candidates: Vec::new(),
             online: self.online.contains_key(&n.id),
             home_relay: self.home_relay(n.id),
-            routes: Vec::new(),
-            exit: false,
+            routes: published.routes,
+            exit: published.exit,
         }
+    }
+
+    /// A node said what it advertises: store it; whoever's published routes changed is upserted.
+    fn routes_advertised(&mut self, node: &Node, offer: &Advertised) -> Result<()> {
+        let changed = self.routes.advertised(&mut self.store, node, offer)?;
+        self.changed.extend(changed);
+        Ok(())
     }
 
     fn went_offline(&mut self, id: ConnId, node: u64) {
@@ -650,6 +673,9 @@ impl Hub {
                     self.dirty.insert(cid);
                 }
                 self.removed.insert(n.id);
+                // A prefix it shadowed goes to the next node that has it.
+                let changed = self.routes.refresh(&self.store)?;
+                self.changed.extend(changed);
                 AdminResponse::Node { node: self.view(&n) }
             }
             AdminRequest::Rename { node, new_name } => {
@@ -660,6 +686,18 @@ impl Hub {
                 AdminResponse::Node {
                     node: self.view(&renamed),
                 }
+            }
+            AdminRequest::Routes => AdminResponse::Routes {
+                routes: self.routes.views(&self.store)?,
+            },
+            AdminRequest::Route {
+                node,
+                prefix,
+                approved,
+            } => {
+                let (route, changed) = self.routes.approve(&mut self.store, &node, &prefix, approved)?;
+                self.changed.extend(changed);
+                AdminResponse::Route { route }
             }
             AdminRequest::Invite {
                 reusable,
@@ -784,6 +822,7 @@ mod tests {
                 hostname: name.into(),
                 candidates: vec![],
                 online_by_id: false,
+                advertise: Default::default(),
             };
             self.connect(Key::generate_private(), &join)
         }
@@ -795,6 +834,7 @@ mod tests {
                 hostname: "h".into(),
                 candidates: vec![],
                 online_by_id: false,
+                advertise: Default::default(),
             };
             self.connect(key, &hello)
         }
@@ -933,6 +973,7 @@ mod tests {
             hostname: "new".into(),
             candidates: vec![],
             online_by_id: true,
+            advertise: Default::default(),
         };
         let mut new = mesh.connect(Key::generate_private(), &join);
         let c = mesh.join("c");
@@ -1058,6 +1099,7 @@ mod tests {
                 hostname: "h".into(),
                 candidates: vec![],
                 online_by_id: false,
+                advertise: Default::default(),
             };
             ch.send(&messages::encode(&hello)).unwrap();
             let init = ch.outgoing().to_vec();

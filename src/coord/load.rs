@@ -101,6 +101,7 @@ fn dial(
             hostname: "load".into(),
             candidates: vec![],
             online_by_id: true,
+            advertise: Default::default(),
         }
     } else {
         ClientMessage::Join {
@@ -110,6 +111,7 @@ fn dial(
             hostname: "load".into(),
             candidates: vec![],
             online_by_id: true,
+            advertise: Default::default(),
         }
     };
     ch.send(&messages::encode(&msg))?;

@@ -29,6 +29,8 @@ pub mod peermap;
 #[cfg(feature = "server")]
 pub mod relayfeed;
 #[cfg(feature = "server")]
+pub mod routes;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;

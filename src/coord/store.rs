@@ -19,7 +19,8 @@ use crate::control::messages::ErrorCode;
 use crate::keys::Key;
 
 /// Schema steps; step `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     id         INTEGER PRIMARY KEY,
     public_key TEXT    NOT NULL UNIQUE,
@@ -42,7 +43,9 @@ CREATE TABLE invites (
     name        TEXT,
     created     INTEGER NOT NULL
 );
-"#];
+"#,
+    super::routes::SCHEMA,
+];
 
 /// First address handed to nodes: 100.64.0.0/29 is reserved for services (WG-STUN is 100.64.0.4).
 pub const FIRST_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 8);
@@ -105,7 +108,8 @@ impl Refusal {
 type InviteRow = (i64, bool, Option<i64>, i64, Option<String>);
 
 pub struct Store {
-    conn: Connection,
+    /// Shared with the modules that keep their own tables (`routes`).
+    pub(super) conn: Connection,
     path: PathBuf,
 }
 

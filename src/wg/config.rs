@@ -331,9 +331,9 @@ endpoint = "[fd00::1]:51820"
         assert_eq!(
             err(&format!(
                 "{head}[[peer]]\npublic_key = \"{PEER1}\"\nallowed_ips = [\"10.0.0.0/8\"]\n\
-                 [[peer]]\npublic_key = \"{PEER2}\"\nallowed_ips = [\"10.1.0.0/16\"]\n"
+                 [[peer]]\npublic_key = \"{PEER2}\"\nallowed_ips = [\"10.0.0.0/8\"]\n"
             )),
-            "peer 2 (Kn0g+ejv…): allowed IP 10.1.0.0/16 overlaps 10.0.0.0/8 of peer 1 (GcbKAmy+…)"
+            "peer 2 (Kn0g+ejv…): allowed IP 10.0.0.0/8 is also peer 1 (GcbKAmy+…)'s"
         );
         assert!(
             err(&format!(

@@ -2,7 +2,6 @@
 //! minimal change between them, and sending only that.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
 
 use anyhow::{Result, bail};
 
@@ -52,65 +51,26 @@ pub fn peer_name(index: usize, key: &Key) -> String {
     format!("peer {} ({}…)", index + 1, key.short())
 }
 
-/// One prefix as an inclusive range of a 129-bit space (family, bits).
-#[derive(Clone, Copy)]
-struct Range {
-    v6: bool,
-    start: u128,
-    end: u128,
-    owner: usize,
-    ip: AllowedIp,
-}
-
-fn range_of(ip: &AllowedIp, owner: usize) -> Range {
-    let (v6, bits, width) = match ip.addr {
-        IpAddr::V4(a) => (false, u32::from(a) as u128, 32u32),
-        IpAddr::V6(a) => (true, u128::from(a), 128u32),
-    };
-    let host_bits = width - (ip.cidr as u32).min(width);
-    let host_mask = if host_bits == 128 {
-        u128::MAX
-    } else {
-        (1u128 << host_bits) - 1
-    };
-    Range {
-        v6,
-        start: bits & !host_mask,
-        end: (bits & !host_mask) | host_mask,
-        owner,
-        ip: *ip,
-    }
-}
-
-/// Prefixes are either nested or disjoint, so a sweep in address order with
-/// a stack of the prefixes still "open" finds every overlap between two
-/// peers in O(n log n), which matters at 10,000 peers.
+/// Nested prefixes on two peers are meaningful: WireGuard, like the
+/// kernel's routing, picks the longest match (10.0.0.0/8 on one peer,
+/// 10.1.0.0/16 on another). The same prefix on two peers is not: WireGuard
+/// would move it to whichever came last.
 fn check_overlaps(desired: &DeviceConfig) -> Result<()> {
-    let mut ranges: Vec<Range> = desired
-        .peers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |ip| range_of(ip, i)))
-        .collect();
-    ranges.sort_by(|a, b| {
-        (a.v6, a.start, std::cmp::Reverse(a.end)).cmp(&(b.v6, b.start, std::cmp::Reverse(b.end)))
-    });
-    let mut open: Vec<Range> = Vec::new();
-    for r in ranges {
-        while open.last().is_some_and(|o| o.v6 != r.v6 || o.end < r.start) {
-            open.pop();
+    let mut owner: HashMap<AllowedIp, usize> = HashMap::new();
+    for (i, p) in desired.peers.iter().enumerate() {
+        for ip in &p.allowed_ips {
+            let ip = AllowedIp::new(ip.addr, ip.cidr).unwrap_or(*ip);
+            match owner.get(&ip) {
+                Some(&first) if first != i => bail!(
+                    "{}: allowed IP {ip} is also {}'s",
+                    peer_name(i, &p.public_key),
+                    peer_name(first, &desired.peers[first].public_key)
+                ),
+                _ => {
+                    owner.insert(ip, i);
+                }
+            }
         }
-        if let Some(o) = open.iter().find(|o| o.owner != r.owner) {
-            let (first, second) = if o.owner < r.owner { (o, &r) } else { (&r, o) };
-            bail!(
-                "{}: allowed IP {} overlaps {} of {}",
-                peer_name(second.owner, &desired.peers[second.owner].public_key),
-                second.ip,
-                first.ip,
-                peer_name(first.owner, &desired.peers[first.owner].public_key)
-            );
-        }
-        open.push(r);
     }
     Ok(())
 }
@@ -540,15 +500,15 @@ mod tests {
 
         let err = validate(&device(vec![
             peer(1, &["10.9.0.0/24"]),
-            peer(2, &["10.9.0.2/32"]),
+            peer(2, &["10.9.0.7/24"]),
         ]))
         .unwrap_err()
         .to_string();
         assert_eq!(
             err,
-            "peer 2 (AgICAgIC…): allowed IP 10.9.0.2/32 overlaps 10.9.0.0/24 of peer 1 (AQEBAQEB…)"
+            "peer 2 (AgICAgIC…): allowed IP 10.9.0.0/24 is also peer 1 (AQEBAQEB…)'s"
         );
-        assert!(validate(&device(vec![peer(1, &["::/0"]), peer(2, &["fd00::1/128"])])).is_err());
+        assert!(validate(&device(vec![peer(1, &["::/0"]), peer(2, &["::/0"])])).is_err());
         assert!(
             validate(&device(vec![
                 peer(1, &["10.0.0.1/32"]),
@@ -556,14 +516,25 @@ mod tests {
             ]))
             .is_err()
         );
-        // A nested range further down the sort order than a same-owner range.
-        assert!(
-            validate(&device(vec![
-                peer(1, &["10.0.0.0/8", "10.0.0.0/16"]),
-                peer(2, &["10.0.200.0/24"])
-            ]))
-            .is_err()
-        );
+    }
+
+    /// Longest-prefix match makes nested prefixes on two peers meaningful:
+    /// subnet routes (10.0.0.0/8 behind one node, 10.1.0.0/16 behind
+    /// another) and an exit node's 0.0.0.0/0 beside every mesh address.
+    #[test]
+    fn validate_accepts_nested_prefixes_on_different_peers() {
+        validate(&device(vec![
+            peer(1, &["10.9.0.0/24"]),
+            peer(2, &["10.9.0.2/32"]),
+        ]))
+        .unwrap();
+        validate(&device(vec![
+            peer(1, &["10.0.0.0/8", "0.0.0.0/0"]),
+            peer(2, &["10.1.0.0/16", "100.64.0.9/32"]),
+            peer(3, &["::/0"]),
+            peer(4, &["fd00::1/128"]),
+        ]))
+        .unwrap();
     }
 
     #[test]

@@ -91,7 +91,12 @@ impl Agent {
             };
             with_endpoints.push((p, ep));
         }
+        if full {
+            let all: Vec<PeerInfo> = with_endpoints.iter().map(|(p, _)| p.clone()).collect();
+            self.routing.plan(&mut self.rtnl, &ifname, &all)?;
+        }
         let mut desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
+        self.routing.extend_allowed(&mut desired);
         if let Some(w) = self.wgstun_peer(now) {
             desired.peers.push(w);
         }
@@ -118,7 +123,8 @@ impl Agent {
                 report.peers_removed
             );
         }
-        self.ensure_address(&ifname, me.mesh_addr)
+        self.ensure_address(&ifname, me.mesh_addr)?;
+        self.routing.apply(&mut self.rtnl, &ifname)
     }
 
     /// Sets every peer's endpoint again, unchanged: a userspace WireGuard

@@ -1,0 +1,68 @@
+//! The agent's routing flags (`warren agent` and `warren up`); src/route decides.
+
+use std::process::Command;
+
+use clap::Args;
+
+use crate::control::messages::Advertised;
+use crate::route::RouteConfig;
+use crate::wg::AllowedIp;
+
+/// A checked `--advertise-routes` list.
+#[derive(Clone, Debug, Default)]
+pub struct RouteList(pub Vec<AllowedIp>);
+
+fn parse_route_list(s: &str) -> Result<RouteList, String> {
+    crate::route::advert::parse_routes(s)
+        .map(RouteList)
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RouteArgs {
+    /// Offer the IPv4 prefixes behind this node (its LANs) to the mesh, e.g.
+    /// 192.168.1.0/24; an administrator approves them (`warren server routes
+    /// approve`). Turns on IPv4 forwarding, for the whole system.
+    #[arg(long, value_name = "PREFIX[,PREFIX…]", value_parser = parse_route_list)]
+    pub advertise_routes: Option<RouteList>,
+    /// Offer this node as an exit node (approved as `routes approve NODE 0.0.0.0/0`).
+    #[arg(long)]
+    pub advertise_exit: bool,
+    /// Do not masquerade forwarded mesh traffic (for LANs whose router routes
+    /// 100.64.0.0/10 back to this node).
+    #[arg(long)]
+    pub no_snat_routes: bool,
+    /// Send this node's default route through the exit node NAME ("" = off).
+    #[arg(long, value_name = "NAME")]
+    pub exit_node: Option<String>,
+}
+
+impl RouteArgs {
+    pub fn config(&self) -> RouteConfig {
+        RouteConfig {
+            advertise: Advertised {
+                routes: self.advertise_routes.clone().unwrap_or_default().0,
+                exit: self.advertise_exit,
+            },
+            snat: !self.no_snat_routes,
+            exit_node: self.exit_node.clone().filter(|n| !n.is_empty()),
+        }
+    }
+
+    /// The same flags for the agent `warren up` starts.
+    pub fn forward(&self, cmd: &mut Command) {
+        if let Some(r) = self.advertise_routes.as_ref().filter(|r| !r.0.is_empty()) {
+            let list: Vec<String> = r.0.iter().map(|p| p.to_string()).collect();
+            cmd.arg("--advertise-routes").arg(list.join(","));
+        }
+        if self.advertise_exit {
+            cmd.arg("--advertise-exit");
+        }
+        if self.no_snat_routes {
+            cmd.arg("--no-snat-routes");
+        }
+        if let Some(n) = &self.exit_node {
+            cmd.arg("--exit-node").arg(n);
+        }
+    }
+}

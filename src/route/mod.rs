@@ -1,0 +1,135 @@
+//! Subnet routes and exit nodes on the agent, one concern per file:
+//! `advert` (what a node may offer, checked on both ends), `peers` (which
+//! prefixes go to which peer's allowed IPs), `kernel` (the routes for them on
+//! the mesh interface), `forward` (IPv4 forwarding and masquerade on the
+//! node that carries traffic for the others) and `exit` (policy routing that
+//! sends the default route through an exit node without looping).
+
+pub mod advert;
+pub mod forward;
+pub mod kernel;
+pub mod peers;
+
+/// The mark that keeps the agent's own traffic out of the exit node's
+/// routing table: WireGuard's socket (WGDEVICE_A_FWMARK / UAPI `fwmark=`)
+/// and the agent's sockets (SO_MARK) carry it, and the policy rule sends
+/// only unmarked packets to the table with the default route through the
+/// mesh (the wg-quick pattern). 0x5761 is "Wa".
+pub const WG_FWMARK: u32 = 0x5761;
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result};
+
+use crate::control::messages::{Advertised, PeerInfo};
+use crate::netlink::Rtnl;
+use crate::wg::DeviceConfig;
+use forward::Forwarding;
+use peers::{Exit, Plan};
+
+/// `--advertise-routes`, `--advertise-exit`, `--no-snat-routes`, `--exit-node`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub advertise: Advertised,
+    /// Masquerade forwarded mesh traffic (`--no-snat-routes` turns it off).
+    pub snat: bool,
+    /// The peer whose default route this node uses, by name.
+    pub exit_node: Option<String>,
+}
+
+/// The agent's routing beyond the mesh: what it carries for others and
+/// what it sends through them.
+pub struct Routing {
+    cfg: RouteConfig,
+    plan: Option<Plan>,
+    forwarding: Option<Forwarding>,
+    /// Skip lines already logged, so a map change logs only what is new.
+    logged: BTreeSet<String>,
+    last_exit: Exit,
+}
+
+impl Routing {
+    pub fn new(cfg: RouteConfig) -> Routing {
+        Routing {
+            cfg,
+            plan: None,
+            forwarding: None,
+            logged: BTreeSet::new(),
+            last_exit: Exit::Off,
+        }
+    }
+
+    pub fn config(&self) -> &RouteConfig {
+        &self.cfg
+    }
+
+    /// Forwarding and masquerade when this node carries traffic for others;
+    /// else a stale nat table of an earlier agent goes.
+    pub fn start(&mut self, ifname: &str) -> Result<()> {
+        if self.cfg.advertise.is_empty() {
+            forward::remove_stale(ifname);
+            return Ok(());
+        }
+        self.forwarding = Some(Forwarding::start(ifname, self.cfg.snat)?);
+        Ok(())
+    }
+
+    /// Decides the routes for this map; `rtnl` tells this node's own networks.
+    pub fn plan(&mut self, rtnl: &mut Rtnl, ifname: &str, peers: &[PeerInfo]) -> Result<()> {
+        let index = rtnl.link_index(ifname)?;
+        let table = rtnl
+            .routes()
+            .context("reading routes to plan the mesh's subnet routes")?;
+        let own = kernel::own_networks(&table, index);
+        let plan = peers::plan(peers, &own, self.cfg.exit_node.as_deref());
+        for line in &plan.skipped {
+            if self.logged.insert(line.clone()) {
+                log!("agent: {line}");
+            }
+        }
+        self.logged.retain(|l| plan.skipped.contains(l));
+        if plan.exit != self.last_exit {
+            match &plan.exit {
+                Exit::Off => {}
+                Exit::Via { name, .. } => log!("agent: default route through exit node {name}"),
+                Exit::Unusable { name, why } => log_warn!(
+                    "agent: exit node {name} is {why}: traffic takes the normal default route (fail open)"
+                ),
+            }
+            self.last_exit = plan.exit.clone();
+        }
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    /// Adds the planned prefixes to the peers' allowed IPs.
+    pub fn extend_allowed(&self, desired: &mut DeviceConfig) {
+        let Some(plan) = &self.plan else { return };
+        for p in &mut desired.peers {
+            p.allowed_ips.extend(plan.allowed_ips(&p.public_key));
+        }
+    }
+
+    /// The kernel's routes for the plan, once the interface is configured.
+    pub fn apply(&mut self, rtnl: &mut Rtnl, ifname: &str) -> Result<()> {
+        let Some(plan) = &self.plan else { return Ok(()) };
+        let index = rtnl
+            .link_index(ifname)?
+            .with_context(|| format!("interface {ifname} vanished before its routes were set"))?;
+        let table = rtnl.routes().context("reading routes")?;
+        kernel::sync(rtnl, ifname, index, &table, &plan.prefixes())
+    }
+
+    /// A clean stop: routes, nat table and ip_forward as they were.
+    pub fn stop(&mut self, rtnl: &mut Rtnl, ifname: &str) {
+        if let Ok(Some(index)) = rtnl.link_index(ifname)
+            && let Ok(table) = rtnl.routes()
+            && let Err(e) = kernel::sync(rtnl, ifname, index, &table, &[])
+        {
+            log_warn!("agent: removing subnet routes: {e:#}");
+        }
+        if let Some(f) = &mut self.forwarding {
+            f.stop();
+        }
+    }
+}
