@@ -81,6 +81,8 @@ impl DirectPath {
             }
             Err(e) => return Err(e).with_context(|| format!("binding the check socket to UDP port {port}")),
         };
+        // Checks and STUN go to peers' public addresses: not into an exit node's tunnel.
+        crate::sockopt::mark_own(&check4);
         let port = check4
             .local_addr()
             .context("reading the check socket's port")?

@@ -623,7 +623,7 @@ fn dial(registry: &Registry, resolver: &mut Resolver, now: Instant, l: &mut Link
         }
         Lookup::Failed(why) => return close(l, now, why),
     };
-    match TcpStream::connect(addr) {
+    match crate::sockopt::connect_tcp(addr) {
         Ok(mut s) => {
             crate::sockopt::set_unsent_limit(&s, RELAY_UNSENT_LIMIT);
             if let Err(e) = registry.register(&mut s, l.token, Interest::READABLE | Interest::WRITABLE) {

@@ -298,6 +298,10 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         unsafe { std::env::remove_var(var) };
     }
     private_dir(&cfg.state_dir)?;
+    if cfg.routes.exit_node.is_some() {
+        // Before any socket exists: the agent's own connections stay off the exit's tunnel.
+        crate::sockopt::set_own_mark(crate::route::WG_FWMARK);
+    }
     crate::netlink::check_name(&cfg.ifname)?;
     let _locks = lock(&cfg.state_dir, &cfg.ifname)?;
     // A relayed peer costs a loopback socket: a large mesh needs more than the default 1024.
@@ -845,7 +849,7 @@ impl Agent {
                     .handle_disconnected(now, &format!("coordinator address: {why}"));
             }
         };
-        match TcpStream::connect(addr) {
+        match crate::sockopt::connect_tcp(addr) {
             Ok(mut s) => {
                 if let Err(e) =
                     self.poll

@@ -6,6 +6,7 @@
 //! sends the default route through an exit node without looping).
 
 pub mod advert;
+pub mod exit;
 pub mod forward;
 pub mod kernel;
 pub mod peers;
@@ -46,6 +47,8 @@ pub struct Routing {
     /// Skip lines already logged, so a map change logs only what is new.
     logged: BTreeSet<String>,
     last_exit: Exit,
+    /// Exit routing was checked once (a crashed agent's rules go).
+    exit_checked: bool,
 }
 
 impl Routing {
@@ -56,6 +59,7 @@ impl Routing {
             forwarding: None,
             logged: BTreeSet::new(),
             last_exit: Exit::Off,
+            exit_checked: false,
         }
     }
 
@@ -102,8 +106,12 @@ impl Routing {
         Ok(())
     }
 
-    /// Adds the planned prefixes to the peers' allowed IPs.
-    pub fn extend_allowed(&self, desired: &mut DeviceConfig) {
+    /// Adds the planned prefixes to the peers' allowed IPs, and the mark
+    /// that keeps WireGuard's own packets out of the exit node's table.
+    pub fn shape_device(&self, desired: &mut DeviceConfig) {
+        if self.cfg.exit_node.is_some() {
+            desired.fwmark = Some(WG_FWMARK);
+        }
         let Some(plan) = &self.plan else { return };
         for p in &mut desired.peers {
             p.allowed_ips.extend(plan.allowed_ips(&p.public_key));
@@ -117,7 +125,18 @@ impl Routing {
             .link_index(ifname)?
             .with_context(|| format!("interface {ifname} vanished before its routes were set"))?;
         let table = rtnl.routes().context("reading routes")?;
-        kernel::sync(rtnl, ifname, index, &table, &plan.prefixes())
+        kernel::sync(rtnl, ifname, index, &table, &plan.prefixes())?;
+        if self.cfg.exit_node.is_some() || !self.exit_checked {
+            let via = matches!(plan.exit, Exit::Via { .. }).then_some(index);
+            if exit::sync(rtnl, via)? {
+                match via {
+                    Some(_) => log!("agent: default route via {ifname} (table {})", exit::EXIT_TABLE),
+                    None => log!("agent: exit routing removed: the normal default route is back"),
+                }
+            }
+            self.exit_checked = true;
+        }
+        Ok(())
     }
 
     /// A clean stop: routes, nat table and ip_forward as they were.
@@ -127,6 +146,13 @@ impl Routing {
             && let Err(e) = kernel::sync(rtnl, ifname, index, &table, &[])
         {
             log_warn!("agent: removing subnet routes: {e:#}");
+        }
+        if self.cfg.exit_node.is_some() {
+            match exit::sync(rtnl, None) {
+                Ok(true) => log!("agent: exit routing removed: the normal default route is back"),
+                Ok(false) => {}
+                Err(e) => log_warn!("agent: removing exit routing: {e:#}"),
+            }
         }
         if let Some(f) = &mut self.forwarding {
             f.stop();

@@ -96,7 +96,7 @@ impl Agent {
             self.routing.plan(&mut self.rtnl, &ifname, &all)?;
         }
         let mut desired = paths::device_config(self.state.private_key, self.cfg.listen_port, &with_endpoints);
-        self.routing.extend_allowed(&mut desired);
+        self.routing.shape_device(&mut desired);
         if let Some(w) = self.wgstun_peer(now) {
             desired.peers.push(w);
         }
