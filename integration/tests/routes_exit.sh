@@ -89,6 +89,11 @@ grep "${ADDR[a]}/32" <<<"$allowed" | grep -q "0.0.0.0/0" || lab_fail "a's allowe
 wg_ep() { lab_exec b wg show "${IF[b]}" endpoints | awk -v k="$(pubkey_of a)" '$1 == k { print $2 }'; }
 ep_is() { [[ "$(wg_ep)" == $1 ]]; }
 lab_wait "b's path to a is direct" 30 ep_is "203.0.113.20:*"
+# wireguard-go sends from the interface it last received on (sticky sockets),
+# which keeps it off the exit table even unmarked; the kernel module does
+# not, so the kernel tier proves the mark by traffic and this names it.
+mark=$(lab_exec b wg show "${IF[b]}" fwmark)
+[ "$mark" = 0x5761 ] || lab_fail "b's WireGuard fwmark is '$mark', not WG_FWMARK 0x5761"
 lab_exec b ping -c1 -W2 "${ADDR[a]}" >/dev/null || lab_fail "b lost a's mesh address"
 
 # The coordinator restarts: b's new control and relay connections come from b's own address.
