@@ -59,7 +59,11 @@ pub fn connect_tcp(addr: std::net::SocketAddr) -> std::io::Result<mio::net::TcpS
     if own_mark() == 0 {
         return mio::net::TcpStream::connect(addr);
     }
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: a fresh descriptor that the TcpStream takes over (and closes)
     // at once; connect gets a pointer to a live sockaddr of the stated length.
     unsafe {
@@ -94,7 +98,9 @@ pub fn connect_tcp(addr: std::net::SocketAddr) -> std::io::Result<mio::net::TcpS
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: a.scope_id(),
                 };
                 libc::connect(

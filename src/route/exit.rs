@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 
 use super::WG_FWMARK;
 use super::advert::DEFAULT_ROUTE;
-use crate::netlink::{RuleSpec, Rtnl};
+use crate::netlink::{Rtnl, RuleSpec};
 
 /// The table with the default route through the mesh (as wg-quick does,
 /// numbered like the mark).
@@ -53,7 +53,9 @@ pub fn rules() -> [RuleSpec; 2] {
 /// Whether a listed rule is one of ours (by priority and table, whatever
 /// else the kernel reports of it).
 fn is_ours(r: &RuleSpec) -> bool {
-    rules().iter().any(|o| o.priority == r.priority && o.table == r.table)
+    rules()
+        .iter()
+        .any(|o| o.priority == r.priority && o.table == r.table)
 }
 
 /// `mesh`: the mesh interface's index when the exit is in use, `None` to
@@ -74,7 +76,10 @@ pub fn sync(rtnl: &mut Rtnl, mesh: Option<u32>) -> Result<bool> {
                 changed = true;
             }
             for want in rules() {
-                if !have_rules.iter().any(|h| h.priority == want.priority && h.table == want.table) {
+                if !have_rules
+                    .iter()
+                    .any(|h| h.priority == want.priority && h.table == want.table)
+                {
                     rtnl.add_rule(&want).context("routing through the exit node")?;
                     changed = true;
                 }
@@ -105,8 +110,20 @@ mod tests {
     fn the_suppress_rule_comes_before_the_unmarked_rule() {
         let [suppress, exit] = rules();
         assert!(suppress.priority < exit.priority);
-        assert_eq!((suppress.table, suppress.suppress_prefixlen), (MAIN_TABLE, Some(0)));
-        assert_eq!((exit.fwmark, exit.invert, exit.table), (Some(WG_FWMARK), true, EXIT_TABLE));
-        assert!(is_ours(&exit) && !is_ours(&RuleSpec { table: MAIN_TABLE, ..exit }));
+        assert_eq!(
+            (suppress.table, suppress.suppress_prefixlen),
+            (MAIN_TABLE, Some(0))
+        );
+        assert_eq!(
+            (exit.fwmark, exit.invert, exit.table),
+            (Some(WG_FWMARK), true, EXIT_TABLE)
+        );
+        assert!(
+            is_ours(&exit)
+                && !is_ours(&RuleSpec {
+                    table: MAIN_TABLE,
+                    ..exit
+                })
+        );
     }
 }
