@@ -14,6 +14,8 @@ set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd wg python3 ss
 lab_init
+declare -A IF=() PID=() ADDR=()
+for n in a b; do IF[$n]=$(lab_ifname "$n"); done
 
 lab_internet
 lab_public_host srv 203.0.113.5
@@ -45,12 +47,13 @@ server() { lab_exec srv "$WARREN" server "$@" --state-dir "$SRV_DIR"; }
 
 b_state() {
     lab_exec b ip rule
-    # IPv6 link-local addresses appear by themselves once DAD is done.
-    lab_exec b ip route show table all | grep -v 'fe80::'
+    # IPv6 link-local addresses appear by themselves once DAD is done; the
+    # kernel's own routes for the mesh address stay with the interface, which
+    # the kernel backend keeps after a stop (only warren's routes must go).
+    lab_exec b ip route show table all | grep -v 'fe80::' | grep -v "dev ${IF[b]} .*proto kernel"
 }
 b_state >"$LAB_DIR/b-before"
 
-declare -A IF=() PID=() ADDR=()
 sock() { echo "$LAB_DIR/$1/warren.sock"; }
 start_agent() {
     local n=$1
@@ -66,7 +69,6 @@ connected() { st "$1" | grep -q '"coordinator": "connected"'; }
 addr_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])'; }
 pubkey_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])'; }
 
-for n in a b; do IF[$n]=$(lab_ifname "$n"); done
 start_agent a --advertise-exit
 start_agent b --exit-node node-a
 for n in a b; do

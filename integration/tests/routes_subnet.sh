@@ -12,6 +12,8 @@ set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd wg python3
 lab_init
+declare -A IF=() PID=() ADDR=()
+for n in gw b c; do IF[$n]=$(lab_ifname "$n"); done
 
 lab_internet
 lab_public_host srv 203.0.113.5
@@ -49,14 +51,15 @@ server() { lab_exec srv "$WARREN" server "$@" --state-dir "$SRV_DIR"; }
 # What gw's agent must leave as it found it.
 gw_state() {
     lab_exec gw ip rule
-    # IPv6 link-local addresses appear by themselves once DAD is done.
-    lab_exec gw ip route show table all | grep -v 'fe80::'
+    # IPv6 link-local addresses appear by themselves once DAD is done; the
+    # kernel's own routes for the mesh address stay with the interface, which
+    # the kernel backend keeps after a stop (only warren's routes must go).
+    lab_exec gw ip route show table all | grep -v 'fe80::' | grep -v "dev ${IF[gw]} .*proto kernel"
     lab_exec gw nft list ruleset
     lab_exec gw cat /proc/sys/net/ipv4/ip_forward
 }
 gw_state >"$LAB_DIR/gw-before"
 
-declare -A IF=() PID=() ADDR=()
 sock() { echo "$LAB_DIR/$1/warren.sock"; }
 start_agent() {
     local n=$1
@@ -70,7 +73,6 @@ peer_count() { st "$1" | python3 -c 'import json,sys; print(len(json.load(sys.st
 has_peers() { [ "$(peer_count "$1")" = "$2" ]; }
 addr_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])'; }
 
-for n in gw b c; do IF[$n]=$(lab_ifname "$n"); done
 start_agent gw --advertise-routes 192.168.50.0/24
 start_agent b
 start_agent c

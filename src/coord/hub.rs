@@ -947,6 +947,89 @@ mod tests {
         assert_eq!(upsert.iter().filter(|n| n.online).count(), 2);
     }
 
+    /// A node's advertisement reaches the others only once approved, as an
+    /// upsert of that node; revoked or no longer advertised, it is gone, and
+    /// the approval survives re-advertising.
+    #[test]
+    fn approved_routes_reach_the_other_nodes_through_the_map() {
+        let mut mesh = Mesh::new();
+        let mut watcher = mesh.join("watcher");
+        let offer = Advertised {
+            routes: vec!["192.168.1.0/24".parse().unwrap()],
+            exit: true,
+        };
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: mesh.token.secret.clone(),
+            name: Some("gw".into()),
+            hostname: "gw".into(),
+            candidates: vec![],
+            online_by_id: false,
+            advertise: offer.clone(),
+        };
+        let gw = mesh.connect(Key::generate_private(), &join);
+        mesh.flush();
+        let gw_entry = |mesh: &mut Mesh, n: &mut Node| {
+            let (_, upsert, ..) = last_delta(mesh, n);
+            upsert.into_iter().find(|p| p.name == "gw").expect("gw upserted")
+        };
+        let e = gw_entry(&mut mesh, &mut watcher);
+        assert!(e.routes.is_empty() && !e.exit, "published before approval: {e:?}");
+        for prefix in ["192.168.1.0/24", "0.0.0.0/0"] {
+            let r = mesh.hub.admin(
+                AdminRequest::Route {
+                    node: "gw".into(),
+                    prefix: prefix.into(),
+                    approved: true,
+                },
+                mesh.now,
+            );
+            assert!(matches!(r, AdminResponse::Route { .. }), "{r:?}");
+        }
+        mesh.flush();
+        let e = gw_entry(&mut mesh, &mut watcher);
+        assert_eq!(e.routes, offer.routes);
+        assert!(e.exit);
+        // gw reconnects advertising nothing: unpublished, still approved.
+        mesh.hub.closed(gw.id);
+        let hello = ClientMessage::Hello {
+            version: PROTOCOL_VERSION,
+            hostname: "gw".into(),
+            candidates: vec![],
+            online_by_id: false,
+            advertise: Advertised::default(),
+        };
+        let gw = mesh.connect(gw.key, &hello);
+        mesh.flush();
+        let e = gw_entry(&mut mesh, &mut watcher);
+        assert!(e.routes.is_empty() && !e.exit, "{e:?}");
+        mesh.hub.closed(gw.id);
+        let mut hello = hello;
+        if let ClientMessage::Hello { advertise, .. } = &mut hello {
+            *advertise = offer.clone();
+        }
+        mesh.connect(gw.key, &hello);
+        mesh.flush();
+        assert_eq!(gw_entry(&mut mesh, &mut watcher).routes, offer.routes);
+        let r = mesh.hub.admin(
+            AdminRequest::Route {
+                node: "gw".into(),
+                prefix: "192.168.1.0/24".into(),
+                approved: false,
+            },
+            mesh.now,
+        );
+        assert!(matches!(r, AdminResponse::Route { .. }), "{r:?}");
+        mesh.flush();
+        let e = gw_entry(&mut mesh, &mut watcher);
+        assert!(e.routes.is_empty() && e.exit, "{e:?}");
+        let AdminResponse::Routes { routes } = mesh.hub.admin(AdminRequest::Routes, mesh.now) else {
+            panic!("no routes list");
+        };
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].approved, vec!["0.0.0.0/0".parse().unwrap()]);
+    }
+
     /// The last delta a node got, after one more loop turn.
     fn last_delta(mesh: &mut Mesh, n: &mut Node) -> (u64, Vec<PeerInfo>, Vec<u64>, Vec<u64>) {
         mesh.pump(n);
