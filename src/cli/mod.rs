@@ -1,7 +1,7 @@
 //! Command-line surface: one file per subcommand family.
 
 mod agent;
-mod agent_routes;
+pub(crate) mod agent_routes;
 mod bugreport;
 mod daemon;
 mod keys;

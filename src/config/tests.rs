@@ -93,6 +93,31 @@ fn keys_are_flags_and_the_command_line_wins() {
 }
 
 #[test]
+fn route_keys_are_the_route_flags_and_are_checked() {
+    let file = File::new(
+        "[agent]\nadvertise_routes = \"192.168.1.0/24, 10.0.0.0/8\"\nadvertise_exit = true\n\
+         snat_routes = false\nexit_node = \"gw\"\n",
+        0o600,
+    );
+    for cmd in ["agent", "up"] {
+        let m = parse(&file, &[cmd]);
+        let routes = one::<crate::cli::agent_routes::RouteList>(&m, "advertise_routes").0;
+        let want: Vec<crate::wg::AllowedIp> =
+            vec!["192.168.1.0/24".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        assert_eq!(routes, want, "{cmd}");
+        assert!(one::<bool>(&m, "advertise_exit") && one::<bool>(&m, "no_snat_routes"));
+        assert_eq!(one::<String>(&m, "exit_node"), "gw");
+    }
+    let err = apply_err("[agent]\nadvertise_routes = \"0.0.0.0/0\"\n", &["agent"]);
+    assert!(
+        err.starts_with("FILE: [agent] advertise_routes: invalid value \"0.0.0.0/0\"")
+            && err.contains("--advertise-exit")
+            && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+#[test]
 fn lists_and_negated_switches_of_the_servers() {
     let file = File::new(
         "[server]\nadvertise = [\"203.0.113.5:7777\", \"[2001:db8::5]:7777\"]\nrelay = false\n\

@@ -49,6 +49,9 @@ pub struct Routing {
     last_exit: Exit,
     /// Exit routing was checked once (a crashed agent's rules go).
     exit_checked: bool,
+    /// The same for subnet routes, and whether the last sync installed any.
+    routes_checked: bool,
+    routed_any: bool,
 }
 
 impl Routing {
@@ -60,6 +63,8 @@ impl Routing {
             logged: BTreeSet::new(),
             last_exit: Exit::Off,
             exit_checked: false,
+            routes_checked: false,
+            routed_any: false,
         }
     }
 
@@ -80,11 +85,16 @@ impl Routing {
 
     /// Decides the routes for this map; `rtnl` tells this node's own networks.
     pub fn plan(&mut self, rtnl: &mut Rtnl, ifname: &str, peers: &[PeerInfo]) -> Result<()> {
-        let index = rtnl.link_index(ifname)?;
-        let table = rtnl
-            .routes()
-            .context("reading routes to plan the mesh's subnet routes")?;
-        let own = kernel::own_networks(&table, index);
+        // Without a subnet route in the map, this node's own networks do not matter.
+        let own = if peers.iter().any(|p| !p.routes.is_empty()) {
+            let index = rtnl.link_index(ifname)?;
+            let table = rtnl
+                .routes()
+                .context("reading routes to plan the mesh's subnet routes")?;
+            kernel::own_networks(&table, index)
+        } else {
+            Vec::new()
+        };
         let plan = peers::plan(peers, &own, self.cfg.exit_node.as_deref());
         for line in &plan.skipped {
             if self.logged.insert(line.clone()) {
@@ -124,8 +134,15 @@ impl Routing {
         let index = rtnl
             .link_index(ifname)?
             .with_context(|| format!("interface {ifname} vanished before its routes were set"))?;
-        let table = rtnl.routes().context("reading routes")?;
-        kernel::sync(rtnl, ifname, index, &table, &plan.prefixes())?;
+        let prefixes = plan.prefixes();
+        // A map without subnet routes costs no route dump, after the first
+        // (which removes what an agent that crashed left).
+        if !prefixes.is_empty() || self.routed_any || !self.routes_checked {
+            let table = rtnl.routes().context("reading routes")?;
+            kernel::sync(rtnl, ifname, index, &table, &prefixes)?;
+            self.routes_checked = true;
+            self.routed_any = !prefixes.is_empty();
+        }
         if self.cfg.exit_node.is_some() || !self.exit_checked {
             let via = matches!(plan.exit, Exit::Via { .. }).then_some(index);
             if exit::sync(rtnl, via)? {
