@@ -36,6 +36,7 @@ portmap = false
 TOML
 )
 (umask 077 && invite >"$TOKEN_FILE")
+OLD_TOKEN=$(cat "$TOKEN_FILE")
 lab_on_cleanup "lab_exec c '$WARREN' down --socket '$SOCK'"
 
 status() { lab_exec c "$WARREN" status --json --socket "$SOCK"; }
@@ -81,6 +82,14 @@ stop "$AGENT"
 agent 3
 lab_wait "node-c connected again" 30 connected
 ! grep -q "coordinator address changed" "$LAB_DIR/agent-3.log" || lab_fail "the address changed again"
+# The token file put back to the first token (as after `warren up --join NEW`
+# with a file nobody edited): a token followed before moves nothing, so the
+# node stays with the coordinator's new address instead of the dead old one.
+stop "$AGENT"
+(umask 077 && printf '%s\n' "$OLD_TOKEN" >"$TOKEN_FILE")
+agent 4
+lab_wait "node-c connected to 203.0.113.6 with the first token in its file" 30 connected
+! grep -q "coordinator address changed" "$LAB_DIR/agent-4.log" || lab_fail "the first token moved the node back"
 
 # `warren up` reads the same [agent] section (interface, socket, state_dir)
 # and hands the agent it starts the file and its --log-level: at warn, the

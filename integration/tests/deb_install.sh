@@ -104,6 +104,11 @@ done
 grep -qx /etc/warren/warren.toml "$ROOT/var/lib/dpkg/info/warren.conffiles" ||
     lab_fail "/etc/warren/warren.toml is not a conffile"
 [ "$(stat -c %a "$ROOT/etc/warren/warren.toml")" = 600 ] || lab_fail "/etc/warren/warren.toml is not mode 0600"
+# A user who may not read root's 0600 config file still gets `warren status`'s
+# own answer (no agent running), not an error about the file.
+got=$(chroot --userspec=nobody:nogroup "$ROOT" warren status 2>&1) && lab_fail "warren status without an agent succeeded: $got"
+! grep -q "warren.toml" <<<"$got" || lab_fail "warren status as a user tripped over the config file: $got"
+echo "status as a user: $got"
 # Not configured yet (no token, no state): systemd reloaded, nothing started.
 got=$(calls | tr '\n' ';')
 grep -q "systemctl --system daemon-reload;" <<<"$got" || lab_fail "postinst did not reload systemd: $got"

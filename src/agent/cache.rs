@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::control::messages::{PeerInfo, RelayInfo, WgStunInfo};
+use crate::coord::invite::{JoinToken, secret_hash};
 use crate::keys::Key;
 
 pub const STATE_FILE: &str = "agent.json";
@@ -50,6 +51,41 @@ pub struct AgentState {
     /// The mesh's WG-STUN servers as last published (see `WgStunInfo`).
     #[serde(default)]
     pub wgstun: Vec<WgStunInfo>,
+    /// Join tokens whose coordinator address this node has followed, oldest
+    /// first (see [`AgentState::follow_token_address`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_tokens: Vec<String>,
+}
+
+/// Enough tokens to outlast any sequence of moves an operator makes; the
+/// oldest is forgotten first.
+const MAX_ADDRESS_TOKENS: usize = 16;
+
+impl AgentState {
+    /// Takes the coordinator address from a join token for this node's mesh,
+    /// unless the node has followed this token before. Returns the addresses
+    /// it replaced. A token seen before changes nothing: after `warren up
+    /// --join NEW` moved the node, the token file may still hold the old
+    /// token, and the next start must not move the node back.
+    pub fn follow_token_address(&mut self, token: &JoinToken) -> Option<Vec<String>> {
+        let digest = token_digest(token);
+        if self.address_tokens.contains(&digest) {
+            return None;
+        }
+        self.address_tokens.push(digest);
+        let excess = self.address_tokens.len().saturating_sub(MAX_ADDRESS_TOKENS);
+        self.address_tokens.drain(..excess);
+        (self.servers != token.servers).then(|| std::mem::replace(&mut self.servers, token.servers.clone()))
+    }
+}
+
+/// A token's identity without its secret: the first half of the invite
+/// secret's hash (what the coordinator looks invites up by).
+fn token_digest(token: &JoinToken) -> String {
+    secret_hash(&token.secret)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `peers.json`: the part of [`AgentState`] that follows the mesh.
@@ -352,7 +388,39 @@ mod tests {
                 endpoint: "203.0.113.1:3479".into(),
                 stun: Some("203.0.113.1:3478".into()),
             }],
+            address_tokens: Vec::new(),
         }
+    }
+
+    fn token(addr: &str, key: Key) -> JoinToken {
+        JoinToken::new(vec![addr.into()], key)
+    }
+
+    #[test]
+    fn a_new_token_moves_the_coordinator_address_and_an_old_one_does_not() {
+        let mut st = state();
+        let old = token("203.0.113.1:7777", st.server_key);
+        let new = token("198.51.100.2:7777", st.server_key);
+        // The token the node joined with: same address, nothing to change.
+        assert_eq!(st.follow_token_address(&old), None);
+        // `warren up --join NEW`: the coordinator moved.
+        assert_eq!(
+            st.follow_token_address(&new),
+            Some(vec!["203.0.113.1:7777".to_string()])
+        );
+        assert_eq!(st.servers, ["198.51.100.2:7777"]);
+        // The next start still reads the old token from the token file.
+        assert_eq!(st.follow_token_address(&old), None);
+        assert_eq!(st.servers, ["198.51.100.2:7777"]);
+        // The followed tokens survive a restart (they are in the identity file).
+        let back: AgentState = serde_json::from_slice(&identity_bytes(&st).unwrap()).unwrap();
+        assert_eq!(back.address_tokens, st.address_tokens);
+        // A third move works, and the list stays bounded.
+        for i in 0..3 * MAX_ADDRESS_TOKENS {
+            st.follow_token_address(&token(&format!("192.0.2.{}:7777", i % 250), st.server_key));
+        }
+        assert_eq!(st.address_tokens.len(), MAX_ADDRESS_TOKENS);
+        assert!(!st.address_tokens.contains(&token_digest(&old)));
     }
 
     /// The file's inode: every write replaces the file, so it counts writes.

@@ -254,13 +254,12 @@ fn prepare_state(cfg: &AgentConfig, cached: Option<AgentState>) -> Result<(Agent
     {
         // The same mesh (the coordinator's key) at a new address: the
         // coordinator moved; the token says where it is now.
-        if c.servers != token.servers {
+        if let Some(before) = c.follow_token_address(&token) {
             log!(
                 "agent: coordinator address changed from {} to {} (new token for the same mesh)",
-                c.servers.join(","),
+                before.join(","),
                 token.servers.join(",")
             );
-            c.servers = token.servers.clone();
         }
         let spare = c.me.is_some().then_some(token);
         return Ok((c, spare));
@@ -270,18 +269,23 @@ fn prepare_state(cfg: &AgentConfig, cached: Option<AgentState>) -> Result<(Agent
 
 /// A fresh identity that enrolls with `token`.
 fn joining_state(token: JoinToken, requested_name: Option<String>) -> AgentState {
-    AgentState {
+    let mut state = AgentState {
         private_key: Key::generate_private(),
         server_key: token.server_key,
-        servers: token.servers,
-        join_secret: Some(token.secret),
+        servers: token.servers.clone(),
+        join_secret: Some(token.secret.clone()),
         requested_name,
         me: None,
         peers: Vec::new(),
         pending_private_key: None,
         relays: Vec::new(),
         wgstun: Vec::new(),
-    }
+        address_tokens: Vec::new(),
+    };
+    // So that this token, still in the token file, never moves the node back
+    // after a later token has moved it.
+    state.follow_token_address(&token);
+    state
 }
 
 pub fn run(cfg: AgentConfig) -> Result<()> {

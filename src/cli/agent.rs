@@ -112,6 +112,11 @@ fn parse_dns_listen(s: &str) -> std::result::Result<Listen, String> {
 pub struct SocketArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Config file whose [agent] section says where the agent is (its
+    /// `socket`; the agent's other keys are its own). Default:
+    /// /etc/warren/warren.toml, when it exists and this user may read it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Print JSON, errors too (`{"error": ...}`); see README "JSON output".
     #[arg(long)]
     pub json: bool,
@@ -360,6 +365,11 @@ pub struct PingArgs {
     pub count: u32,
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Config file whose [agent] section says where the agent is (its
+    /// `socket`; the agent's other keys are its own). Default:
+    /// /etc/warren/warren.toml, when it exists and this user may read it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// One JSON document after the last ping (see README "JSON output").
     #[arg(long)]
     pub json: bool,

@@ -55,6 +55,11 @@ pub struct BugreportArgs {
     /// also recognised by their form).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_JOIN_FILE)]
     pub join_file: PathBuf,
+    /// Config file whose [agent] section says where the agent keeps its
+    /// socket, state, interface and token file. Default:
+    /// /etc/warren/warren.toml, when it exists and this user may read it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(a: BugreportArgs) -> Result<()> {

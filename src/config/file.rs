@@ -19,7 +19,7 @@ pub fn load_section(path: &Path, name: &str, missing_ok: bool) -> Result<Option<
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => bail!("{shown}: {e}"),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("{shown}"))),
     };
     let meta = file.metadata().map_err(|e| anyhow!("{shown}: {e}"))?;
     check_permissions(path, &meta)?;
@@ -51,6 +51,12 @@ pub fn load_section(path: &Path, name: &str, missing_ok: bool) -> Result<Option<
         Some(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
     }))
+}
+
+/// Whether `e` (from [`load_section`]) is that the file may not be opened.
+pub fn is_permission_denied(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
 /// The file says what a root daemon runs and where it reads its token: one

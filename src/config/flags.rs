@@ -70,6 +70,25 @@ pub fn section_flags(
     Ok(out)
 }
 
+/// The keys of `section` that are flags of `cmd` (also as `X = false` for
+/// `--no-X`), for a command that reads another's section.
+pub fn known_keys(cmd: &Command, section: toml::Table) -> toml::Table {
+    section
+        .into_iter()
+        .filter(|(key, _)| {
+            let flag = if key == JOIN_TOKEN_FILE_KEY {
+                JOIN_FILE_FLAG.to_string()
+            } else {
+                key.replace('_', "-")
+            };
+            cmd.get_arguments().any(|a| {
+                !a.is_positional()
+                    && (a.get_long() == Some(flag.as_str()) || a.get_long() == Some(&format!("no-{flag}")))
+            })
+        })
+        .collect()
+}
+
 /// Whether `arg` conflicts with one given on the command line (clap's
 /// conflicts are declared on one side, so look at both).
 fn conflicts_with_given(cmd: &Command, arg: &Arg, given: &HashSet<String>) -> bool {

@@ -21,13 +21,28 @@ pub const DEFAULT_PATH: &str = "/etc/warren/warren.toml";
 /// The id of the `--config` argument on each daemon subcommand.
 pub const CONFIG_ARG: &str = "config";
 
-/// The section configuring each daemon subcommand.
-fn section_for(subcommand: &str) -> Option<&'static str> {
+/// Who reads a section.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// The daemon it configures: every key must be one of its flags.
+    Daemon,
+    /// A command talking to that daemon (`warren status`): it takes the keys
+    /// it has flags for (where the socket and state are) and leaves the
+    /// daemon's own to the daemon; a default file it may not read (root's
+    /// 0600 file, read by a user) is as good as none.
+    Client,
+}
+
+/// The section configuring each subcommand, and how it reads it.
+fn section_for(subcommand: &str) -> Option<(&'static str, Reader)> {
     match subcommand {
-        "agent" | "up" => Some("agent"),
-        "server" => Some("server"),
-        "relay" => Some("relay"),
-        "wgstun" => Some("wgstun"),
+        "agent" | "up" => Some(("agent", Reader::Daemon)),
+        "down" | "status" | "ping" | "netcheck" | "rotate-key" | "bugreport" => {
+            Some(("agent", Reader::Client))
+        }
+        "server" => Some(("server", Reader::Daemon)),
+        "relay" => Some(("relay", Reader::Daemon)),
+        "wgstun" => Some(("wgstun", Reader::Daemon)),
         _ => None,
     }
 }
@@ -44,7 +59,7 @@ pub fn apply(cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>> {
     let Some((sub, sub_matches)) = matches.subcommand() else {
         return Ok(argv);
     };
-    let Some(section) = section_for(sub) else {
+    let Some((section, reader)) = section_for(sub) else {
         return Ok(argv);
     };
     let Some(sub_cmd) = cmd.find_subcommand(sub) else {
@@ -56,8 +71,18 @@ pub fn apply(cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>> {
         .flatten()
         .cloned();
     let path = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-    let Some(table) = file::load_section(&path, section, explicit.is_none())? else {
-        return Ok(argv);
+    let loaded = file::load_section(&path, section, explicit.is_none());
+    let table = match loaded {
+        Ok(Some(table)) => table,
+        Ok(None) => return Ok(argv),
+        Err(e) if reader == Reader::Client && explicit.is_none() && file::is_permission_denied(&e) => {
+            return Ok(argv);
+        }
+        Err(e) => return Err(e),
+    };
+    let table = match reader {
+        Reader::Daemon => table,
+        Reader::Client => flags::known_keys(sub_cmd, table),
     };
     let mut given = HashSet::new();
     given_on_command_line(sub_cmd, sub_matches, &mut given);

@@ -273,3 +273,35 @@ fn the_shipped_example_is_valid() {
     assert_eq!(one::<usize>(&parse(&all, &["relay"]), "max_clients"), 700);
     assert!(one::<bool>(&parse(&all, &["wgstun"]), "no_stun"));
 }
+
+#[test]
+fn commands_talking_to_the_agent_take_where_it_is_from_its_section() {
+    let file = File::new(
+        "[agent]\nsocket = \"/run/mesh/warren.sock\"\nstate_dir = \"/srv/warren\"\n\
+         interface = \"mesh0\"\nport = 5000\nportmap = false\njoin_token_file = \"/srv/token\"\n",
+        0o600,
+    );
+    for cmd in ["status", "down", "netcheck", "rotate-key"] {
+        let m = parse(&file, &[cmd]);
+        assert_eq!(
+            one::<PathBuf>(&m, "socket"),
+            PathBuf::from("/run/mesh/warren.sock"),
+            "{cmd}"
+        );
+    }
+    let m = parse(&file, &["ping", "nas"]);
+    assert_eq!(
+        one::<PathBuf>(&m, "socket"),
+        PathBuf::from("/run/mesh/warren.sock")
+    );
+    let m = parse(&file, &["bugreport"]);
+    assert_eq!(one::<PathBuf>(&m, "state_dir"), PathBuf::from("/srv/warren"));
+    assert_eq!(one::<String>(&m, "interface"), "mesh0");
+    assert_eq!(one::<PathBuf>(&m, "join_file"), PathBuf::from("/srv/token"));
+    // The command line still wins.
+    let m = parse(&file, &["status", "--socket", "/tmp/s"]);
+    assert_eq!(one::<PathBuf>(&m, "socket"), PathBuf::from("/tmp/s"));
+    // A bad value of a key the command uses is still an error naming it.
+    let e = apply_err("[agent]\nbackend = \"steam\"\n", &["bugreport"]);
+    assert!(e.starts_with("FILE: [agent] backend: invalid value"), "{e}");
+}
