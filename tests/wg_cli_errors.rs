@@ -91,9 +91,9 @@ fn bad_configs() {
         (
             format!(
                 "private_key_file = \"k\"\n[[peer]]\npublic_key = \"{PEER1}\"\nallowed_ips = [\"10.9.0.0/24\"]\n\
-                 [[peer]]\npublic_key = \"{PEER2}\"\nallowed_ips = [\"10.9.0.2/32\"]\n"
+                 [[peer]]\npublic_key = \"{PEER2}\"\nallowed_ips = [\"10.9.0.0/24\"]\n"
             ),
-            "peer 2 (Kn0g+ejv…): allowed IP 10.9.0.2/32 overlaps 10.9.0.0/24 of peer 1 (GcbKAmy+…)",
+            "peer 2 (Kn0g+ejv…): allowed IP 10.9.0.0/24 is also peer 1 (GcbKAmy+…)'s",
         ),
         (
             "private_key_file = \"k\"\n[[peer]]\npublic_key = \"AAAA\"\n".to_string(),

@@ -91,11 +91,10 @@ python3 -c 'import json, sys; e = json.load(open("out.json"))["error"]; sys.exit
 nothing_left "wg show --json of an unknown interface"
 expect_error "wg delete of an unknown interface" "${LAB}nope" "$WARREN" wg delete --backend userspace "${LAB}nope"
 
-# Two peers claiming overlapping allowed IPs (identical, and one inside the other).
+# Two peers claiming the same allowed IPs. (One inside the other is valid:
+# the longest prefix wins, as subnet routes need; see src/wg/reconcile.rs.)
 config dup.toml "" "$(peer "$PUB1" '"10.9.0.2/32"')" "$(peer "$PUB2" '"10.9.0.2/32"')"
-expect_error "identical allowed IPs on two peers" 'overlap|10\.9\.0\.2' $(apply dup.toml)
-config nested.toml "" "$(peer "$PUB1" '"10.0.0.0/8"')" "$(peer "$PUB2" '"10.1.0.0/16"')"
-expect_error "nested allowed IPs on two peers" 'overlap|10\.1\.0\.0/16' $(apply nested.toml)
+expect_error "identical allowed IPs on two peers" 'also|10\.9\.0\.2' $(apply dup.toml)
 
 # No CAP_NET_ADMIN: root without the capability, and an unprivileged user who can read its key.
 config good.toml "" "$(peer "$PUB1" '"10.9.0.2/32"')"
