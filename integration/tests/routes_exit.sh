@@ -86,6 +86,8 @@ server routes approve node-a 0.0.0.0/0
 lab_wait "far sees a's address from b" 20 far_sees 203.0.113.20
 lab_exec b ip rule
 lab_exec b ip route show table 22369
+exit_state() { st b | python3 -c 'import json,sys; print(json.load(sys.stdin)["routing"]["exit_state"])'; }
+[ "$(exit_state)" = "in use" ] || lab_fail "b's status says the exit is '$(exit_state)'"
 allowed=$(lab_exec b wg show "${IF[b]}" allowed-ips)
 grep "${ADDR[a]}/32" <<<"$allowed" | grep -q "0.0.0.0/0" || lab_fail "a's allowed IPs on b lack 0.0.0.0/0: $allowed"
 wg_ep() { lab_exec b wg show "${IF[b]}" endpoints | awk -v k="$(pubkey_of a)" '$1 == k { print $2 }'; }

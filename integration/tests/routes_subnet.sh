@@ -107,6 +107,8 @@ echo "approve unadvertised: $out"
 server routes approve node-gw 192.168.50.0/24
 lab_wait "b routes 192.168.50.0/24 through the mesh" 10 has_route b
 allowed_for_gw() { allowed_on b | grep "${ADDR[gw]}/32" | grep -q 192.168.50.0/24; }
+lab_exec b "$WARREN" status --socket "$(sock b)" | grep -q "^route 192.168.50.0/24 via node-gw$" ||
+    lab_fail "b's status does not show the route: $(lab_exec b "$WARREN" status --socket "$(sock b)")"
 allowed_for_gw || lab_fail "b's allowed IPs for gw lack 192.168.50.0/24: $(allowed_on b)"
 lab_wait "b pings lanh by its LAN address" 20 lab_exec b ping -c1 -W1 192.168.50.2
 seen=$(lab_exec b bash -c 'exec 3<>/dev/tcp/192.168.50.2/8080; timeout 5 cat <&3')

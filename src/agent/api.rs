@@ -150,6 +150,9 @@ pub struct Status {
     /// Log lines stderr could not take (its reader went away).
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// Subnet routes and the exit node, when this node offers or uses any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<crate::route::RouteStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

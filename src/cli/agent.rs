@@ -613,6 +613,9 @@ fn format_status(s: &Status) -> String {
             let _ = writeln!(out, "coordinator: {}", s.coordinator);
         }
     }
+    if let Some(r) = &s.routing {
+        super::agent_routes::format_status(&mut out, r);
+    }
     if s.log_lines_dropped > 0 {
         let _ = writeln!(
             out,

@@ -66,3 +66,26 @@ impl RouteArgs {
         }
     }
 }
+
+/// `warren status` lines for routing.
+pub fn format_status(out: &mut String, r: &crate::route::RouteStatus) {
+    use std::fmt::Write as _;
+    let list = |v: &[AllowedIp]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    if !r.advertised.is_empty() {
+        let _ = writeln!(
+            out,
+            "advertising: {} (published once approved)",
+            list(&r.advertised)
+        );
+    }
+    if r.advertise_exit {
+        let _ = writeln!(out, "advertising: exit node (published once approved)");
+    }
+    for v in &r.via {
+        let _ = writeln!(out, "route {} via {}", v.prefix, v.peer);
+    }
+    if let Some(n) = &r.exit_node {
+        let state = r.exit_state.as_deref().unwrap_or("waiting for the peer map");
+        let _ = writeln!(out, "exit node {n}: {state}");
+    }
+}

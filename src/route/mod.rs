@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 
 use crate::control::messages::{Advertised, PeerInfo};
 use crate::netlink::Rtnl;
-use crate::wg::DeviceConfig;
+use crate::wg::{AllowedIp, DeviceConfig};
 use forward::Forwarding;
 use peers::{Exit, Plan};
 
@@ -36,6 +36,26 @@ pub struct RouteConfig {
     pub snat: bool,
     /// The peer whose default route this node uses, by name.
     pub exit_node: Option<String>,
+}
+
+/// What `warren status` shows of routing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteStatus {
+    /// What this node offers (an administrator approves it on the coordinator).
+    pub advertised: Vec<AllowedIp>,
+    pub advertise_exit: bool,
+    /// Peers' subnet prefixes this node routes through the mesh.
+    pub via: Vec<RouteVia>,
+    /// The exit node chosen, if any.
+    pub exit_node: Option<String>,
+    /// "in use", or why not (fail open: the normal default route).
+    pub exit_state: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteVia {
+    pub prefix: AllowedIp,
+    pub peer: String,
 }
 
 /// The agent's routing beyond the mesh: what it carries for others and
@@ -70,6 +90,42 @@ impl Routing {
 
     pub fn config(&self) -> &RouteConfig {
         &self.cfg
+    }
+
+    /// For `warren status`; `None` when this node neither offers nor uses routes.
+    pub fn status(&self, peers: &[PeerInfo]) -> Option<RouteStatus> {
+        let name_of = |k: &crate::keys::Key| {
+            peers
+                .iter()
+                .find(|p| &p.public_key == k)
+                .map(|p| p.name.clone())
+                .unwrap_or_else(|| k.short())
+        };
+        let via: Vec<RouteVia> = self
+            .plan
+            .iter()
+            .flat_map(|p| p.routes.iter())
+            .flat_map(|(k, v)| v.iter().map(move |prefix| (*prefix, k)))
+            .map(|(prefix, k)| RouteVia {
+                prefix,
+                peer: name_of(k),
+            })
+            .collect();
+        let exit_state = self.plan.as_ref().and_then(|p| match &p.exit {
+            Exit::Off => None,
+            Exit::Via { .. } => Some("in use".to_string()),
+            Exit::Unusable { why, .. } => Some(format!("{why}: normal default route")),
+        });
+        if self.cfg.advertise.is_empty() && via.is_empty() && self.cfg.exit_node.is_none() {
+            return None;
+        }
+        Some(RouteStatus {
+            advertised: self.cfg.advertise.routes.clone(),
+            advertise_exit: self.cfg.advertise.exit,
+            via,
+            exit_node: self.cfg.exit_node.clone(),
+            exit_state,
+        })
     }
 
     /// Forwarding and masquerade when this node carries traffic for others;

@@ -171,6 +171,9 @@ impl Agent {
             coordinator_detail: detail.or_else(|| self.last_error.clone()),
             coordinator_error: last.map(str::to_string),
             relays: self.relay.status(),
+            routing: self
+                .routing
+                .status(&self.ctrl.peers().cloned().collect::<Vec<_>>()),
             peers,
             log_lines_dropped: crate::logline::dropped(),
         })
