@@ -171,3 +171,159 @@ fn mio_can_own_the_monitor() {
         assert!(!monitor.read_events().unwrap().is_empty());
     });
 }
+
+/// What `ip ARGS` prints (the real tool is the oracle); panics when it fails.
+fn ip_cmd(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn rules_match_ip_rule() {
+    in_fresh_netns(|| {
+        let mut rtnl = Rtnl::open().unwrap();
+        let exit = RuleSpec {
+            priority: 1000,
+            fwmark: Some(0xca6c),
+            invert: true,
+            table: 51820,
+            suppress_prefixlen: None,
+        };
+        let suppress = RuleSpec {
+            priority: 999,
+            fwmark: None,
+            invert: false,
+            table: 254,
+            suppress_prefixlen: Some(0),
+        };
+        let small_table = RuleSpec {
+            priority: 1001,
+            fwmark: Some(7),
+            invert: false,
+            table: 100,
+            suppress_prefixlen: None,
+        };
+        for r in [&exit, &suppress, &small_table] {
+            rtnl.add_rule(r).unwrap();
+        }
+        let shown = ip_cmd(&["-4", "rule", "show"]);
+        assert!(
+            shown.contains("1000:\tnot from all fwmark 0xca6c lookup 51820"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("999:\tfrom all lookup main suppress_prefixlength 0"),
+            "{shown}"
+        );
+        assert!(shown.contains("1001:\tfrom all fwmark 0x7 lookup 100"), "{shown}");
+
+        let err = rtnl.add_rule(&exit).unwrap_err().to_string();
+        assert!(
+            err.contains("not from all fwmark 0xca6c lookup 51820") && err.contains("File exists"),
+            "{err}"
+        );
+
+        // What `ip rule add` made reads back the same way.
+        ip_cmd(&[
+            "rule", "add", "priority", "1002", "not", "fwmark", "0x10", "table", "300",
+        ]);
+        let rules = rtnl.rules_v4().unwrap();
+        for r in [&exit, &suppress, &small_table] {
+            assert!(rules.contains(r), "{r:?} in {rules:?}");
+        }
+        let from_ip = RuleSpec {
+            priority: 1002,
+            fwmark: Some(0x10),
+            invert: true,
+            table: 300,
+            suppress_prefixlen: None,
+        };
+        assert!(rules.contains(&from_ip), "{rules:?}");
+        // The kernel's own rules: local, main, default.
+        assert!(
+            rules.iter().any(|r| r.priority == 0 && r.table == 255),
+            "{rules:?}"
+        );
+
+        rtnl.del_rule(&exit).unwrap();
+        rtnl.del_rule(&exit).unwrap(); // already gone is fine
+        rtnl.del_rule(&from_ip).unwrap();
+        let shown = ip_cmd(&["-4", "rule", "show"]);
+        assert!(
+            !shown.contains("51820") && !shown.contains("lookup 300"),
+            "{shown}"
+        );
+        assert!(shown.contains("suppress_prefixlength 0"), "{shown}");
+    });
+}
+
+#[test]
+fn routes_in_a_table_match_ip_route() {
+    in_fresh_netns(|| {
+        let mut rtnl = Rtnl::open().unwrap();
+        let idx = rtnl.create_veth("wt0", "wt1").unwrap();
+        rtnl.set_link_up(idx, true).unwrap();
+        let default: AllowedIp = "0.0.0.0/0".parse().unwrap();
+        let v6_default: AllowedIp = "::/0".parse().unwrap();
+        let lan: AllowedIp = "192.168.7.0/24".parse().unwrap();
+        rtnl.replace_route_in(51820, default, idx).unwrap();
+        rtnl.replace_route_in(51820, default, idx).unwrap(); // replace, not duplicate
+        rtnl.replace_route_in(51820, v6_default, idx).unwrap();
+        rtnl.replace_route_in(100, lan, idx).unwrap();
+
+        let shown = ip_cmd(&["route", "show", "table", "51820"]);
+        assert!(
+            shown.starts_with("default dev wt0 proto static scope link"),
+            "{shown}"
+        );
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        let shown = ip_cmd(&["-6", "route", "show", "table", "51820"]);
+        assert!(shown.starts_with("default dev wt0 proto static"), "{shown}");
+        let shown = ip_cmd(&["route", "show", "table", "100"]);
+        assert!(shown.starts_with("192.168.7.0/24 dev wt0"), "{shown}");
+        // Not in main.
+        assert!(
+            !rtnl
+                .routes()
+                .unwrap()
+                .iter()
+                .any(|r| r.dst == default || r.dst == lan)
+        );
+
+        let in_table = rtnl.routes_in(51820).unwrap();
+        assert_eq!(in_table.len(), 2, "{in_table:?}");
+        assert!(in_table.iter().all(|r| r.oif == Some(idx)), "{in_table:?}");
+        assert!(in_table.iter().any(|r| r.dst == default), "{in_table:?}");
+        assert!(in_table.iter().any(|r| r.dst == v6_default), "{in_table:?}");
+        // What `ip route add` made reads back too.
+        // (proto static: deletes match the protocol, as for the main table.)
+        ip_cmd(&[
+            "route",
+            "add",
+            "10.1.0.0/16",
+            "dev",
+            "wt0",
+            "proto",
+            "static",
+            "table",
+            "51820",
+        ]);
+        let ten: AllowedIp = "10.1.0.0/16".parse().unwrap();
+        assert!(rtnl.routes_in(51820).unwrap().iter().any(|r| r.dst == ten));
+
+        rtnl.del_route_in(51820, default, idx).unwrap();
+        rtnl.del_route_in(51820, ten, idx).unwrap();
+        let err = rtnl.del_route_in(51820, default, idx).unwrap_err().to_string();
+        assert!(err.contains("0.0.0.0/0") && err.contains("table 51820"), "{err}");
+        assert!(ip_cmd(&["route", "show", "table", "51820"]).trim().is_empty());
+        assert_eq!(rtnl.routes_in(100).unwrap().len(), 1);
+    });
+}
