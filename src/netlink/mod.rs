@@ -71,6 +71,31 @@ impl Rtnl {
     }
 }
 
+/// Entry for the fuzz target and the no-panic tests: splits `data` into
+/// netlink messages and reads each one's payload with every parser (link,
+/// address, route, rule, monitor event), whatever its type says. Never
+/// panics; returns how many parses succeeded.
+pub fn fuzz_decode(data: &[u8]) -> usize {
+    let Ok(msgs) = socket::split_messages(data) else {
+        return 0;
+    };
+    msgs.iter().map(|m| parse_all(m.message_type, m.payload)).sum()
+}
+
+/// One payload through every parser; how many accepted it.
+fn parse_all(kind: u16, payload: &[u8]) -> usize {
+    [
+        LinkState::parse(payload).is_ok(),
+        addr::AddressMsg::parse(payload).is_ok(),
+        route::parse_route(payload).is_ok(),
+        rule::parse_rule(payload).is_ok(),
+        monitor::event_of(kind, payload).is_some(),
+    ]
+    .into_iter()
+    .filter(|&ok| ok)
+    .count()
+}
+
 /// One message of an answer: its RTM_* type and what follows the netlink header.
 struct Reply {
     kind: u16,

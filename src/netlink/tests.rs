@@ -327,3 +327,103 @@ fn routes_in_a_table_match_ip_route() {
         assert_eq!(rtnl.routes_in(100).unwrap().len(), 1);
     });
 }
+
+/// The raw answers of this namespace's dumps (links, addresses, routes of
+/// both families, rules), as whole netlink messages.
+fn captured_answers(rtnl: &mut Rtnl) -> Vec<Vec<u8>> {
+    use netlink_packet_core::NLM_F_DUMP;
+    let dumps: [(u16, &[u8]); 5] = [
+        (18, &[0u8; 16]),                             // RTM_GETLINK, ifinfomsg
+        (22, &[0u8; 8]),                              // RTM_GETADDR, ifaddrmsg
+        (26, &[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),  // RTM_GETROUTE, AF_INET
+        (26, &[10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), // RTM_GETROUTE, AF_INET6
+        (34, &[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),  // RTM_GETRULE, AF_INET
+    ];
+    let mut out = Vec::new();
+    for (kind, header) in dumps {
+        for reply in rtnl
+            .request(attr::Request::new(kind, header), NLM_F_DUMP)
+            .unwrap()
+        {
+            let mut msg = attr::Request::new(reply.kind, &[]);
+            msg.raw(&reply.payload);
+            out.push(msg.finish(0, 1));
+        }
+    }
+    out
+}
+
+#[test]
+fn parsers_survive_every_truncation_and_bit_flip_of_real_answers() {
+    in_fresh_netns(|| {
+        let mut rtnl = Rtnl::open().unwrap();
+        let idx = rtnl.create_veth("wt0", "wt1").unwrap();
+        rtnl.set_link_up(idx, true).unwrap();
+        rtnl.add_address(idx, ip("10.9.0.1"), 24).unwrap();
+        rtnl.add_address(idx, ip("fd00:9::1"), 64).unwrap();
+        rtnl.replace_route_in(51820, "0.0.0.0/0".parse().unwrap(), idx)
+            .unwrap();
+        let rule = RuleSpec {
+            priority: 1000,
+            fwmark: Some(0xca6c),
+            invert: true,
+            table: 51820,
+            suppress_prefixlen: Some(0),
+        };
+        rtnl.add_rule(&rule).unwrap();
+
+        let answers = captured_answers(&mut rtnl);
+        assert!(answers.len() >= 10, "{} messages", answers.len());
+        let mut kinds = std::collections::HashSet::new();
+        for msg in &answers {
+            // Whole, each message parses as what it is.
+            let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+            kinds.insert(kind);
+            assert!(fuzz_decode(msg) >= 1, "kind {kind} did not parse");
+            for n in 0..msg.len() {
+                fuzz_decode(&msg[..n]);
+            }
+            for byte in 0..msg.len() {
+                for bit in [0, 3, 7] {
+                    let mut flipped = msg.clone();
+                    flipped[byte] ^= 1 << bit;
+                    fuzz_decode(&flipped);
+                }
+            }
+        }
+        // RTM_NEWLINK, NEWADDR, NEWROUTE, NEWRULE all were among them.
+        for kind in [16, 20, 24, 32] {
+            assert!(kinds.contains(&kind), "no message of kind {kind}: {kinds:?}");
+        }
+    });
+}
+
+#[test]
+fn truncated_payloads_are_malformed_and_name_what_was_read() {
+    let mut link = attr::Request::new(16, &[0u8; 16]);
+    link.str(3, "wt0").u32(4, 1420);
+    let msg = link.finish(0, 1);
+    let payload = &msg[16..];
+    assert_eq!(LinkState::parse(payload).unwrap().mtu, 1420);
+    for n in 0..payload.len() {
+        let Err(e) = LinkState::parse(&payload[..n]) else {
+            // Cut exactly between attributes: the first one is all there.
+            assert!(n == 16 || n == 24, "cut at {n} parsed");
+            continue;
+        };
+        let text = e.to_string();
+        let what = if n < 16 { "ifinfomsg" } else { "link attribute" };
+        assert!(text.contains(what), "cut at {n}: {text}");
+    }
+    // An MTU attribute too short for its u32.
+    let mut bad = attr::Request::new(16, &[0u8; 16]);
+    bad.attr(4, &[1, 2]);
+    let msg = bad.finish(0, 1);
+    let err = LinkState::parse(&msg[16..]).unwrap_err().to_string();
+    assert!(err.contains("IFLA_MTU"), "{err}");
+    // Unknown attributes are skipped.
+    let mut unknown = attr::Request::new(16, &[0u8; 16]);
+    unknown.attr(999, &[1, 2, 3]).u32(4, 1280);
+    let msg = unknown.finish(0, 1);
+    assert_eq!(LinkState::parse(&msg[16..]).unwrap().mtu, 1280);
+}
