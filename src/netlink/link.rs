@@ -2,13 +2,25 @@
 
 use anyhow::{Result, anyhow};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
-use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
 
-use super::Rtnl;
+use super::attr::{Request, attrs, split_header, u32_at};
 use super::socket::NlError;
+use super::{Reply, Rtnl};
+
+// Message types and attributes from <linux/rtnetlink.h> and <linux/if_link.h>.
+pub(super) const RTM_NEWLINK: u16 = 16;
+pub(super) const RTM_DELLINK: u16 = 17;
+const RTM_GETLINK: u16 = 18;
+const RTM_SETLINK: u16 = 19;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const IFF_UP: u32 = 1;
+/// `struct ifinfomsg`: family, pad, type (u16), index (i32), flags, change mask.
+const IFINFOMSG_LEN: usize = 16;
 
 /// What rtnetlink says about one link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,42 +35,68 @@ pub struct LinkState {
 }
 
 impl LinkState {
-    pub(super) fn from_message(msg: &LinkMessage) -> LinkState {
+    /// Parses an RTM_NEWLINK/RTM_DELLINK payload (`ifinfomsg` and attributes).
+    pub(super) fn parse(payload: &[u8]) -> Result<LinkState, NlError> {
+        let (header, rest) = split_header::<IFINFOMSG_LEN>(payload, "ifinfomsg")?;
         let mut state = LinkState {
-            index: msg.header.index,
+            index: u32_at(header, 4),
             name: String::new(),
-            up: msg.header.flags.contains(LinkFlags::Up),
+            up: u32_at(header, 8) & IFF_UP != 0,
             mtu: 0,
             kind: None,
         };
-        for attr in &msg.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => state.name = n.clone(),
-                LinkAttribute::Mtu(m) => state.mtu = *m,
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            state.kind = Some(k.to_string());
+        for attr in attrs(rest, "link") {
+            let attr = attr?;
+            match attr.kind {
+                IFLA_IFNAME => state.name = attr.string(),
+                IFLA_MTU => state.mtu = attr.u32("IFLA_MTU")?,
+                IFLA_LINKINFO => {
+                    for info in attrs(attr.value, "IFLA_LINKINFO") {
+                        let info = info?;
+                        if info.kind == IFLA_INFO_KIND {
+                            state.kind = Some(info.string());
                         }
                     }
                 }
                 _ => {}
             }
         }
-        state
+        Ok(state)
     }
 }
 
-fn link_by_name(name: &str) -> LinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-    msg
+/// `struct ifinfomsg` for link `index` (0: by name) with these flags.
+fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; IFINFOMSG_LEN] {
+    let mut h = [0u8; IFINFOMSG_LEN];
+    h[4..8].copy_from_slice(&index.to_ne_bytes());
+    h[8..12].copy_from_slice(&flags.to_ne_bytes());
+    h[12..16].copy_from_slice(&change.to_ne_bytes());
+    h
 }
 
-fn link_by_index(index: u32) -> LinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.header.index = index;
-    msg
+fn link_by_name(kind: u16, name: &str) -> Request {
+    let mut req = Request::new(kind, &ifinfomsg(0, 0, 0));
+    req.str(IFLA_IFNAME, name);
+    req
+}
+
+fn link_by_index(kind: u16, index: u32) -> Request {
+    Request::new(kind, &ifinfomsg(index, 0, 0))
+}
+
+/// What a new link is: its kind, and for veth the peer's name.
+enum NewLink<'a> {
+    Wireguard,
+    Veth { peer: &'a str },
+}
+
+impl NewLink<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            NewLink::Wireguard => "wireguard",
+            NewLink::Veth { .. } => "veth",
+        }
+    }
 }
 
 impl Rtnl {
@@ -70,8 +108,8 @@ impl Rtnl {
     /// The link of this name, `None` when there is none.
     pub fn link(&mut self, name: &str) -> Result<Option<LinkState>> {
         check_name(name)?;
-        match self.request(RouteNetlinkMessage::GetLink(link_by_name(name)), 0) {
-            Ok(msgs) => Ok(first_link(&msgs)),
+        match self.request(link_by_name(RTM_GETLINK, name), 0) {
+            Ok(msgs) => first_link(&msgs).map_err(|e| anyhow!("looking up link {name}: {e}")),
             Err(NlError::Kernel(e)) if e == libc::ENODEV => Ok(None),
             Err(e) => Err(anyhow!("looking up link {name}: {e}")),
         }
@@ -79,8 +117,8 @@ impl Rtnl {
 
     /// The link with this index, `None` when there is none.
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<LinkState>> {
-        match self.request(RouteNetlinkMessage::GetLink(link_by_index(index)), 0) {
-            Ok(msgs) => Ok(first_link(&msgs)),
+        match self.request(link_by_index(RTM_GETLINK, index), 0) {
+            Ok(msgs) => first_link(&msgs).map_err(|e| anyhow!("looking up link index {index}: {e}")),
             Err(NlError::Kernel(e)) if e == libc::ENODEV => Ok(None),
             Err(e) => Err(anyhow!("looking up link index {index}: {e}")),
         }
@@ -93,44 +131,41 @@ impl Rtnl {
     /// Every link in this network namespace.
     pub fn links(&mut self) -> Result<Vec<LinkState>> {
         let msgs = self
-            .request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)
+            .request(link_by_index(RTM_GETLINK, 0), NLM_F_DUMP)
             .map_err(|e| anyhow!("listing links: {e}"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(LinkState::from_message(l)),
-                _ => None,
-            })
-            .collect())
+        msgs.iter()
+            .filter(|m| m.kind == RTM_NEWLINK)
+            .map(|m| LinkState::parse(&m.payload))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow!("listing links: {e}"))
     }
 
     /// Creates a link of kind `wireguard` (kernel backend only).
     pub fn create_wireguard_link(&mut self, name: &str) -> Result<u32> {
-        self.create_link(name, vec![LinkInfo::Kind(InfoKind::Wireguard)])
+        self.create_link(name, NewLink::Wireguard)
     }
 
     /// Creates a veth pair `name` <-> `peer` (both in this namespace).
     pub fn create_veth(&mut self, name: &str, peer: &str) -> Result<u32> {
         check_name(peer)?;
-        let info = vec![
-            LinkInfo::Kind(InfoKind::Veth),
-            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(link_by_name(peer)))),
-        ];
-        self.create_link(name, info)
+        self.create_link(name, NewLink::Veth { peer })
     }
 
-    fn create_link(&mut self, name: &str, info: Vec<LinkInfo>) -> Result<u32> {
+    fn create_link(&mut self, name: &str, new: NewLink<'_>) -> Result<u32> {
         check_name(name)?;
-        let kind = info
-            .iter()
-            .find_map(|i| match i {
-                LinkInfo::Kind(k) => Some(k.to_string()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        let mut msg = link_by_name(name);
-        msg.attributes.push(LinkAttribute::LinkInfo(info));
-        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        let kind = new.kind();
+        let mut req = link_by_name(RTM_NEWLINK, name);
+        let info = req.begin_nest(IFLA_LINKINFO);
+        req.str(IFLA_INFO_KIND, kind);
+        if let NewLink::Veth { peer } = new {
+            let data = req.begin_nest(IFLA_INFO_DATA);
+            let p = req.begin_nest(VETH_INFO_PEER);
+            req.raw(&ifinfomsg(0, 0, 0)).str(IFLA_IFNAME, peer);
+            req.end_nest(p);
+            req.end_nest(data);
+        }
+        req.end_nest(info);
+        self.request(req, NLM_F_CREATE | NLM_F_EXCL)
             .map_err(|e| match e.errno() {
                 Some(libc::EOPNOTSUPP) => {
                     anyhow!("creating {kind} link {name}: link kind {kind:?} is not supported by this kernel")
@@ -143,18 +178,15 @@ impl Rtnl {
 
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         let what = self.describe(index);
-        self.request(RouteNetlinkMessage::DelLink(link_by_index(index)), 0)
+        self.request(link_by_index(RTM_DELLINK, index), 0)
             .map_err(|e| anyhow!("deleting link {what}: {e}"))?;
         Ok(())
     }
 
     pub fn set_link_up(&mut self, index: u32, up: bool) -> Result<()> {
-        let mut msg = link_by_index(index);
-        msg.header.change_mask = LinkFlags::Up;
-        if up {
-            msg.header.flags = LinkFlags::Up;
-        }
-        self.request(RouteNetlinkMessage::SetLink(msg), 0).map_err(|e| {
+        let flags = if up { IFF_UP } else { 0 };
+        let req = Request::new(RTM_SETLINK, &ifinfomsg(index, flags, IFF_UP));
+        self.request(req, 0).map_err(|e| {
             let what = self.describe(index);
             anyhow!("setting link {what} {}: {e}", if up { "up" } else { "down" })
         })?;
@@ -162,9 +194,9 @@ impl Rtnl {
     }
 
     pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {
-        let mut msg = link_by_index(index);
-        msg.attributes.push(LinkAttribute::Mtu(mtu));
-        self.request(RouteNetlinkMessage::SetLink(msg), 0).map_err(|e| {
+        let mut req = link_by_index(RTM_SETLINK, index);
+        req.u32(IFLA_MTU, mtu);
+        self.request(req, 0).map_err(|e| {
             let what = self.describe(index);
             anyhow!("setting MTU {mtu} on {what}: {e}")
         })?;
@@ -172,11 +204,11 @@ impl Rtnl {
     }
 }
 
-fn first_link(msgs: &[RouteNetlinkMessage]) -> Option<LinkState> {
-    msgs.iter().find_map(|m| match m {
-        RouteNetlinkMessage::NewLink(l) => Some(LinkState::from_message(l)),
-        _ => None,
-    })
+fn first_link(msgs: &[Reply]) -> Result<Option<LinkState>, NlError> {
+    msgs.iter()
+        .find(|m| m.kind == RTM_NEWLINK)
+        .map(|m| LinkState::parse(&m.payload))
+        .transpose()
 }
 
 /// Interface names are at most 15 bytes (IFNAMSIZ - 1), no '/', no spaces.

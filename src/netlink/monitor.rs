@@ -4,13 +4,11 @@
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use super::addr::address_of;
-use super::link::LinkState;
-use super::route::{RouteEntry, route_of};
+use super::addr::{AddressMsg, RTM_DELADDR, RTM_NEWADDR};
+use super::link::{LinkState, RTM_DELLINK, RTM_NEWLINK};
+use super::route::{RTM_DELROUTE, RTM_NEWROUTE, RouteEntry, main_route};
 use super::socket::{NlSocket, split_messages};
 
 // Multicast group numbers from <linux/rtnetlink.h> (enum rtnetlink_groups).
@@ -81,47 +79,36 @@ impl Monitor {
             let Ok(msgs) = split_messages(datagram) else {
                 continue;
             };
-            for m in msgs {
-                if let Ok(parsed) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(m.bytes)
-                    && let NetlinkPayload::InnerMessage(inner) = parsed.payload
-                    && let Some(ev) = event_of(inner)
-                {
-                    events.push(ev);
-                }
-            }
+            // So is a malformed message: the kernel's next event about the
+            // same object says everything again.
+            events.extend(msgs.iter().filter_map(|m| event_of(m.message_type, m.payload)));
         }
         Ok(events)
     }
 }
 
-fn event_of(msg: RouteNetlinkMessage) -> Option<NetEvent> {
-    Some(match msg {
-        RouteNetlinkMessage::NewLink(l) => NetEvent::LinkChanged(LinkState::from_message(&l)),
-        RouteNetlinkMessage::DelLink(l) => {
-            let state = LinkState::from_message(&l);
+/// The event an rtnetlink notification (type and payload) stands for, if any.
+pub(super) fn event_of(kind: u16, payload: &[u8]) -> Option<NetEvent> {
+    Some(match kind {
+        RTM_NEWLINK => NetEvent::LinkChanged(LinkState::parse(payload).ok()?),
+        RTM_DELLINK => {
+            let state = LinkState::parse(payload).ok()?;
             NetEvent::LinkRemoved {
                 index: state.index,
                 name: state.name,
             }
         }
-        RouteNetlinkMessage::NewAddress(a) => {
-            let (addr, prefix) = address_of(&a)?;
-            NetEvent::AddressAdded {
-                index: a.header.index,
-                addr,
-                prefix,
+        RTM_NEWADDR | RTM_DELADDR => {
+            let a = AddressMsg::parse(payload).ok()?;
+            let (index, addr, prefix) = (a.index, a.addr?, a.prefix);
+            if kind == RTM_NEWADDR {
+                NetEvent::AddressAdded { index, addr, prefix }
+            } else {
+                NetEvent::AddressRemoved { index, addr, prefix }
             }
         }
-        RouteNetlinkMessage::DelAddress(a) => {
-            let (addr, prefix) = address_of(&a)?;
-            NetEvent::AddressRemoved {
-                index: a.header.index,
-                addr,
-                prefix,
-            }
-        }
-        RouteNetlinkMessage::NewRoute(r) => NetEvent::RouteAdded(route_of(&r)?),
-        RouteNetlinkMessage::DelRoute(r) => NetEvent::RouteRemoved(route_of(&r)?),
+        RTM_NEWROUTE => NetEvent::RouteAdded(main_route(payload)?),
+        RTM_DELROUTE => NetEvent::RouteRemoved(main_route(payload)?),
         _ => return None,
     })
 }

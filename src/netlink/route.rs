@@ -1,20 +1,35 @@
-//! Routes through a link in the main table (the mesh's 100.64.0.0/10 and
-//! friends).
+//! Routes through a link: in the main table (the mesh's 100.64.0.0/10 and
+//! friends) or in a table of their own (policy routing, exit nodes).
 
 use std::net::IpAddr;
 
 use anyhow::{Result, anyhow};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
-use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
 
 use super::Rtnl;
-use super::addr::family;
+use super::addr::{AF_INET, AF_INET6, family};
+use super::attr::{Request, attrs, split_header};
+use super::socket::NlError;
 use crate::wg::AllowedIp;
 
-/// A route as the kernel lists it (main table only).
+// From <linux/rtnetlink.h>.
+pub(super) const RTM_NEWROUTE: u16 = 24;
+pub(super) const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_PRIORITY: u16 = 6;
+const RTA_TABLE: u16 = 15;
+pub const RT_TABLE_MAIN: u32 = 254;
+const RTPROT_STATIC: u8 = 4;
+const RT_SCOPE_LINK: u8 = 253;
+const RTN_UNICAST: u8 = 1;
+/// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope,
+/// type (u8 each), flags (u32).
+const RTMSG_LEN: usize = 12;
+
+/// A route as the kernel lists it (of one table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteEntry {
     pub dst: AllowedIp,
@@ -26,100 +41,135 @@ pub struct RouteEntry {
     pub metric: u32,
 }
 
-fn route_message(dst: AllowedIp, index: u32) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = family(dst.addr);
-    msg.header.destination_prefix_length = dst.cidr;
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Static;
-    msg.header.scope = RouteScope::Link;
-    msg.header.kind = RouteType::Unicast;
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::from(dst.addr)));
-    msg.attributes.push(RouteAttribute::Oif(index));
-    msg
+/// The header's table field is 8 bits: larger tables go in RTA_TABLE only
+/// (as `ip route` does); RTA_TABLE is always sent, so the kernel uses it.
+pub(super) fn header_table(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(0)
 }
 
-/// Destination and output interface of a route message, when it is a
-/// unicast route in the main table.
-pub(super) fn route_of(msg: &RouteMessage) -> Option<RouteEntry> {
-    let mut table = msg.header.table as u32;
+fn rtmsg(family: u8, dst_len: u8, table: u32, kind: u8) -> [u8; RTMSG_LEN] {
+    let mut h = [0u8; RTMSG_LEN];
+    h[0] = family;
+    h[1] = dst_len;
+    h[4] = header_table(table);
+    if kind != 0 {
+        h[5] = RTPROT_STATIC;
+        h[6] = RT_SCOPE_LINK;
+        h[7] = kind;
+    }
+    h
+}
+
+fn route_request(kind: u16, table: u32, dst: AllowedIp, index: u32) -> Request {
+    let mut req = Request::new(kind, &rtmsg(family(dst.addr), dst.cidr, table, RTN_UNICAST));
+    req.u32(RTA_TABLE, table)
+        .ip(RTA_DST, dst.addr)
+        .u32(RTA_OIF, index);
+    req
+}
+
+/// A unicast route of an RTM_NEWROUTE/RTM_DELROUTE message and its table;
+/// `None` for other route types and families.
+pub(super) fn parse_route(payload: &[u8]) -> Result<Option<(u32, RouteEntry)>, NlError> {
+    let (header, rest) = split_header::<RTMSG_LEN>(payload, "rtmsg")?;
+    let mut table = header[4] as u32;
     let mut dst: Option<IpAddr> = None;
     let mut oif = None;
     let mut gateway = None;
     let mut metric = 0;
-    for attr in &msg.attributes {
-        match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some((*a).into()),
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some((*a).into()),
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some((*a).into()),
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some((*a).into()),
-            RouteAttribute::Priority(p) => metric = *p,
-            RouteAttribute::Table(t) => table = *t,
+    for attr in attrs(rest, "route") {
+        let attr = attr?;
+        match attr.kind {
+            RTA_DST => dst = Some(attr.ip("RTA_DST")?),
+            RTA_OIF => oif = Some(attr.u32("RTA_OIF")?),
+            RTA_GATEWAY => gateway = Some(attr.ip("RTA_GATEWAY")?),
+            RTA_PRIORITY => metric = attr.u32("RTA_PRIORITY")?,
+            RTA_TABLE => table = attr.u32("RTA_TABLE")?,
             _ => {}
         }
     }
-    if table != RouteHeader::RT_TABLE_MAIN as u32 || msg.header.kind != RouteType::Unicast {
-        return None;
+    if header[7] != RTN_UNICAST {
+        return Ok(None);
     }
-    let dst = match dst {
-        Some(d) => d,
+    let dst = match (dst, header[0]) {
+        (Some(d), _) => d,
         // The default route carries no destination attribute.
-        None if msg.header.address_family == netlink_packet_route::AddressFamily::Inet => {
-            IpAddr::V4(0.into())
-        }
-        None if msg.header.address_family == netlink_packet_route::AddressFamily::Inet6 => {
-            IpAddr::V6(0.into())
-        }
-        None => return None,
+        (None, AF_INET) => IpAddr::V4(0.into()),
+        (None, AF_INET6) => IpAddr::V6(0.into()),
+        (None, _) => return Ok(None),
     };
-    let dst = AllowedIp::new(dst, msg.header.destination_prefix_length).ok()?;
-    Some(RouteEntry {
-        dst,
-        oif,
-        gateway,
-        metric,
-    })
+    let Ok(dst) = AllowedIp::new(dst, header[1]) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        table,
+        RouteEntry {
+            dst,
+            oif,
+            gateway,
+            metric,
+        },
+    )))
+}
+
+/// A unicast route of the main table (what the monitor reports).
+pub(super) fn main_route(payload: &[u8]) -> Option<RouteEntry> {
+    match parse_route(payload) {
+        Ok(Some((RT_TABLE_MAIN, r))) => Some(r),
+        _ => None,
+    }
 }
 
 impl Rtnl {
-    /// Adds or replaces a route to `dst` through link `index`.
+    /// Adds or replaces a route to `dst` through link `index` (main table).
     pub fn replace_route(&mut self, dst: AllowedIp, index: u32) -> Result<()> {
-        let msg = route_message(dst, index);
-        self.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_REPLACE)
-            .map_err(|e| {
-                let what = self.describe(index);
-                anyhow!("adding route {dst} via {what}: {e}")
-            })?;
-        Ok(())
+        self.replace_route_in(RT_TABLE_MAIN, dst, index)
     }
 
     pub fn del_route(&mut self, dst: AllowedIp, index: u32) -> Result<()> {
-        let msg = route_message(dst, index);
-        self.request(RouteNetlinkMessage::DelRoute(msg), 0).map_err(|e| {
-            let what = self.describe(index);
-            anyhow!("removing route {dst} via {what}: {e}")
-        })?;
-        Ok(())
+        self.del_route_in(RT_TABLE_MAIN, dst, index)
     }
 
     /// Unicast routes of the main table (IPv4 and IPv6).
     pub fn routes(&mut self) -> Result<Vec<RouteEntry>> {
+        self.routes_in(RT_TABLE_MAIN)
+    }
+
+    /// Adds or replaces a route to `dst` through link `index` in `table`.
+    pub fn replace_route_in(&mut self, table: u32, dst: AllowedIp, index: u32) -> Result<()> {
+        let req = route_request(RTM_NEWROUTE, table, dst, index);
+        self.request(req, NLM_F_CREATE | NLM_F_REPLACE).map_err(|e| {
+            let what = self.describe(index);
+            anyhow!("adding route {dst} via {what}{}: {e}", table_suffix(table))
+        })?;
+        Ok(())
+    }
+
+    pub fn del_route_in(&mut self, table: u32, dst: AllowedIp, index: u32) -> Result<()> {
+        let req = route_request(RTM_DELROUTE, table, dst, index);
+        self.request(req, 0).map_err(|e| {
+            let what = self.describe(index);
+            anyhow!("removing route {dst} via {what}{}: {e}", table_suffix(table))
+        })?;
+        Ok(())
+    }
+
+    /// Unicast routes of `table` (IPv4 and IPv6).
+    pub fn routes_in(&mut self, table: u32) -> Result<Vec<RouteEntry>> {
         let mut out = Vec::new();
-        for fam in [
-            netlink_packet_route::AddressFamily::Inet,
-            netlink_packet_route::AddressFamily::Inet6,
-        ] {
-            let mut req = RouteMessage::default();
-            req.header.address_family = fam;
+        for fam in [AF_INET, AF_INET6] {
+            // The kernel dumps every table; the filter is ours.
+            let req = Request::new(RTM_GETROUTE, &rtmsg(fam, 0, 0, 0));
             let msgs = self
-                .request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)
-                .map_err(|e| anyhow!("listing routes: {e}"))?;
-            out.extend(msgs.iter().filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => route_of(r),
-                _ => None,
-            }));
+                .request(req, NLM_F_DUMP)
+                .map_err(|e| anyhow!("listing routes{}: {e}", table_suffix(table)))?;
+            for m in msgs.iter().filter(|m| m.kind == RTM_NEWROUTE) {
+                match parse_route(&m.payload) {
+                    Ok(Some((t, r))) if t == table => out.push(r),
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow!("listing routes{}: {e}", table_suffix(table))),
+                }
+            }
         }
         Ok(out)
     }
@@ -137,5 +187,14 @@ impl Rtnl {
             })
             .min()
             .map(|(_, g, oif)| (g, oif)))
+    }
+}
+
+/// " in table N" for errors about a table other than main.
+fn table_suffix(table: u32) -> String {
+    if table == RT_TABLE_MAIN {
+        String::new()
+    } else {
+        format!(" in table {table}")
     }
 }
