@@ -119,10 +119,17 @@ lab_wait "c logs the skipped route" 10 grep -q "route 192.168.50.0/24 of node-gw
 has_route c && lab_fail "c routes its own network through the mesh"
 lab_exec c ip route get 192.168.50.2 | grep -q "dev lan0" || lab_fail "c lost its own network"
 
+# An administrator's own route through b's mesh interface is not warren's
+# to remove: it outlives the revocation below.
+lab_exec b ip route add 10.77.0.0/16 dev "${IF[b]}" proto static
+
 # Revoked: route and allowed IP go, lanh is out of reach again.
 server routes revoke node-gw 192.168.50.0/24
 no_route() { ! has_route b; }
 lab_wait "b drops the route" 10 no_route
+lab_exec b ip route show 10.77.0.0/16 dev "${IF[b]}" | grep -q . ||
+    lab_fail "b's agent removed the administrator's route 10.77.0.0/16 through ${IF[b]}"
+lab_exec b ip route del 10.77.0.0/16 dev "${IF[b]}"
 no_allowed() { ! allowed_on b | grep -q 192.168.50.0/24; }
 lab_wait "b drops the allowed IP" 10 no_allowed
 if lab_exec b ping -c2 -W1 192.168.50.2 >/dev/null 2>&1; then lab_fail "b still reaches lanh after revoke"; fi

@@ -25,7 +25,7 @@ use attr::Request;
 
 pub use link::{LinkState, check_name};
 pub use monitor::{Monitor, NetEvent};
-pub use route::RouteEntry;
+pub use route::{RTPROT_WARREN, RouteEntry};
 pub use rule::RuleSpec;
 use socket::{NlError, NlSocket};
 

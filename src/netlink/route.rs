@@ -22,7 +22,11 @@ const RTA_GATEWAY: u16 = 5;
 const RTA_PRIORITY: u16 = 6;
 const RTA_TABLE: u16 = 15;
 pub const RT_TABLE_MAIN: u32 = 254;
-const RTPROT_STATIC: u8 = 4;
+/// The protocol warren's routes carry (`ip route` shows `proto 87`): they
+/// are told apart from an administrator's routes through the same
+/// interface, which warren never touches. 87 is 'W', unused by iproute2's
+/// rt_protos.
+pub const RTPROT_WARREN: u8 = 87;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
 /// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope,
@@ -39,6 +43,8 @@ pub struct RouteEntry {
     pub gateway: Option<IpAddr>,
     /// Lower wins among routes to the same destination.
     pub metric: u32,
+    /// Who added it (RTPROT_*: kernel, boot, static, [`RTPROT_WARREN`], ...).
+    pub protocol: u8,
 }
 
 /// The header's table field is 8 bits: larger tables go in RTA_TABLE only
@@ -53,7 +59,7 @@ fn rtmsg(family: u8, dst_len: u8, table: u32, kind: u8) -> [u8; RTMSG_LEN] {
     h[1] = dst_len;
     h[4] = header_table(table);
     if kind != 0 {
-        h[5] = RTPROT_STATIC;
+        h[5] = RTPROT_WARREN;
         h[6] = RT_SCOPE_LINK;
         h[7] = kind;
     }
@@ -108,6 +114,7 @@ pub(super) fn parse_route(payload: &[u8]) -> Result<Option<(u32, RouteEntry)>, N
             oif,
             gateway,
             metric,
+            protocol: header[5],
         },
     )))
 }

@@ -281,12 +281,12 @@ fn routes_in_a_table_match_ip_route() {
 
         let shown = ip_cmd(&["route", "show", "table", "51820"]);
         assert!(
-            shown.starts_with("default dev wt0 proto static scope link"),
+            shown.starts_with("default dev wt0 proto 87 scope link"),
             "{shown}"
         );
         assert_eq!(shown.lines().count(), 1, "{shown}");
         let shown = ip_cmd(&["-6", "route", "show", "table", "51820"]);
-        assert!(shown.starts_with("default dev wt0 proto static"), "{shown}");
+        assert!(shown.starts_with("default dev wt0 proto 87"), "{shown}");
         let shown = ip_cmd(&["route", "show", "table", "100"]);
         assert!(shown.starts_with("192.168.7.0/24 dev wt0"), "{shown}");
         // Not in main.
@@ -304,7 +304,8 @@ fn routes_in_a_table_match_ip_route() {
         assert!(in_table.iter().any(|r| r.dst == default), "{in_table:?}");
         assert!(in_table.iter().any(|r| r.dst == v6_default), "{in_table:?}");
         // What `ip route add` made reads back too.
-        // (proto static: deletes match the protocol, as for the main table.)
+        // (With warren's protocol: deletes match the protocol, so a route
+        // of another protocol is left alone, as checked below.)
         ip_cmd(&[
             "route",
             "add",
@@ -312,7 +313,7 @@ fn routes_in_a_table_match_ip_route() {
             "dev",
             "wt0",
             "proto",
-            "static",
+            "87",
             "table",
             "51820",
         ]);
@@ -321,6 +322,20 @@ fn routes_in_a_table_match_ip_route() {
 
         rtnl.del_route_in(51820, default, idx).unwrap();
         rtnl.del_route_in(51820, ten, idx).unwrap();
+        ip_cmd(&[
+            "route",
+            "add",
+            "10.2.0.0/16",
+            "dev",
+            "wt0",
+            "proto",
+            "static",
+            "table",
+            "51820",
+        ]);
+        let admins: AllowedIp = "10.2.0.0/16".parse().unwrap();
+        assert!(rtnl.del_route_in(51820, admins, idx).is_err());
+        ip_cmd(&["route", "del", "10.2.0.0/16", "dev", "wt0", "table", "51820"]);
         let err = rtnl.del_route_in(51820, default, idx).unwrap_err().to_string();
         assert!(err.contains("0.0.0.0/0") && err.contains("table 51820"), "{err}");
         assert!(ip_cmd(&["route", "show", "table", "51820"]).trim().is_empty());

@@ -1,15 +1,16 @@
 //! The kernel's routes for peers' subnets: one route per approved prefix
 //! through the mesh interface in the main table, next to the mesh's own
 //! 100.64.0.0/10 that the interface address brings. Declarative: every
-//! IPv4 route through the mesh interface outside the mesh range is ours, so
-//! one left by an agent that crashed is removed on the next sync.
+//! route through the mesh interface with warren's protocol is ours, so one
+//! left by an agent that crashed is removed on the next sync; a route an
+//! administrator added through the interface is never touched.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use anyhow::Result;
 
-use crate::netlink::{RouteEntry, Rtnl};
+use crate::netlink::{RTPROT_WARREN, RouteEntry, Rtnl};
 use crate::wg::AllowedIp;
 
 /// Prefixes of this node's own networks: IPv4 routes of the main table
@@ -32,7 +33,8 @@ fn is_mesh(p: &AllowedIp) -> bool {
 fn ours(routes: &[RouteEntry], index: u32) -> BTreeSet<AllowedIp> {
     routes
         .iter()
-        .filter(|r| r.oif == Some(index) && r.dst.addr.is_ipv4() && r.dst.cidr > 0 && !is_mesh(&r.dst))
+        .filter(|r| r.oif == Some(index) && r.protocol == RTPROT_WARREN)
+        .filter(|r| r.dst.addr.is_ipv4() && r.dst.cidr > 0 && !is_mesh(&r.dst))
         .map(|r| r.dst)
         .collect()
 }
@@ -69,6 +71,7 @@ mod tests {
             oif: Some(oif),
             gateway: None,
             metric: 0,
+            protocol: RTPROT_WARREN,
         }
     }
 
@@ -80,6 +83,11 @@ mod tests {
             route("100.64.0.0/10", 9),
             route("10.5.0.0/16", 9),
             route("fd00::/64", 9),
+            // An administrator's route through the mesh interface.
+            RouteEntry {
+                protocol: 4,
+                ..route("10.6.0.0/16", 9)
+            },
         ];
         assert_eq!(
             own_networks(&table, Some(9)),
