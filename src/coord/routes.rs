@@ -213,10 +213,14 @@ impl Routes {
                 .iter()
                 .find(|(_, p)| p.routes.contains(prefix))
                 .map(|(id, _)| *id);
+            let name = |id: u64| match store.node(id) {
+                Ok(Some(n)) => n.name,
+                _ => format!("#{id}"),
+            };
+            let first = first.map_or_else(|| "?".to_string(), name);
             log!(
-                "coordinator: route {prefix} is approved for nodes {} and {node}: published for node {} only (the lowest id)",
-                first.unwrap_or(0),
-                first.unwrap_or(0)
+                "coordinator: route {prefix} is approved for nodes {first} and {}: published for {first} only (the lowest id)",
+                name(*node)
             );
         }
         let ids: BTreeSet<u64> = published.keys().chain(self.published.keys()).copied().collect();
