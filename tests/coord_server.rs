@@ -140,6 +140,7 @@ impl Client {
             hostname: hostname.into(),
             candidates: vec![],
             online_by_id: false,
+            policy: false,
         };
         Client::connect(server, private, msg)
     }
@@ -150,6 +151,7 @@ impl Client {
             hostname: "h".into(),
             candidates: vec![],
             online_by_id: false,
+            policy: false,
         };
         Client::connect(server, private, msg)
     }
@@ -380,6 +382,7 @@ fn bad_tokens_are_refused_with_a_reason() {
         hostname: "x".into(),
         candidates: vec![],
         online_by_id: false,
+        policy: false,
     };
     let mut c = Client::connect_pinned(server.addr, &other, &Key::generate_private(), msg);
     c.until("the server hangs up", |c| c.closed);
@@ -456,6 +459,7 @@ fn before_hello_a_connection_may_send_only_one_small_message() {
         hostname: "big".into(),
         candidates: vec![],
         online_by_id: false,
+        policy: false,
     };
     for (what, len) in [("a 5 KiB join", 5000), ("a fragmented join", 70_000)] {
         let mut c = Client::connect_raw(

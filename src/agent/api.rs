@@ -150,6 +150,9 @@ pub struct Status {
     /// Log lines stderr could not take (its reader went away).
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// The access policy this node enforces (README "Permissions").
+    #[serde(default)]
+    pub policy: crate::firewall::PolicyStatus,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

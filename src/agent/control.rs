@@ -67,6 +67,8 @@ pub enum Event {
     MapChanged,
     /// The coordinator recorded our new key; WireGuard must switch to it now.
     KeyRotated,
+    /// The access policy in force (`None`: none); sent after each Welcome and on a change.
+    Policy(Option<crate::control::policy::Policy>),
     /// The coordinator refused or failed us; `permanent` means no retry.
     Refused {
         code: ErrorCode,
@@ -220,12 +222,14 @@ impl ControlConn {
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
                 online_by_id: true,
+                policy: true,
             },
             None => ClientMessage::Hello {
                 version: PROTOCOL_VERSION,
                 hostname: self.cfg.hostname.clone(),
                 candidates: self.candidates.clone(),
                 online_by_id: true,
+                policy: true,
             },
         };
         // Queued in the channel; it goes out right after the handshake.
@@ -316,6 +320,7 @@ impl ControlConn {
                     wgstun,
                 });
             }
+            ServerMessage::Policy { policy } => self.events.push_back(Event::Policy(policy)),
             ServerMessage::PeerMap { version, nodes } => {
                 self.map_version = Some(version);
                 let peers: BTreeMap<u64, PeerInfo> = nodes.into_iter().map(|n| (n.id, n)).collect();

@@ -316,6 +316,7 @@ mod tests {
                 peer("c\"d", PathKind::Relay, 0),
             ],
             log_lines_dropped: 0,
+            policy: Default::default(),
         };
         let netcheck = Netcheck {
             wg_mapping: Some("203.0.113.1:51820".parse().unwrap()),

@@ -42,6 +42,7 @@ use crate::wg::{
     AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
 };
 
+mod firewall;
 mod metrics;
 mod network;
 mod report;
@@ -147,6 +148,8 @@ struct Agent {
     /// Stopped to enroll again with that token (this node was removed).
     rejoin: bool,
     last_error: Option<String>,
+    /// The access policy's nftables table on the mesh interface.
+    firewall: crate::firewall::Firewall,
 }
 
 pub fn hostname() -> String {
@@ -419,6 +422,7 @@ fn start(
         }
         None => None,
     };
+    let (cfg_ifname, cfg_cache_dir) = (cfg.ifname.clone(), cfg.cache_dir.clone());
     let mut dns = Dns::new(cfg.dns.clone());
     dns.set_nodes(state.me.as_ref(), state.peers.iter());
     let mut agent = Agent {
@@ -457,6 +461,7 @@ fn start(
         can_rejoin,
         rejoin: false,
         last_error: None,
+        firewall: crate::firewall::Firewall::new(&cfg_ifname, cfg_cache_dir),
     };
     agent.update_candidates(now);
     agent.configure_stun(now);
@@ -575,6 +580,7 @@ impl Agent {
                 }
                 self.portmap.release();
                 self.dns.stop();
+                self.firewall.stop();
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
@@ -627,6 +633,11 @@ impl Agent {
                     self.save_identity();
                     self.store.map_changed(now);
                     self.need_apply = true;
+                }
+                Event::Policy(p) => {
+                    if self.firewall.set_policy(p) {
+                        self.need_apply = true;
+                    }
                 }
                 Event::KeyRotated => {
                     self.state.private_key = *self.ctrl.private_key();

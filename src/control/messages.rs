@@ -33,6 +33,9 @@ pub enum ClientMessage {
         /// See [`ClientMessage::Join::online_by_id`].
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         online_by_id: bool,
+        /// See [`ClientMessage::Join::policy`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        policy: bool,
     },
     /// First message of a new node: redeems an invite.
     Join {
@@ -48,6 +51,10 @@ pub enum ClientMessage {
         /// `upsert` (what agents from before these lists understand).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         online_by_id: bool,
+        /// The node reads [`ServerMessage::Policy`] and enforces it; an
+        /// agent from before policies is never sent one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        policy: bool,
     },
     /// The node's current endpoint candidates (replaces the previous set).
     Candidates {
@@ -176,6 +183,13 @@ pub enum ServerMessage {
         online: Vec<u64>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         offline: Vec<u64>,
+    },
+    /// The access policy in force, to nodes that said `policy`: right after
+    /// Welcome (before the map, so a node knows what to enforce before it
+    /// adds a peer) and whenever it changes. `None`: no policy, every node
+    /// may reach every other.
+    Policy {
+        policy: Option<crate::control::policy::Policy>,
     },
     /// Refusal or failure, followed by the coordinator closing the connection.
     Error {
@@ -323,6 +337,18 @@ mod tests {
                 reason: "invite already used".into(),
             },
             ServerMessage::Pong { nonce: 5 },
+            ServerMessage::Policy { policy: None },
+            ServerMessage::Policy {
+                policy: Some(crate::control::policy::Policy {
+                    digest: "0123456789abcdef".into(),
+                    tags: [("nas".to_string(), vec!["nas".to_string()])].into(),
+                    accept: vec![crate::control::policy::Rule {
+                        from: vec!["*".into()],
+                        to: vec!["tag:nas".into()],
+                        ports: vec!["tcp/22".into()],
+                    }],
+                }),
+            },
         ];
         for m in msgs {
             assert_eq!(decode_server(&encode(&m)).unwrap(), m);
@@ -334,6 +360,7 @@ mod tests {
             hostname: "box".into(),
             candidates: vec![],
             online_by_id: true,
+            policy: false,
         };
         assert_eq!(decode_client(&encode(&join)).unwrap(), join);
     }
@@ -346,6 +373,7 @@ mod tests {
             decode_client(hello.as_bytes()).unwrap(),
             ClientMessage::Hello {
                 online_by_id: false,
+                policy: false,
                 ..
             }
         ));
@@ -366,6 +394,7 @@ mod tests {
             hostname: "nas".into(),
             candidates: vec![],
             online_by_id: false,
+            policy: false,
         };
         assert_eq!(
             String::from_utf8(encode(&old)).unwrap(),
@@ -390,6 +419,7 @@ mod tests {
             hostname: "x".repeat(300),
             candidates: vec![],
             online_by_id: false,
+            policy: false,
         };
         assert!(decode_client(&encode(&long)).is_err());
     }

@@ -40,6 +40,12 @@ pub enum AdminRequest {
         expires_in: Option<i64>,
         name: Option<String>,
     },
+    /// Validate, store and distribute a policy file (see `coord::policy`).
+    PolicySet {
+        text: String,
+    },
+    PolicyShow,
+    PolicyClear,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,10 +63,27 @@ pub struct NodeView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AdminResponse {
-    Nodes { nodes: Vec<NodeView> },
-    Node { node: NodeView },
-    Invite { token: String, expires: Option<i64> },
-    Error { reason: String },
+    Nodes {
+        nodes: Vec<NodeView>,
+    },
+    Node {
+        node: NodeView,
+    },
+    Invite {
+        token: String,
+        expires: Option<i64>,
+    },
+    /// The policy in force (`text` is `None` when there is none); after a
+    /// `set`, the names it mentions that no node has yet.
+    Policy {
+        text: Option<String>,
+        digest: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unknown_names: Vec<String>,
+    },
+    Error {
+        reason: String,
+    },
 }
 
 /// Sends one request to the server's admin socket and waits for the answer.

@@ -314,6 +314,7 @@ fn step(h: &mut Hostile, buf: &mut [u8], plaintext: &[u8], stats: &FloodStats) -
                     hostname: "stranger".into(),
                     candidates: vec![],
                     online_by_id: false,
+                    policy: false,
                 });
                 session
                     .seal(&hello, &mut h.out)

@@ -19,6 +19,8 @@ use crate::control::messages::{
 };
 use crate::keys::Key;
 
+mod policy;
+
 pub type ConnId = usize;
 
 /// Connections whose full map is sealed but not yet taken by their socket:
@@ -80,6 +82,10 @@ pub struct Hub {
     /// Hello or Join refused since the server last took them: a stranger's
     /// input, so the server counts them in its summary instead of a log line each.
     refused_openings: Vec<ErrorCode>,
+    /// The access policy in force (inner `None`: none); outer `None` until read from the store.
+    policy: Option<Option<crate::control::policy::Policy>>,
+    /// Connections whose node reads [`ServerMessage::Policy`] (see `hub/policy.rs`).
+    policy_aware: HashSet<ConnId>,
 }
 
 impl Hub {
@@ -105,6 +111,8 @@ impl Hub {
             on_removed: None,
             feed: RelayFeed::default(),
             refused_openings: Vec::new(),
+            policy: None,
+            policy_aware: HashSet::new(),
         }
     }
 
@@ -197,6 +205,7 @@ impl Hub {
                     hostname: _,
                     candidates: _,
                     online_by_id,
+                    policy,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -204,6 +213,9 @@ impl Hub {
                 }
                 if online_by_id {
                     self.online_by_id.insert(id);
+                }
+                if policy {
+                    self.policy_aware.insert(id);
                 }
                 match self.store.node_by_key(&key)? {
                     Some(node) if node.removed.is_none() => self.admit(id, now, node)?,
@@ -230,6 +242,7 @@ impl Hub {
                     hostname,
                     candidates: _,
                     online_by_id,
+                    policy,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -237,6 +250,9 @@ impl Hub {
                 }
                 if online_by_id {
                     self.online_by_id.insert(id);
+                }
+                if policy {
+                    self.policy_aware.insert(id);
                 }
                 let hash = invite::secret_hash(&secret);
                 let req = JoinRequest {
@@ -376,6 +392,7 @@ impl Hub {
             relays: self.relays.clone(),
             wgstun: self.wgstun.clone(),
         });
+        self.send_policy(id)?;
         // The map follows as soon as it is this connection's turn.
         self.map_queue.push_back(id);
         self.send_maps();
@@ -468,6 +485,7 @@ impl Hub {
         self.dirty.remove(&id);
         self.feed.closed(id);
         self.online_by_id.remove(&id);
+        self.policy_aware.remove(&id);
         self.map_queue.retain(|&q| q != id);
         if self.map_in_flight.remove(&id).is_some() {
             self.send_maps();
@@ -628,6 +646,9 @@ impl Hub {
 
     fn admin_inner(&mut self, req: AdminRequest, now: Instant) -> Result<AdminResponse> {
         Ok(match req {
+            req @ (AdminRequest::PolicySet { .. } | AdminRequest::PolicyShow | AdminRequest::PolicyClear) => {
+                self.policy_admin(req)?
+            }
             AdminRequest::Nodes => AdminResponse::Nodes {
                 nodes: self.store.nodes()?.iter().map(|n| self.view(n)).collect(),
             },
@@ -784,6 +805,7 @@ mod tests {
                 hostname: name.into(),
                 candidates: vec![],
                 online_by_id: false,
+                policy: false,
             };
             self.connect(Key::generate_private(), &join)
         }
@@ -795,6 +817,7 @@ mod tests {
                 hostname: "h".into(),
                 candidates: vec![],
                 online_by_id: false,
+                policy: false,
             };
             self.connect(key, &hello)
         }
@@ -860,6 +883,86 @@ mod tests {
 
     fn decode(bytes: &[u8]) -> ServerMessage {
         messages::decode_server(bytes).unwrap()
+    }
+
+    fn kinds(node: &Node) -> Vec<String> {
+        node.got
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+                v["type"].as_str().unwrap_or("").to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_policy_reaches_nodes_that_read_it_before_their_map_and_on_each_change() {
+        let mut mesh = Mesh::new();
+        let set = mesh.hub.admin(
+            AdminRequest::PolicySet {
+                text: "[[accept]]\nfrom = [\"*\"]\nto = [\"nas\"]\nports = [\"tcp/22\"]\n".into(),
+            },
+            mesh.now,
+        );
+        let AdminResponse::Policy {
+            digest,
+            unknown_names,
+            ..
+        } = set
+        else {
+            panic!("{set:?}");
+        };
+        assert_eq!(unknown_names, ["nas"], "no node is named nas yet");
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: mesh.token.secret.clone(),
+            name: Some("nas".into()),
+            hostname: "nas".into(),
+            candidates: vec![],
+            online_by_id: true,
+            policy: true,
+        };
+        let mut aware = mesh.connect(Key::generate_private(), &join);
+        let mut old = mesh.join("old");
+        mesh.flush();
+        mesh.pump(&mut aware);
+        let k = kinds(&aware);
+        assert_eq!(&k[..3], ["welcome", "policy", "peer_map"], "{k:?}");
+        let ServerMessage::Policy { policy: Some(p) } = decode(&aware.got[1]) else {
+            panic!("{k:?}");
+        };
+        assert_eq!(Some(p.digest), digest);
+        // A bad file is refused with its line and the policy in force stays.
+        let bad = mesh.hub.admin(
+            AdminRequest::PolicySet {
+                text: "[[accept]]\nfrom = [\"tag:x\"]\nto = [\"*\"]\nports = [\"*\"]\n".into(),
+            },
+            mesh.now,
+        );
+        assert_eq!(
+            bad,
+            AdminResponse::Error {
+                reason: "policy refused, the one in force stays: line 2: from: tag \"x\" is used but not defined in [tags]".into()
+            }
+        );
+        let AdminResponse::Policy { digest: shown, .. } = mesh.hub.admin(AdminRequest::PolicyShow, mesh.now)
+        else {
+            panic!()
+        };
+        assert_eq!(shown, digest);
+        // Cleared: the aware node hears at once, the old one never hears of policies.
+        let cleared = mesh.hub.admin(AdminRequest::PolicyClear, mesh.now);
+        assert!(
+            matches!(cleared, AdminResponse::Policy { text: None, .. }),
+            "{cleared:?}"
+        );
+        mesh.pump(&mut aware);
+        mesh.pump(&mut old);
+        assert_eq!(
+            decode(aware.got.last().unwrap()),
+            ServerMessage::Policy { policy: None }
+        );
+        assert!(!kinds(&old).iter().any(|k| k == "policy"), "{:?}", kinds(&old));
     }
 
     #[test]
@@ -933,6 +1036,7 @@ mod tests {
             hostname: "new".into(),
             candidates: vec![],
             online_by_id: true,
+            policy: false,
         };
         let mut new = mesh.connect(Key::generate_private(), &join);
         let c = mesh.join("c");
@@ -1058,6 +1162,7 @@ mod tests {
                 hostname: "h".into(),
                 candidates: vec![],
                 online_by_id: false,
+                policy: false,
             };
             ch.send(&messages::encode(&hello)).unwrap();
             let init = ch.outgoing().to_vec();

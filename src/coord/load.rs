@@ -101,6 +101,7 @@ fn dial(
             hostname: "load".into(),
             candidates: vec![],
             online_by_id: true,
+            policy: false,
         }
     } else {
         ClientMessage::Join {
@@ -110,6 +111,7 @@ fn dial(
             hostname: "load".into(),
             candidates: vec![],
             online_by_id: true,
+            policy: false,
         }
     };
     ch.send(&messages::encode(&msg))?;

@@ -19,7 +19,8 @@ use crate::control::messages::ErrorCode;
 use crate::keys::Key;
 
 /// Schema steps; step `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     id         INTEGER PRIMARY KEY,
     public_key TEXT    NOT NULL UNIQUE,
@@ -42,7 +43,16 @@ CREATE TABLE invites (
     name        TEXT,
     created     INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+-- The access policy in force (coord/policy.rs): at most one row, the file as set.
+CREATE TABLE policy (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    text    TEXT    NOT NULL,
+    set_at  INTEGER NOT NULL
+);
+"#,
+];
 
 /// First address handed to nodes: 100.64.0.0/29 is reserved for services (WG-STUN is 100.64.0.4).
 pub const FIRST_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 8);
@@ -444,6 +454,32 @@ impl Store {
             name: name.map(str::to_string),
             created: now,
         })
+    }
+}
+
+/// The access policy (see `coord::policy`): the text as the administrator set it.
+impl Store {
+    pub fn policy_text(&self) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT text FROM policy WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .flat()
+            .context("reading the policy")
+    }
+
+    /// Replaces the policy; `None` clears it.
+    pub fn set_policy_text(&mut self, text: Option<&str>, now: i64) -> Result<()> {
+        match text {
+            Some(t) => self.conn.execute(
+                "INSERT INTO policy (id, text, set_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET text = ?1, set_at = ?2",
+                params![t, now],
+            ),
+            None => self.conn.execute("DELETE FROM policy", []),
+        }
+        .flat()
+        .context("storing the policy")?;
+        Ok(())
     }
 }
 

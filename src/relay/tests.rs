@@ -1018,6 +1018,7 @@ impl Mesh {
             hostname: name.into(),
             candidates: vec![],
             online_by_id: false,
+            policy: false,
         }))
         .unwrap();
         let mut buf = [0u8; 65536];

@@ -36,6 +36,7 @@ impl Agent {
                     relays: self.relay.status(),
                     peers: Vec::new(),
                     log_lines_dropped: crate::logline::dropped(),
+                    policy: self.firewall.status(),
                 }
             }
         };

@@ -173,6 +173,7 @@ impl Agent {
             relays: self.relay.status(),
             peers,
             log_lines_dropped: crate::logline::dropped(),
+            policy: self.firewall.status(),
         })
     }
 }
