@@ -211,6 +211,8 @@ impl Client {
             }
             ServerMessage::Error { code, reason } => self.error = Some((code, reason)),
             ServerMessage::Pong { nonce } => self.pongs.push(nonce),
+            // These nodes do not say `policy`: never sent one.
+            ServerMessage::Policy { .. } => panic!("a policy to a node that did not ask for policies"),
             ServerMessage::Members { keys } => self.members = Some(keys.into_iter().collect()),
             ServerMessage::MembersDelta { added, removed } => {
                 let m = self.members.get_or_insert_default();
