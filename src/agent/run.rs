@@ -804,6 +804,8 @@ impl Agent {
                     log_warn!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
                 self.store.forget();
+                // Nor does this mesh's policy stay for the next membership.
+                self.firewall.set_policy(None);
                 if self.can_rejoin {
                     // Removed while the agent was down, and started with a new token: use it.
                     self.rejoin = true;

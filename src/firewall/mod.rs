@@ -135,10 +135,11 @@ impl Firewall {
                 format!("removing {}", nft::table_name(&self.ifname)),
             ),
         };
+        let started = std::time::Instant::now();
         match nft::run(&script).with_context(|| what.clone()) {
             Ok(()) => {
                 if self.error.take().is_some() || !matches!(self.applied, Applied::Unknown) {
-                    log!("agent: {what}: done");
+                    log!("agent: {what}: done in {} ms", started.elapsed().as_millis());
                 }
                 self.applied = want;
                 Ok(())
