@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tiers: lab kernel
 # Permissions with real traffic: a coordinator and three agents (nas, laptop,
-# pi). With no policy every node reaches every port and no agent has a
+# pi; laptop-2 joins later). With no policy every node reaches every port and no agent has a
 # warren_filter table. With "tag:nas accepts tcp/22 from tag:laptop" (and
 # "tag:laptop accepts tcp/9000 from tag:nas"): laptop -> nas:22 connects,
 # laptop -> nas:8080 and pi -> nas:22 are refused (a reset: no connection,
@@ -238,6 +238,20 @@ lab_exec c ping -c1 -W1 "${ADDR[a]}" >/dev/null || lab_fail "ping pi -> nas refu
 expect refused b a 8080 "still only tcp/22"
 lab_wait "long-lived connection carries data after the change" 5 grew_past "$((before + 5))"
 
+# A node joining under a name the policy lists is let in by the same map
+# change that brings it: laptop-2 reaches nas:22 at once, 8080 stays refused.
+lab_public_host d 203.0.113.40
+IFN[d]=$(lab_ifname d)
+NAME[d]=laptop-2
+lab_bg d agent-d.log "$WARREN" agent --state-dir "$LAB_DIR/d" --interface "${IFN[d]}" \
+    --socket "$(sock d)" --port 51820 --join "$token" --name laptop-2
+PID[d]=$LAB_LAST_PID
+lab_wait "laptop-2 joined with three peers" 30 has_peers d 3
+ADDR[d]=$(field d 's["mesh_addr"]')
+lab_wait "laptop-2 -> nas:22 connects" 30 is connects d a 22
+expect refused d a 8080 "laptop-2 is in tag:laptop: tcp/22 only"
+expect refused d c 22 "pi accepts nothing from laptop-2"
+
 # A bad file is refused with its line and reason; the old policy stays.
 printf '[[accept]]\nfrom = ["*"]\nto = ["tag:nas"]\nports = ["tcp/22", "sctp/9"]\n' >"$LAB_DIR/bad.toml"
 if policy set "$LAB_DIR/bad.toml" >"$LAB_DIR/bad.out" 2>&1; then lab_fail "a bad policy was accepted"; fi
@@ -253,7 +267,7 @@ expect refused b a 8080 "the old policy stays after a refused file"
 
 # Clear: the table goes on every agent, everything is reachable again.
 policy clear >/dev/null
-for n in a b c; do lab_wait "${NAME[$n]}'s filter table removed" "$CHANGE_DEADLINE" eval "! has_table $n"; done
+for n in a b c d; do lab_wait "${NAME[$n]}'s filter table removed" "$CHANGE_DEADLINE" eval "! has_table $n"; done
 expect connects b a 8080 "no policy after clear"
 expect connects a c 22 "no policy after clear"
 [ "$(field a 's["policy"]["digest"]')" = "None" ] || lab_fail "nas status after clear: $(st a)"
