@@ -55,9 +55,17 @@ pub struct Firewall {
 impl Firewall {
     /// Starts with the cached policy, if any.
     pub fn new(ifname: &str, cache_dir: PathBuf) -> Firewall {
-        let policy = std::fs::read(cache_dir.join(POLICY_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Policy>(&b).ok());
+        let policy = std::fs::read(cache_dir.join(POLICY_FILE)).ok().and_then(|b| {
+            // Read back through the control message decoder: one deserializer
+            // of policies in the binary (the router build counts bytes).
+            let mut msg = br#"{"type":"policy","policy":"#.to_vec();
+            msg.extend_from_slice(&b);
+            msg.push(b'}');
+            match crate::control::messages::decode_server(&msg) {
+                Ok(crate::control::messages::ServerMessage::Policy { policy }) => policy,
+                _ => None,
+            }
+        });
         Firewall {
             ifname: ifname.to_string(),
             cache_dir,
@@ -168,5 +176,43 @@ impl Firewall {
             applied: self.policy.is_some() && matches!(self.applied, Applied::Table(_)),
             error: self.error.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::policy::Rule;
+    use crate::testutil::TempDir;
+
+    #[test]
+    fn the_last_policy_is_kept_for_a_restart_and_goes_when_cleared() {
+        let dir = TempDir::new("firewall");
+        let policy = Policy {
+            digest: "0123456789abcdef".into(),
+            tags: [("nas".to_string(), vec!["nas".to_string()])].into(),
+            accept: vec![Rule {
+                from: vec!["*".into()],
+                to: vec!["tag:nas".into()],
+                ports: vec!["tcp/22".into()],
+            }],
+        };
+        let mut fw = Firewall::new("wg0", dir.0.clone());
+        assert_eq!(fw.status(), PolicyStatus::default());
+        assert!(fw.set_policy(Some(policy.clone())));
+        assert!(
+            !fw.set_policy(Some(policy.clone())),
+            "the same policy again is no change"
+        );
+        let restarted = Firewall::new("wg0", dir.0.clone());
+        assert_eq!(restarted.policy.as_ref(), Some(&policy));
+        assert_eq!(restarted.status().digest.as_deref(), Some("0123456789abcdef"));
+        assert!(
+            !restarted.status().applied,
+            "nothing is applied before the first sync"
+        );
+        assert!(fw.set_policy(None));
+        assert!(!dir.0.join(POLICY_FILE).exists());
+        assert_eq!(Firewall::new("wg0", dir.0.clone()).policy, None);
     }
 }

@@ -8,7 +8,6 @@
 //! conntrack, accepted connections pass, the rest is refused (TCP reset,
 //! ICMP administratively prohibited) so a peer sees "refused" at once.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -43,11 +42,12 @@ pub fn table_name(ifname: &str) -> String {
 /// The transaction that replaces the table with `rules`.
 pub fn render(ifname: &str, rules: &Ruleset) -> String {
     let table = table_name(ifname);
-    let mut sets: BTreeMap<&Sources, String> = BTreeMap::new();
+    // One named set per distinct source set, shared by the rules that have it.
+    let mut sets: Vec<(&Sources, String)> = Vec::new();
     for a in rules.input.iter().chain(&rules.forward) {
-        if matches!(a.sources, Sources::Set(_)) && !sets.contains_key(&a.sources) {
+        if matches!(a.sources, Sources::Set(_)) && !sets.iter().any(|(s, _)| *s == &a.sources) {
             let name = format!("src_{}", sets.len());
-            sets.insert(&a.sources, name);
+            sets.push((&a.sources, name));
         }
     }
     let mut s = String::new();
@@ -91,9 +91,9 @@ pub fn render(ifname: &str, rules: &Ruleset) -> String {
     s
 }
 
-fn accept_lines(a: &Accept, sets: &BTreeMap<&Sources, String>) -> Vec<String> {
+fn accept_lines(a: &Accept, sets: &[(&Sources, String)]) -> Vec<String> {
     let mut head = String::new();
-    if let Some(name) = sets.get(&a.sources) {
+    if let Some((_, name)) = sets.iter().find(|(s, _)| *s == &a.sources) {
         let _ = write!(head, "ip saddr @{name} ");
     }
     if !a.dests.is_empty() {

@@ -27,7 +27,7 @@ pub struct Accept {
     pub sources: Sources,
     /// Forwarded traffic only: the destination prefixes. Empty in the input chain.
     pub dests: Vec<Prefix>,
-    /// Sorted, without duplicates.
+    /// In the rule's order, without repeats.
     pub ports: Vec<PortSpec>,
 }
 
@@ -57,9 +57,7 @@ pub fn compile(policy: &Policy, me: &str, peers: &[Member]) -> Ruleset {
         let Some(sources) = sources(policy, rule, peers) else {
             continue;
         };
-        let mut ports: Vec<PortSpec> = rule.ports.iter().filter_map(|p| parse_ports(p).ok()).collect();
-        ports.sort();
-        ports.dedup();
+        let ports = distinct(rule.ports.iter().filter_map(|p| parse_ports(p).ok()));
         if ports.is_empty() {
             continue;
         }
@@ -71,21 +69,28 @@ pub fn compile(policy: &Policy, me: &str, peers: &[Member]) -> Ruleset {
                 ports: ports.clone(),
             });
         }
-        let mut dests: Vec<Prefix> = to
-            .iter()
-            .filter_map(|t| match t {
-                Target::Prefix(p) => Some(*p),
-                _ => None,
-            })
-            .collect();
-        dests.sort();
-        dests.dedup();
+        let dests = distinct(to.iter().filter_map(|t| match t {
+            Target::Prefix(p) => Some(*p),
+            _ => None,
+        }));
         if !dests.is_empty() {
             out.forward.push(Accept {
                 sources,
                 dests,
                 ports,
             });
+        }
+    }
+    out
+}
+
+/// In first-seen order without repeats. A rule lists a handful: a linear
+/// check costs less code than a sort (the router build counts bytes).
+fn distinct<T: PartialEq>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
         }
     }
     out
@@ -185,7 +190,7 @@ mod tests {
                 [Accept {
                     sources: set(&[11, 12]),
                     dests: vec![],
-                    ports: vec![PortSpec::Proto(Proto::Icmp), PortSpec::Range(Proto::Tcp, 22, 22)],
+                    ports: vec![PortSpec::Range(Proto::Tcp, 22, 22), PortSpec::Proto(Proto::Icmp)],
                 }],
                 "{me}"
             );
@@ -256,7 +261,7 @@ mod tests {
         assert_eq!(r.input.len(), 1);
         assert_eq!(r.forward.len(), 2);
         let dests: Vec<String> = r.forward[0].dests.iter().map(|d| d.to_string()).collect();
-        assert_eq!(dests, ["10.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(dests, ["192.168.1.0/24", "10.0.0.0/8"]);
         assert_eq!(r.forward[0].sources, set(&[11, 12]));
         assert_eq!(r.forward[1].sources, Sources::Any);
         // Every node compiles the forward rules: a router without them refuses to forward.
