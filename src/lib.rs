@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod coord;
 pub mod dns;
+pub mod firewall;
 pub mod ifaddrs;
 pub mod keys;
 pub mod metrics;

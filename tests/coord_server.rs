@@ -141,6 +141,7 @@ impl Client {
             candidates: vec![],
             online_by_id: false,
             advertise: Default::default(),
+            policy: false,
         };
         Client::connect(server, private, msg)
     }
@@ -152,6 +153,7 @@ impl Client {
             candidates: vec![],
             online_by_id: false,
             advertise: Default::default(),
+            policy: false,
         };
         Client::connect(server, private, msg)
     }
@@ -211,6 +213,8 @@ impl Client {
             }
             ServerMessage::Error { code, reason } => self.error = Some((code, reason)),
             ServerMessage::Pong { nonce } => self.pongs.push(nonce),
+            // These nodes do not say `policy`: never sent one.
+            ServerMessage::Policy { .. } => panic!("a policy to a node that did not ask for policies"),
             ServerMessage::Members { keys } => self.members = Some(keys.into_iter().collect()),
             ServerMessage::MembersDelta { added, removed } => {
                 let m = self.members.get_or_insert_default();
@@ -383,6 +387,7 @@ fn bad_tokens_are_refused_with_a_reason() {
         candidates: vec![],
         online_by_id: false,
         advertise: Default::default(),
+        policy: false,
     };
     let mut c = Client::connect_pinned(server.addr, &other, &Key::generate_private(), msg);
     c.until("the server hangs up", |c| c.closed);
@@ -460,6 +465,7 @@ fn before_hello_a_connection_may_send_only_one_small_message() {
         candidates: vec![],
         online_by_id: false,
         advertise: Default::default(),
+        policy: false,
     };
     for (what, len) in [("a 5 KiB join", 5000), ("a fragmented join", 70_000)] {
         let mut c = Client::connect_raw(

@@ -153,6 +153,9 @@ pub struct Status {
     /// Subnet routes and the exit node, when this node offers or uses any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<crate::route::RouteStatus>,
+    /// The access policy this node enforces (README "Permissions").
+    #[serde(default)]
+    pub policy: crate::firewall::PolicyStatus,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

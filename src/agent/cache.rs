@@ -151,7 +151,7 @@ fn read(p: &Path) -> Result<Option<Vec<u8>>> {
 /// Replaces `dir/name` with `bytes` (a new inode: a reader sees the old file
 /// or the new one, never half of one). Creates `dir` (0700) if missing: the
 /// cache directory may be on a tmpfs that a reboot emptied.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let p = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let what = || format!("writing agent state {}", p.display());

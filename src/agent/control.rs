@@ -67,6 +67,8 @@ pub enum Event {
     MapChanged,
     /// The coordinator recorded our new key; WireGuard must switch to it now.
     KeyRotated,
+    /// The access policy in force (`None`: none); sent after each Welcome and on a change.
+    Policy(Option<crate::control::policy::Policy>),
     /// The coordinator refused or failed us; `permanent` means no retry.
     Refused {
         code: ErrorCode,
@@ -223,6 +225,7 @@ impl ControlConn {
                 candidates: self.candidates.clone(),
                 online_by_id: true,
                 advertise: self.cfg.advertise.clone(),
+                policy: true,
             },
             None => ClientMessage::Hello {
                 version: PROTOCOL_VERSION,
@@ -230,6 +233,7 @@ impl ControlConn {
                 candidates: self.candidates.clone(),
                 online_by_id: true,
                 advertise: self.cfg.advertise.clone(),
+                policy: true,
             },
         };
         // Queued in the channel; it goes out right after the handshake.
@@ -320,6 +324,7 @@ impl ControlConn {
                     wgstun,
                 });
             }
+            ServerMessage::Policy { policy } => self.events.push_back(Event::Policy(policy)),
             ServerMessage::PeerMap { version, nodes } => {
                 self.map_version = Some(version);
                 let peers: BTreeMap<u64, PeerInfo> = nodes.into_iter().map(|n| (n.id, n)).collect();

@@ -317,6 +317,7 @@ mod tests {
             ],
             log_lines_dropped: 0,
             routing: None,
+            policy: Default::default(),
         };
         let netcheck = Netcheck {
             wg_mapping: Some("203.0.113.1:51820".parse().unwrap()),

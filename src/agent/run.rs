@@ -42,6 +42,7 @@ use crate::wg::{
     AllowedIp, Backend, DeviceConfig, DeviceState, DeviceUpdate, PeerConfig, PeerUpdate, reconcile,
 };
 
+mod firewall;
 mod metrics;
 mod network;
 mod report;
@@ -151,6 +152,8 @@ struct Agent {
     /// Stopped to enroll again with that token (this node was removed).
     rejoin: bool,
     last_error: Option<String>,
+    /// The access policy's nftables table on the mesh interface.
+    firewall: crate::firewall::Firewall,
 }
 
 pub fn hostname() -> String {
@@ -434,6 +437,7 @@ fn start(
     };
     let mut routing = crate::route::Routing::new(cfg.routes.clone());
     routing.start(&cfg.ifname)?;
+    let (cfg_ifname, cfg_cache_dir) = (cfg.ifname.clone(), cfg.cache_dir.clone());
     let mut dns = Dns::new(cfg.dns.clone());
     dns.set_nodes(state.me.as_ref(), state.peers.iter());
     let mut agent = Agent {
@@ -473,6 +477,7 @@ fn start(
         can_rejoin,
         rejoin: false,
         last_error: None,
+        firewall: crate::firewall::Firewall::new(&cfg_ifname, cfg_cache_dir),
     };
     agent.update_candidates(now);
     agent.configure_stun(now);
@@ -592,6 +597,7 @@ impl Agent {
                 self.portmap.release();
                 self.dns.stop();
                 self.routing.stop(&mut self.rtnl, &self.cfg.ifname);
+                self.firewall.stop();
                 self.release_interface();
                 let _ = std::fs::remove_file(&self.cfg.socket);
                 return result;
@@ -644,6 +650,11 @@ impl Agent {
                     self.save_identity();
                     self.store.map_changed(now);
                     self.need_apply = true;
+                }
+                Event::Policy(p) => {
+                    if self.firewall.set_policy(p) {
+                        self.need_apply = true;
+                    }
                 }
                 Event::KeyRotated => {
                     self.state.private_key = *self.ctrl.private_key();
@@ -810,6 +821,8 @@ impl Agent {
                     log_warn!("agent: removing {}: {e:#}", self.cfg.ifname);
                 }
                 self.store.forget();
+                // Nor does this mesh's policy stay for the next membership.
+                self.firewall.set_policy(None);
                 if self.can_rejoin {
                     // Removed while the agent was down, and started with a new token: use it.
                     self.rejoin = true;

@@ -124,7 +124,7 @@ impl Sim {
                             permanent,
                         } => a.refused.push((code, reason, permanent)),
                         Event::Welcome { relays, wgstun, .. } => a.welcomes.push((relays, wgstun)),
-                        Event::MapChanged | Event::KeyRotated => {}
+                        Event::MapChanged | Event::KeyRotated | Event::Policy(_) => {}
                     }
                 }
                 let (Some(id), Some(hub)) = (a.conn, self.hub.as_mut()) else {

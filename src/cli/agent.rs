@@ -616,6 +616,12 @@ fn format_status(s: &Status) -> String {
     if let Some(r) = &s.routing {
         super::agent_routes::format_status(&mut out, r);
     }
+    let _ = match (&s.policy.digest, &s.policy.error) {
+        (None, _) => writeln!(out, "policy: none (every node may reach this one)"),
+        (Some(d), None) if s.policy.applied => writeln!(out, "policy: {d} in force"),
+        (Some(d), Some(e)) => writeln!(out, "policy: {d} NOT applied: {e}"),
+        (Some(d), None) => writeln!(out, "policy: {d} not applied yet"),
+    };
     if s.log_lines_dropped > 0 {
         let _ = writeln!(
             out,

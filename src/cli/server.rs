@@ -15,6 +15,8 @@ use crate::coord::store::human_duration;
 use crate::keys::Key;
 use crate::relay::server::{RelayConfig, RelayHandle, RelayServer};
 
+mod policy;
+
 #[derive(Args, Debug)]
 pub struct ServerArgs {
     #[command(flatten)]
@@ -114,6 +116,11 @@ pub enum ServerAction {
         #[arg(long)]
         json: bool,
     },
+    /// The access policy: who may open connections to whom (README "Permissions").
+    Policy {
+        #[command(subcommand)]
+        action: policy::PolicyAction,
+    },
     /// Benchmark: N light nodes join through the admin socket's invite, then one change is timed.
     #[command(hide = true)]
     Load {
@@ -151,6 +158,9 @@ pub enum ServerAction {
 impl ServerArgs {
     /// Whether an admin command was asked for JSON.
     pub fn json(&self) -> bool {
+        if let Some(ServerAction::Policy { action }) = &self.action {
+            return action.json();
+        }
         matches!(
             self.action,
             Some(
@@ -268,6 +278,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             }
         }
         ServerAction::Routes(r) => super::server_routes::run(&socket, r)?,
+        ServerAction::Policy { action } => policy::run(&socket, action)?,
         ServerAction::Load { server, nodes, hold } => {
             let r = crate::coord::load::run(&socket, server, nodes, hold)?;
             outln!("coordinator: nodes connected | {} |", r.nodes)?;

@@ -36,6 +36,9 @@ pub enum ClientMessage {
         /// See [`Advertised`].
         #[serde(default, skip_serializing_if = "Advertised::is_empty")]
         advertise: Advertised,
+        /// See [`ClientMessage::Join::policy`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        policy: bool,
     },
     /// First message of a new node: redeems an invite.
     Join {
@@ -54,6 +57,10 @@ pub enum ClientMessage {
         /// See [`Advertised`].
         #[serde(default, skip_serializing_if = "Advertised::is_empty")]
         advertise: Advertised,
+        /// The node reads [`ServerMessage::Policy`] and enforces it; an
+        /// agent from before policies is never sent one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        policy: bool,
     },
     /// The node's current endpoint candidates (replaces the previous set).
     Candidates {
@@ -204,6 +211,13 @@ pub enum ServerMessage {
         online: Vec<u64>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         offline: Vec<u64>,
+    },
+    /// The access policy in force, to nodes that said `policy`: right after
+    /// Welcome (before the map, so a node knows what to enforce before it
+    /// adds a peer) and whenever it changes. `None`: no policy, every node
+    /// may reach every other.
+    Policy {
+        policy: Option<crate::control::policy::Policy>,
     },
     /// Refusal or failure, followed by the coordinator closing the connection.
     Error {
@@ -359,6 +373,18 @@ mod tests {
                 reason: "invite already used".into(),
             },
             ServerMessage::Pong { nonce: 5 },
+            ServerMessage::Policy { policy: None },
+            ServerMessage::Policy {
+                policy: Some(crate::control::policy::Policy {
+                    digest: "0123456789abcdef".into(),
+                    tags: [("nas".to_string(), vec!["nas".to_string()])].into(),
+                    accept: vec![crate::control::policy::Rule {
+                        from: vec!["*".into()],
+                        to: vec!["tag:nas".into()],
+                        ports: vec!["tcp/22".into()],
+                    }],
+                }),
+            },
         ];
         for m in msgs {
             assert_eq!(decode_server(&encode(&m)).unwrap(), m);
@@ -371,6 +397,7 @@ mod tests {
             candidates: vec![],
             online_by_id: true,
             advertise: Default::default(),
+            policy: false,
         };
         assert_eq!(decode_client(&encode(&join)).unwrap(), join);
     }
@@ -383,6 +410,7 @@ mod tests {
             decode_client(hello.as_bytes()).unwrap(),
             ClientMessage::Hello {
                 online_by_id: false,
+                policy: false,
                 ..
             }
         ));
@@ -404,6 +432,7 @@ mod tests {
             candidates: vec![],
             online_by_id: false,
             advertise: Default::default(),
+            policy: false,
         };
         assert_eq!(
             String::from_utf8(encode(&old)).unwrap(),
@@ -429,6 +458,7 @@ mod tests {
             candidates: vec![],
             online_by_id: false,
             advertise: Default::default(),
+            policy: false,
         };
         assert!(decode_client(&encode(&long)).is_err());
     }

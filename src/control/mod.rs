@@ -5,3 +5,4 @@ pub mod channel;
 pub mod frame;
 pub mod messages;
 pub mod noise;
+pub mod policy;

@@ -49,6 +49,12 @@ pub enum AdminRequest {
         prefix: String,
         approved: bool,
     },
+    /// Validate, store and distribute a policy file (see `coord::policy`).
+    PolicySet {
+        text: String,
+    },
+    PolicyShow,
+    PolicyClear,
 }
 
 /// One node's routes as `warren server routes list` shows them.
@@ -80,12 +86,33 @@ pub struct NodeView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AdminResponse {
-    Nodes { nodes: Vec<NodeView> },
-    Node { node: NodeView },
-    Invite { token: String, expires: Option<i64> },
-    Routes { routes: Vec<RouteView> },
-    Route { route: RouteView },
-    Error { reason: String },
+    Nodes {
+        nodes: Vec<NodeView>,
+    },
+    Node {
+        node: NodeView,
+    },
+    Invite {
+        token: String,
+        expires: Option<i64>,
+    },
+    Routes {
+        routes: Vec<RouteView>,
+    },
+    Route {
+        route: RouteView,
+    },
+    /// The policy in force (`text` is `None` when there is none); after a
+    /// `set`, the names it mentions that no node has yet.
+    Policy {
+        text: Option<String>,
+        digest: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unknown_names: Vec<String>,
+    },
+    Error {
+        reason: String,
+    },
 }
 
 /// Sends one request to the server's admin socket and waits for the answer.

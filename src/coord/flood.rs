@@ -315,6 +315,7 @@ fn step(h: &mut Hostile, buf: &mut [u8], plaintext: &[u8], stats: &FloodStats) -
                     candidates: vec![],
                     online_by_id: false,
                     advertise: Default::default(),
+                    policy: false,
                 });
                 session
                     .seal(&hello, &mut h.out)

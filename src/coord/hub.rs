@@ -21,6 +21,8 @@ use crate::control::messages::{
 };
 use crate::keys::Key;
 
+mod policy;
+
 pub type ConnId = usize;
 
 /// Connections whose full map is sealed but not yet taken by their socket:
@@ -84,6 +86,10 @@ pub struct Hub {
     refused_openings: Vec<ErrorCode>,
     /// Published subnet routes and exit nodes (src/coord/routes.rs).
     routes: Routes,
+    /// The access policy in force (inner `None`: none); outer `None` until read from the store.
+    policy: Option<Option<crate::control::policy::Policy>>,
+    /// Connections whose node reads [`ServerMessage::Policy`] (see `hub/policy.rs`).
+    policy_aware: HashSet<ConnId>,
 }
 
 impl Hub {
@@ -114,6 +120,8 @@ impl Hub {
             on_removed: None,
             feed: RelayFeed::default(),
             refused_openings: Vec::new(),
+            policy: None,
+            policy_aware: HashSet::new(),
         }
     }
 
@@ -207,6 +215,7 @@ impl Hub {
                     candidates: _,
                     online_by_id,
                     advertise,
+                    policy,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -214,6 +223,9 @@ impl Hub {
                 }
                 if online_by_id {
                     self.online_by_id.insert(id);
+                }
+                if policy {
+                    self.policy_aware.insert(id);
                 }
                 match self.store.node_by_key(&key)? {
                     Some(node) if node.removed.is_none() => {
@@ -244,6 +256,7 @@ impl Hub {
                     candidates: _,
                     online_by_id,
                     advertise,
+                    policy,
                 },
             ) => {
                 if !self.version_ok(id, now, version) {
@@ -251,6 +264,9 @@ impl Hub {
                 }
                 if online_by_id {
                     self.online_by_id.insert(id);
+                }
+                if policy {
+                    self.policy_aware.insert(id);
                 }
                 let hash = invite::secret_hash(&secret);
                 let req = JoinRequest {
@@ -391,6 +407,7 @@ impl Hub {
             relays: self.relays.clone(),
             wgstun: self.wgstun.clone(),
         });
+        self.send_policy(id)?;
         // The map follows as soon as it is this connection's turn.
         self.map_queue.push_back(id);
         self.send_maps();
@@ -491,6 +508,7 @@ impl Hub {
         self.dirty.remove(&id);
         self.feed.closed(id);
         self.online_by_id.remove(&id);
+        self.policy_aware.remove(&id);
         self.map_queue.retain(|&q| q != id);
         if self.map_in_flight.remove(&id).is_some() {
             self.send_maps();
@@ -651,6 +669,9 @@ impl Hub {
 
     fn admin_inner(&mut self, req: AdminRequest, now: Instant) -> Result<AdminResponse> {
         Ok(match req {
+            req @ (AdminRequest::PolicySet { .. } | AdminRequest::PolicyShow | AdminRequest::PolicyClear) => {
+                self.policy_admin(req)?
+            }
             AdminRequest::Nodes => AdminResponse::Nodes {
                 nodes: self.store.nodes()?.iter().map(|n| self.view(n)).collect(),
             },
@@ -823,6 +844,7 @@ mod tests {
                 candidates: vec![],
                 online_by_id: false,
                 advertise: Default::default(),
+                policy: false,
             };
             self.connect(Key::generate_private(), &join)
         }
@@ -835,6 +857,7 @@ mod tests {
                 candidates: vec![],
                 online_by_id: false,
                 advertise: Default::default(),
+                policy: false,
             };
             self.connect(key, &hello)
         }
@@ -902,6 +925,87 @@ mod tests {
         messages::decode_server(bytes).unwrap()
     }
 
+    fn kinds(node: &Node) -> Vec<String> {
+        node.got
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+                v["type"].as_str().unwrap_or("").to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_policy_reaches_nodes_that_read_it_before_their_map_and_on_each_change() {
+        let mut mesh = Mesh::new();
+        let set = mesh.hub.admin(
+            AdminRequest::PolicySet {
+                text: "[[accept]]\nfrom = [\"*\"]\nto = [\"nas\"]\nports = [\"tcp/22\"]\n".into(),
+            },
+            mesh.now,
+        );
+        let AdminResponse::Policy {
+            digest,
+            unknown_names,
+            ..
+        } = set
+        else {
+            panic!("{set:?}");
+        };
+        assert_eq!(unknown_names, ["nas"], "no node is named nas yet");
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            secret: mesh.token.secret.clone(),
+            name: Some("nas".into()),
+            hostname: "nas".into(),
+            candidates: vec![],
+            online_by_id: true,
+            advertise: Default::default(),
+            policy: true,
+        };
+        let mut aware = mesh.connect(Key::generate_private(), &join);
+        let mut old = mesh.join("old");
+        mesh.flush();
+        mesh.pump(&mut aware);
+        let k = kinds(&aware);
+        assert_eq!(&k[..3], ["welcome", "policy", "peer_map"], "{k:?}");
+        let ServerMessage::Policy { policy: Some(p) } = decode(&aware.got[1]) else {
+            panic!("{k:?}");
+        };
+        assert_eq!(Some(p.digest), digest);
+        // A bad file is refused with its line and the policy in force stays.
+        let bad = mesh.hub.admin(
+            AdminRequest::PolicySet {
+                text: "[[accept]]\nfrom = [\"tag:x\"]\nto = [\"*\"]\nports = [\"*\"]\n".into(),
+            },
+            mesh.now,
+        );
+        assert_eq!(
+            bad,
+            AdminResponse::Error {
+                reason: "policy refused, the one in force stays: line 2: from: tag \"x\" is used but not defined in [tags]".into()
+            }
+        );
+        let AdminResponse::Policy { digest: shown, .. } = mesh.hub.admin(AdminRequest::PolicyShow, mesh.now)
+        else {
+            panic!()
+        };
+        assert_eq!(shown, digest);
+        // Cleared: the aware node hears at once, the old one never hears of policies.
+        let cleared = mesh.hub.admin(AdminRequest::PolicyClear, mesh.now);
+        assert!(
+            matches!(cleared, AdminResponse::Policy { text: None, .. }),
+            "{cleared:?}"
+        );
+        mesh.pump(&mut aware);
+        mesh.pump(&mut old);
+        assert_eq!(
+            decode(aware.got.last().unwrap()),
+            ServerMessage::Policy { policy: None }
+        );
+        assert!(!kinds(&old).iter().any(|k| k == "policy"), "{:?}", kinds(&old));
+    }
+
     #[test]
     fn reconnecting_nodes_share_one_encoding_of_the_map() {
         let mut mesh = Mesh::new();
@@ -966,6 +1070,7 @@ mod tests {
             candidates: vec![],
             online_by_id: false,
             advertise: offer.clone(),
+            policy: false,
         };
         let gw = mesh.connect(Key::generate_private(), &join);
         mesh.flush();
@@ -998,6 +1103,7 @@ mod tests {
             candidates: vec![],
             online_by_id: false,
             advertise: Advertised::default(),
+            policy: false,
         };
         let gw = mesh.connect(gw.key, &hello);
         mesh.flush();
@@ -1057,6 +1163,7 @@ mod tests {
             candidates: vec![],
             online_by_id: true,
             advertise: Default::default(),
+            policy: false,
         };
         let mut new = mesh.connect(Key::generate_private(), &join);
         let c = mesh.join("c");
@@ -1183,6 +1290,7 @@ mod tests {
                 candidates: vec![],
                 online_by_id: false,
                 advertise: Default::default(),
+                policy: false,
             };
             ch.send(&messages::encode(&hello)).unwrap();
             let init = ch.outgoing().to_vec();

@@ -102,6 +102,7 @@ fn dial(
             candidates: vec![],
             online_by_id: true,
             advertise: Default::default(),
+            policy: false,
         }
     } else {
         ClientMessage::Join {
@@ -112,6 +113,7 @@ fn dial(
             candidates: vec![],
             online_by_id: true,
             advertise: Default::default(),
+            policy: false,
         }
     };
     ch.send(&messages::encode(&msg))?;

@@ -27,6 +27,8 @@ pub mod pacer;
 #[cfg(feature = "server")]
 pub mod peermap;
 #[cfg(feature = "server")]
+pub mod policy;
+#[cfg(feature = "server")]
 pub mod relayfeed;
 #[cfg(feature = "server")]
 pub mod routes;

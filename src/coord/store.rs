@@ -45,6 +45,14 @@ CREATE TABLE invites (
 );
 "#,
     super::routes::SCHEMA,
+    r#"
+-- The access policy in force (coord/policy.rs): at most one row, the file as set.
+CREATE TABLE policy (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    text    TEXT    NOT NULL,
+    set_at  INTEGER NOT NULL
+);
+"#,
 ];
 
 /// First address handed to nodes: 100.64.0.0/29 is reserved for services (WG-STUN is 100.64.0.4).
@@ -448,6 +456,32 @@ impl Store {
             name: name.map(str::to_string),
             created: now,
         })
+    }
+}
+
+/// The access policy (see `coord::policy`): the text as the administrator set it.
+impl Store {
+    pub fn policy_text(&self) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT text FROM policy WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .flat()
+            .context("reading the policy")
+    }
+
+    /// Replaces the policy; `None` clears it.
+    pub fn set_policy_text(&mut self, text: Option<&str>, now: i64) -> Result<()> {
+        match text {
+            Some(t) => self.conn.execute(
+                "INSERT INTO policy (id, text, set_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET text = ?1, set_at = ?2",
+                params![t, now],
+            ),
+            None => self.conn.execute("DELETE FROM policy", []),
+        }
+        .flat()
+        .context("storing the policy")?;
+        Ok(())
     }
 }
 

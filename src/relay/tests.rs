@@ -1019,6 +1019,7 @@ impl Mesh {
             candidates: vec![],
             online_by_id: false,
             advertise: Default::default(),
+            policy: false,
         }))
         .unwrap();
         let mut buf = [0u8; 65536];

@@ -37,6 +37,7 @@ impl Agent {
                     peers: Vec::new(),
                     log_lines_dropped: crate::logline::dropped(),
                     routing: None,
+                    policy: self.firewall.status(),
                 }
             }
         };

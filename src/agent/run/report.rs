@@ -176,6 +176,7 @@ impl Agent {
                 .status(&self.ctrl.peers().cloned().collect::<Vec<_>>()),
             peers,
             log_lines_dropped: crate::logline::dropped(),
+            policy: self.firewall.status(),
         })
     }
 }

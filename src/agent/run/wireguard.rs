@@ -32,6 +32,10 @@ impl Agent {
             }
         };
         let peers: Vec<PeerInfo> = self.ctrl.peers().cloned().collect();
+        if full {
+            // Before WireGuard hears of a new peer: see `firewall`.
+            self.enforce_policy(&me, &peers);
+        }
         let homes: Vec<(Key, Option<Key>)> = peers.iter().map(|p| (p.public_key, p.home_relay)).collect();
         self.relay.configure(
             self.poll.registry(),
