@@ -14,6 +14,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd wg python3 ss
 lab_init
+. "$(dirname "$0")/../mesh.sh"
 declare -A IF=() PID=() ADDR=()
 for n in a b; do IF[$n]=$(lab_ifname "$n"); done
 
@@ -24,26 +25,13 @@ lab_public_host far 198.51.100.80
 lab_router r1 cone 198.51.100.10 10.1.0.1/24
 lab_lan_host b r1 10.1.0.2
 
-lab_bg far far.log python3 -c '
-import socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("198.51.100.80", 8080)); s.listen(8)
-while True:
-    c, a = s.accept(); c.sendall(("seen " + a[0] + "\n").encode()); c.close()
-'
+seen_server far 198.51.100.80 8080
 seen_from_b() { lab_exec b timeout 5 bash -c 'exec 3<>/dev/tcp/198.51.100.80/8080; cat <&3'; }
 far_sees() { [ "$(seen_from_b)" = "seen $1" ]; }
 lab_wait "far answers" 10 far_sees 198.51.100.10
 
-SRV_DIR=$LAB_DIR/srv
-start_server() {
-    lab_bg srv server.log "$WARREN" server --listen 203.0.113.5:7777 --state-dir "$SRV_DIR"
-    SRV_PID=$LAB_LAST_PID
-    lab_wait "coordinator admin socket" 30 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
-}
 start_server
-token=$(lab_exec srv "$WARREN" server invite --reusable --expires 1h --state-dir "$SRV_DIR")
-server() { lab_exec srv "$WARREN" server "$@" --state-dir "$SRV_DIR"; }
+token=$(reusable_token)
 
 b_state() {
     lab_exec b ip rule
@@ -54,20 +42,6 @@ b_state() {
 }
 b_state >"$LAB_DIR/b-before"
 
-sock() { echo "$LAB_DIR/$1/warren.sock"; }
-start_agent() {
-    local n=$1
-    shift
-    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${IF[$n]}" \
-        --socket "$(sock "$n")" --port 51820 --join "$token" --name "node-$n" "$@"
-    PID[$n]=$LAB_LAST_PID
-}
-st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
-peer_count() { st "$1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))'; }
-has_peers() { [ "$(peer_count "$1")" = "$2" ]; }
-connected() { st "$1" | grep -q '"coordinator": "connected"'; }
-addr_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])'; }
-pubkey_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["public_key"])'; }
 
 start_agent a --advertise-exit
 start_agent b --exit-node node-a

@@ -12,6 +12,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lab.sh"
 lab_require_cmd wg python3
 lab_init
+. "$(dirname "$0")/../mesh.sh"
 declare -A IF=() PID=() ADDR=()
 for n in gw b c; do IF[$n]=$(lab_ifname "$n"); done
 
@@ -34,19 +35,10 @@ ip -n "$(lab_ns c)" addr add 192.168.50.77/24 dev lan0
 ip -n "$(lab_ns c)" link set lan0 up
 
 # lanh answers each TCP connection with the source address it sees.
-lab_bg lanh lanh.log python3 -c '
-import socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("192.168.50.2", 8080)); s.listen(8)
-while True:
-    c, a = s.accept(); c.sendall(("seen " + a[0] + "\n").encode()); c.close()
-'
+seen_server lanh 192.168.50.2 8080
 
-SRV_DIR=$LAB_DIR/srv
-lab_bg srv server.log "$WARREN" server --listen 203.0.113.5:7777 --state-dir "$SRV_DIR"
-lab_wait "coordinator admin socket" 30 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
-token=$(lab_exec srv "$WARREN" server invite --reusable --expires 1h --state-dir "$SRV_DIR")
-server() { lab_exec srv "$WARREN" server "$@" --state-dir "$SRV_DIR"; }
+start_server
+token=$(reusable_token)
 
 # What gw's agent must leave as it found it.
 gw_state() {
@@ -60,18 +52,6 @@ gw_state() {
 }
 gw_state >"$LAB_DIR/gw-before"
 
-sock() { echo "$LAB_DIR/$1/warren.sock"; }
-start_agent() {
-    local n=$1
-    shift
-    lab_bg "$n" "agent-$n.log" "$WARREN" agent --state-dir "$LAB_DIR/$n" --interface "${IF[$n]}" \
-        --socket "$(sock "$n")" --port 51820 --join "$token" --name "node-$n" "$@"
-    PID[$n]=$LAB_LAST_PID
-}
-st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
-peer_count() { st "$1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))'; }
-has_peers() { [ "$(peer_count "$1")" = "$2" ]; }
-addr_of() { st "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])'; }
 
 start_agent gw --advertise-routes 192.168.50.0/24
 start_agent b
