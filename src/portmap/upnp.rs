@@ -1,15 +1,15 @@
-//! UPnP IGD port mappings on a worker thread. igd-next's client blocks (an
-//! SSDP search, then SOAP over HTTP through attohttpc) and its only other API
-//! is tokio's, so one thread, "warren-upnp", runs the blocking one. The
-//! agent's loop [`Worker::submit`]s [`Command`]s, which never blocks; after
-//! each [`Reply`] the worker wakes the loop through a [`mio::Waker`], and the
-//! loop takes replies with [`Worker::try_recv`].
+//! UPnP IGD port mappings on a worker thread. The client (SSDP search, then
+//! SOAP over HTTP, in the modules below) blocks, so one thread,
+//! "warren-upnp", runs it. The agent's loop [`Worker::submit`]s
+//! [`Command`]s, which never blocks; after each [`Reply`] the worker wakes
+//! the loop through a [`mio::Waker`], and the loop takes replies with
+//! [`Worker::try_recv`].
 //!
-//! Every call is bounded: the search by [`DISCOVER_TIMEOUT`] (igd-next
-//! fetches the gateway's description inside that time), each SOAP call by
-//! igd-next's fixed [`SOAP_TIMEOUT`], a Map's port hunt by [`MAP_BUDGET`] and a
-//! Check's table walk by [`CHECK_BUDGET`] (each plus the one call under way).
-//! A call that fails for want of an answer (refused, timed out, reset) drops
+//! Every call is bounded: the search by [`DISCOVER_TIMEOUT`] (the gateway's
+//! description fetched inside that time), each SOAP call by
+//! [`SOAP_TIMEOUT`], a Map's port hunt by [`MAP_BUDGET`] and a Check's table
+//! walk by [`CHECK_BUDGET`] (each plus the one call under way). A call that
+//! fails for want of an answer (refused, timed out, reset, not HTTP) drops
 //! the gateway: every command but Discover then fails with [`NO_GATEWAY`]
 //! until a Discover succeeds, so the driver re-discovers.
 //!
@@ -18,10 +18,10 @@
 //! documentation-prefix WAN address, see DESIGN.md), so mapping is only ever
 //! judged by the router's answer to the mapping call itself.
 //!
-//! attohttpc reads `http_proxy` / `all_proxy` / `no_proxy` from the
-//! environment, and igd-next does not turn that off: an agent started with a
-//! proxy set would send its SOAP calls to the proxy (`no_proxy` must name the
-//! LAN).
+//! The client was igd-next until its HTTP stack (attohttpc, url, idna, http,
+//! xml-rs: a third of a megabyte of the router build) outweighed the few
+//! calls made here; it also sent SOAP to any `http_proxy` in the
+//! environment. This one talks only to the address that answered the search.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -36,26 +36,37 @@ use std::time::{Duration, Instant};
 use igd::search_igd;
 use mio::Waker;
 
-// igd-next behind the worker's `Gateway` calls.
+// The client behind the worker's `Gateway` calls, one module per layer.
+#[cfg(feature = "upnp")]
+pub mod description;
+#[cfg(feature = "upnp")]
+pub mod http;
 #[cfg(feature = "upnp")]
 mod igd;
+#[cfg(feature = "upnp")]
+pub mod soap;
+#[cfg(feature = "upnp")]
+pub mod ssdp;
+#[cfg(feature = "upnp")]
+pub mod xml;
 
 /// Commands waiting for the worker, besides the one it is running.
 pub const QUEUE_LEN: usize = 16;
 /// How long a Discover listens for SSDP answers, the gateway's description
-/// and service fetches included (igd-next gives each the time left).
+/// fetch included (it gets the time left).
 pub const DISCOVER_TIMEOUT: Duration = Duration::from_secs(2);
-/// igd-next's own bound on each SOAP call (the TCP connect, then the whole
-/// request): a constant of the library that its sync API does not let us set.
-pub const SOAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound on each SOAP call (connect, request, the whole answer): a
+/// router on the LAN answers in milliseconds, and a hung one holds up only
+/// this worker, never the agent's loop.
+pub const SOAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A Map asks for no further port once this long has gone by.
 pub const MAP_BUDGET: Duration = Duration::from_secs(10);
 /// Ports after the wanted one a Map asks for when it is taken and the router
 /// cannot pick one itself (no IGDv2 AddAnyPortMapping).
 pub const FALLBACK_PORTS: u16 = 4;
-/// A Check reads at most this many entries of the router's table. Home
-/// routers hold a handful; igd-next has no GetSpecificPortMappingEntry, so a
-/// Check walks the table with GetGenericPortMappingEntry instead.
+/// A Check reads at most this many entries of the router's table
+/// (GetGenericPortMappingEntry, which every IGD has). Home routers hold a
+/// handful.
 pub const MAX_CHECKED_ENTRIES: u32 = 64;
 /// A Check reads no further entry once this long has gone by.
 pub const CHECK_BUDGET: Duration = Duration::from_secs(10);
@@ -248,7 +259,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Finds a gateway: igd-next's SSDP search, or a simulated router in tests.
+/// Finds a gateway: the SSDP search, or a simulated router in tests.
 type Search = Box<dyn FnMut() -> Result<Box<dyn Gateway>, String> + Send>;
 
 /// The worker thread's state.
@@ -563,13 +574,13 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-#[cfg_attr(not(feature = "upnp"), allow(dead_code))]
+#[cfg(test)]
 fn upnp(code: u16, name: &str) -> CallError {
     CallError::Upnp(code, name.into())
 }
 
 /// How one call to the gateway failed.
-// Made only by a gateway: igd-next's (feature `upnp`) or the tests' router.
+// Made only by a gateway: the real one (feature `upnp`) or the tests' router.
 #[cfg_attr(not(feature = "upnp"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum CallError {
@@ -602,7 +613,7 @@ struct Entry {
     enabled: bool,
 }
 
-/// The calls the worker makes, each bounded: igd-next's Gateway, or a
+/// The calls the worker makes, each bounded: a real gateway (igd.rs), or a
 /// simulated router in tests.
 trait Gateway {
     /// The control URL's host:port.
@@ -636,6 +647,52 @@ fn search_igd() -> Result<Box<dyn Gateway>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client's parsers on miniupnpd's own answers (fixtures/capture.sh),
+    /// mutated and cut: never a panic, and the mutations still reach the
+    /// success paths, not only the errors.
+    #[cfg(feature = "upnp")]
+    #[test]
+    fn client_parsers_take_mutated_gateway_answers() {
+        let fixture = |name: &str| {
+            let path = format!("{}/src/portmap/upnp/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let answers: Vec<Vec<u8>> = ["add", "add-conflict", "entry", "entry-past-end", "external-ip"]
+            .iter()
+            .map(|n| fixture(&format!("soap-{n}.http")))
+            .collect();
+        let body = |http: &[u8]| {
+            let at = http.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            http[at + 4..].to_vec()
+        };
+        let description = fixture("description-miniupnpd.xml");
+        let utf8 = |parse: fn(&str) -> bool| move |b: &[u8]| std::str::from_utf8(b).is_ok_and(parse);
+        let mut next = crate::testutil::xorshift(0x1900);
+        let mut mutate = |seeds: &[Vec<u8>], parse: &dyn Fn(&[u8]) -> bool| {
+            crate::testutil::mutated_accepted(seeds, 500, &mut next, parse)
+        };
+        let ssdp = mutate(&[fixture("ssdp-miniupnpd.txt")], &ssdp::fuzz_parse);
+        let http = mutate(&answers, &http::fuzz_parse);
+        let mut xml_seeds: Vec<Vec<u8>> = answers.iter().map(|a| body(a)).collect();
+        xml_seeds.push(description.clone());
+        let xml = mutate(&xml_seeds, &utf8(xml::fuzz_read));
+        let desc = mutate(&[description], &utf8(description::fuzz_parse));
+        let entry = [vec![0], body(&answers[2])].concat();
+        let soap = mutate(&[entry], &soap::fuzz_parse);
+        for (what, accepted, of) in [
+            ("ssdp", ssdp, 500),
+            ("http", http, 2_500),
+            ("xml", xml, 3_000),
+            ("description", desc, 500),
+            ("soap", soap, 500),
+        ] {
+            assert!(
+                accepted > of / 20,
+                "{what}: only {accepted} of {of} mutated inputs accepted"
+            );
+        }
+    }
     use mio::{Events, Poll, Token};
     use std::collections::BTreeMap;
 

@@ -1,88 +1,166 @@
-//! The worker's [`Gateway`] calls made with igd-next's blocking client
-//! (SSDP search, then SOAP over HTTP through attohttpc); the `upnp` feature.
+//! The worker's [`Gateway`] calls against a real Internet Gateway Device:
+//! an SSDP search, the device description over HTTP, then SOAP actions on
+//! its WAN connection service; the `upnp` feature.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::Instant;
 
-use igd_next::{
-    AddAnyPortError, AddPortError, GatewayIpVersion, GetExternalIpError, GetGenericPortMappingEntryError,
-    PortMappingProtocol, RemovePortError, RequestError, SearchError, SearchOptions,
-};
+use super::description::{self, Service};
+use super::http::{self, Url, shorten};
+use super::{CallError, DISCOVER_TIMEOUT, Entry, Gateway, SOAP_TIMEOUT, soap, ssdp};
 
-use super::{
-    CONFLICT, CallError, DISCOVER_TIMEOUT, Entry, Gateway, INDEX_INVALID, NO_SUCH_ENTRY,
-    ONLY_PERMANENT_LEASES, SAME_PORT_VALUES_REQUIRED, one_line, upnp,
-};
-
-// Mapped back from igd-next's typed errors, so messages show the code.
-const NOT_AUTHORIZED: u16 = 606;
-const ARGUMENT_TOO_LONG: u16 = 605;
-const NO_PORT_MAPS_AVAILABLE: u16 = 728;
-/// A router's error text (igd-next passes on whole SOAP bodies) is cut to this
-/// many characters, so a reply stays a short line.
-const MAX_ROUTER_TEXT: usize = 160;
-
-/// A router's text on one line, cut to [`MAX_ROUTER_TEXT`] characters.
-fn router_text(text: &str) -> String {
-    let mut out = one_line(text);
-    if let Some((cut, _)) = out.char_indices().nth(MAX_ROUTER_TEXT) {
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
-}
+/// Descriptions fetched per search at most: a LAN rarely has two gateways,
+/// and a host answering with many URLs should not hold the search up.
+const MAX_LOCATIONS: usize = 4;
+/// The search is sent again this far into [`DISCOVER_TIMEOUT`] if nothing
+/// usable has answered: SSDP is UDP, and one datagram may be lost.
+const RESEND_AFTER_HALVES: u32 = 2;
+/// Hops for the M-SEARCH multicast (UDA 1.1 recommends 2): the gateway is
+/// on this link or one behind it.
+const SEARCH_TTL: u32 = 2;
+const PROTOCOL: &str = "UDP";
 
 struct IgdGateway {
-    gateway: igd_next::Gateway,
-    control: SocketAddr,
+    service: Service,
 }
 
 pub(super) fn search_igd() -> Result<Box<dyn Gateway>, String> {
-    let mut options = SearchOptions::default();
-    options.timeout = Some(DISCOVER_TIMEOUT);
-    options.single_search_timeout = Some(DISCOVER_TIMEOUT);
-    // Mappings here are IPv4; an IPv6 gateway's firewall is another service.
-    options.gateway_ip_version = GatewayIpVersion::V4;
-    match igd_next::search_gateway(options) {
-        Ok(gateway) => {
-            // igd-next keeps a control URL on the description's host:port as a
-            // path, one on another port of that host as an absolute URL.
-            let control = gateway
-                .control_url
-                .strip_prefix("http://")
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|host_port| host_port.parse().ok())
-                .unwrap_or(gateway.addr);
-            Ok(Box::new(IgdGateway { gateway, control }))
+    let started = Instant::now();
+    let deadline = started + DISCOVER_TIMEOUT;
+    let resend_at = started + DISCOVER_TIMEOUT / RESEND_AFTER_HALVES;
+    let failed = |what: &str, e: io::Error| format!("UPnP gateway search: {what}: {e}");
+    let socket =
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| failed("binding a UDP socket", e))?;
+    socket
+        .set_multicast_ttl_v4(SEARCH_TTL)
+        .map_err(|e| failed("setting the multicast TTL", e))?;
+    let send = || {
+        for target in ssdp::SEARCH_TARGETS {
+            socket
+                .send_to(ssdp::search_request(target).as_bytes(), ssdp::GROUP)
+                .map_err(|e| failed(&format!("sending to {}", ssdp::GROUP), e))?;
         }
-        Err(SearchError::NoResponseWithinTimeout) => Err(format!(
-            "no UPnP gateway answered within {} s",
-            DISCOVER_TIMEOUT.as_secs()
-        )),
-        Err(e) => Err(format!("UPnP gateway search: {}", router_text(&e.to_string()))),
+        Ok::<(), String>(())
+    };
+    send()?;
+    let mut resent = false;
+    let mut fetched: Vec<Url> = Vec::new();
+    let mut last_error = None;
+    let mut datagram = [0u8; 2048];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if !resent && now >= resend_at {
+            resent = true;
+            send()?;
+        }
+        let wake = if resent { deadline } else { resend_at };
+        socket
+            .set_read_timeout(Some(wake.saturating_duration_since(now).max(MIN_WAIT)))
+            .map_err(|e| failed("setting a timeout", e))?;
+        let (n, from) = match socket.recv_from(&mut datagram) {
+            Ok(got) => got,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed("receiving answers", e)),
+        };
+        let url = match ssdp::parse_answer(&datagram[..n], from) {
+            Ok(url) => url,
+            Err(why) => {
+                last_error = Some(why);
+                continue;
+            }
+        };
+        // Each device answers both searches, and twice if they were resent.
+        if fetched.contains(&url) || fetched.len() == MAX_LOCATIONS {
+            continue;
+        }
+        fetched.push(url.clone());
+        match fetch_description(&url, deadline) {
+            Ok(service) => return Ok(Box::new(IgdGateway { service })),
+            Err(why) => last_error = Some(why),
+        }
+    }
+    Err(match last_error {
+        None => format!("no UPnP gateway answered within {} s", DISCOVER_TIMEOUT.as_secs()),
+        Some(why) => format!("UPnP gateway search: {why}"),
+    })
+}
+
+/// A read timeout of zero means "none" to the socket: never ask for it.
+const MIN_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+fn fetch_description(url: &Url, deadline: Instant) -> Result<Service, String> {
+    let answer = http::get(url, deadline).map_err(|e| format!("description at {url}: {e}"))?;
+    if answer.status != 200 {
+        return Err(format!("description at {url}: HTTP {}", answer.status));
+    }
+    let text = std::str::from_utf8(&answer.body).map_err(|_| format!("description at {url} is not UTF-8"))?;
+    description::parse(text, url)
+}
+
+impl IgdGateway {
+    /// One SOAP action, bounded by [`SOAP_TIMEOUT`]; its out arguments.
+    fn call(&self, action: &str, args: &[(&str, String)]) -> Result<Vec<(String, String)>, CallError> {
+        let service = self.service.kind.urn();
+        let body = soap::envelope(service, action, args);
+        let headers = [
+            ("Content-Type", "text/xml; charset=\"utf-8\"".to_string()),
+            ("SOAPAction", soap::action_header(service, action)),
+        ];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let deadline = Instant::now() + SOAP_TIMEOUT;
+        let answer =
+            http::post(&self.service.control, &headers, &body, deadline).map_err(CallError::Transport)?;
+        soap::parse_answer(action, &answer)
+    }
+
+    fn mapping_args(
+        external_port: u16,
+        internal: SocketAddrV4,
+        lease_secs: u32,
+        description: &str,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("NewRemoteHost", String::new()),
+            ("NewExternalPort", external_port.to_string()),
+            ("NewProtocol", PROTOCOL.into()),
+            ("NewInternalPort", internal.port().to_string()),
+            ("NewInternalClient", internal.ip().to_string()),
+            ("NewEnabled", "1".into()),
+            ("NewPortMappingDescription", description.into()),
+            ("NewLeaseDuration", lease_secs.to_string()),
+        ]
     }
 }
 
-fn request_error(e: RequestError) -> CallError {
-    match e {
-        RequestError::ErrorCode(code, description) => CallError::Upnp(code, router_text(&description)),
-        RequestError::UnsupportedAction(_) => CallError::Unsupported,
-        RequestError::InvalidResponse(body) => {
-            CallError::Other(format!("unreadable answer: {}", router_text(&body)))
-        }
-        // attohttpc or the socket: the connection, not the gateway's answer.
-        other => CallError::Transport(router_text(&other.to_string())),
-    }
+fn number<T: std::str::FromStr>(args: &[(String, String)], action: &str, name: &str) -> Result<T, CallError> {
+    let value = soap::argument(args, action, name)?;
+    value.parse().map_err(|_| {
+        CallError::Other(format!(
+            "{action} answer: {name} {:?} is not a number",
+            shorten(value)
+        ))
+    })
 }
 
 impl Gateway for IgdGateway {
     fn control(&self) -> SocketAddr {
-        self.control
+        SocketAddr::V4(self.service.control.addr)
     }
 
     fn external_ip(&self) -> Result<IpAddr, CallError> {
-        self.gateway.get_external_ip().map_err(|e| match e {
-            GetExternalIpError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-            GetExternalIpError::RequestError(e) => request_error(e),
+        const ACTION: &str = "GetExternalIPAddress";
+        let args = self.call(ACTION, &[])?;
+        let value = soap::argument(&args, ACTION, "NewExternalIPAddress")?;
+        value.parse().map_err(|_| {
+            CallError::Other(format!(
+                "{ACTION} answer: {:?} is not an IP address",
+                shorten(value)
+            ))
         })
     }
 
@@ -93,30 +171,8 @@ impl Gateway for IgdGateway {
         lease_secs: u32,
         description: &str,
     ) -> Result<(), CallError> {
-        let internal = SocketAddr::V4(internal);
-        self.gateway
-            .add_port(
-                PortMappingProtocol::UDP,
-                external_port,
-                internal,
-                lease_secs,
-                description,
-            )
-            .map_err(|e| match e {
-                AddPortError::PortInUse => upnp(CONFLICT, "ConflictInMappingEntry"),
-                AddPortError::SamePortValuesRequired => {
-                    upnp(SAME_PORT_VALUES_REQUIRED, "SamePortValuesRequired")
-                }
-                AddPortError::OnlyPermanentLeasesSupported => {
-                    upnp(ONLY_PERMANENT_LEASES, "OnlyPermanentLeasesSupported")
-                }
-                AddPortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                AddPortError::DescriptionTooLong => upnp(ARGUMENT_TOO_LONG, "String argument too long"),
-                AddPortError::RequestError(e) => request_error(e),
-                e @ (AddPortError::ExternalPortZeroInvalid | AddPortError::InternalPortZeroInvalid) => {
-                    CallError::Other(e.to_string())
-                }
-            })
+        let args = Self::mapping_args(external_port, internal, lease_secs, description);
+        self.call("AddPortMapping", &args).map(drop)
     }
 
     fn add_any_port(
@@ -125,68 +181,38 @@ impl Gateway for IgdGateway {
         lease_secs: u32,
         description: &str,
     ) -> Result<u16, CallError> {
-        // Without the action igd-next would try 20 random AddPortMappings of
-        // its own, each up to SOAP_TIMEOUT: the worker's fallback does fewer.
-        if !self.gateway.control_schema.contains_key("AddAnyPortMapping") {
+        const ACTION: &str = "AddAnyPortMapping";
+        if !self.service.kind.has_any_port() {
             return Err(CallError::Unsupported);
         }
-        let internal = SocketAddr::V4(internal);
-        self.gateway
-            .add_any_port(PortMappingProtocol::UDP, internal, lease_secs, description)
-            .map_err(|e| match e {
-                AddAnyPortError::NoPortsAvailable => upnp(NO_PORT_MAPS_AVAILABLE, "NoPortMapsAvailable"),
-                AddAnyPortError::ExternalPortInUse => upnp(CONFLICT, "ConflictInMappingEntry"),
-                AddAnyPortError::OnlyPermanentLeasesSupported => {
-                    upnp(ONLY_PERMANENT_LEASES, "OnlyPermanentLeasesSupported")
-                }
-                AddAnyPortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                AddAnyPortError::DescriptionTooLong => upnp(ARGUMENT_TOO_LONG, "String argument too long"),
-                AddAnyPortError::RequestError(e) => request_error(e),
-                e @ AddAnyPortError::InternalPortZeroInvalid => CallError::Other(e.to_string()),
-            })
+        let args = Self::mapping_args(internal.port(), internal, lease_secs, description);
+        let out = self.call(ACTION, &args)?;
+        match number::<u16>(&out, ACTION, "NewReservedPort")? {
+            0 => Err(CallError::Other(format!("{ACTION} answer: reserved port 0"))),
+            port => Ok(port),
+        }
     }
 
     fn entry(&self, index: u32) -> Result<Entry, CallError> {
-        let e = self
-            .gateway
-            .get_generic_port_mapping_entry(index)
-            .map_err(|e| match e {
-                GetGenericPortMappingEntryError::SpecifiedArrayIndexInvalid => {
-                    upnp(INDEX_INVALID, "SpecifiedArrayIndexInvalid")
-                }
-                GetGenericPortMappingEntryError::ActionNotAuthorized => {
-                    upnp(NOT_AUTHORIZED, "Action not authorized")
-                }
-                GetGenericPortMappingEntryError::RequestError(e) => request_error(e),
-            })?;
+        const ACTION: &str = "GetGenericPortMappingEntry";
+        let out = self.call(ACTION, &[("NewPortMappingIndex", index.to_string())])?;
+        let protocol = soap::argument(&out, ACTION, "NewProtocol")?;
+        let enabled = soap::argument(&out, ACTION, "NewEnabled")?;
         Ok(Entry {
-            external_port: e.external_port,
-            udp: e.protocol == PortMappingProtocol::UDP,
-            internal_client: e.internal_client,
-            internal_port: e.internal_port,
-            enabled: e.enabled,
+            external_port: number(&out, ACTION, "NewExternalPort")?,
+            udp: protocol.eq_ignore_ascii_case(PROTOCOL),
+            internal_client: soap::argument(&out, ACTION, "NewInternalClient")?.to_string(),
+            internal_port: number(&out, ACTION, "NewInternalPort")?,
+            enabled: enabled == "1" || enabled.eq_ignore_ascii_case("true"),
         })
     }
 
     fn remove_port(&self, external_port: u16) -> Result<(), CallError> {
-        self.gateway
-            .remove_port(PortMappingProtocol::UDP, external_port)
-            .map_err(|e| match e {
-                RemovePortError::NoSuchPortMapping => upnp(NO_SUCH_ENTRY, "NoSuchEntryInArray"),
-                RemovePortError::ActionNotAuthorized => upnp(NOT_AUTHORIZED, "Action not authorized"),
-                RemovePortError::RequestError(e) => request_error(e),
-            })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn router_text_cuts() {
-        let long = "é".repeat(MAX_ROUTER_TEXT + 1);
-        assert_eq!(router_text(&long), format!("{}…", &long[..2 * MAX_ROUTER_TEXT]));
-        assert_eq!(router_text(&long[2..]), &long[2..]);
+        let args = [
+            ("NewRemoteHost", String::new()),
+            ("NewExternalPort", external_port.to_string()),
+            ("NewProtocol", PROTOCOL.to_string()),
+        ];
+        self.call("DeletePortMapping", &args).map(drop)
     }
 }
