@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# tiers: lab
+# The OpenWrt init script's dnsmasq entries with a real dnsmasq: the entries
+# come from the script's own dnsmasq_entries (busybox sh, the shipped UCI
+# config, integration/openwrt/functions.sh); a dnsmasq run with OpenWrt's
+# defaults (domain-needed, bogus-priv, stop-dns-rebind) and those entries as
+# server= lines (and rebind_domain as rebind-domain-ok, as OpenWrt's dnsmasq
+# init writes them) forwards to a real agent on 127.0.0.1:5354. Checked: a
+# client of dnsmasq gets the A record of another node's name and the PTR of
+# its mesh address; the same dnsmasq with only the forward entry refuses the
+# PTR (bogus-priv), so the reverse entry is what answers it. Not exercised:
+# the uci add_list/del_list calls and dnsmasq's reload (no uci here).
+set -euo pipefail
+. "$(dirname "$0")/../lab.sh"
+lab_require_cmd busybox dnsmasq dig wg python3
+lab_init
+
+FILES=$LAB_ROOT/packaging/openwrt/warren/files
+SHIM=$LAB_ROOT/integration/openwrt
+mkdir -p "$LAB_DIR/uci"
+cp "$FILES/warren.config" "$LAB_DIR/uci/warren"
+# shellcheck disable=SC2016 # expanded by busybox sh
+entries=$(UCI_CONFIG_DIR=$LAB_DIR/uci busybox sh -c '. "$1/functions.sh"; . "$2/warren.init"; config_load warren; dnsmasq_entries' _ "$SHIM" "$FILES")
+echo "--- dnsmasq entries"
+echo "$entries"
+[ "$(echo "$entries" | wc -l)" = 2 ] || lab_fail "want two dnsmasq entries (domain, reverse zones), got: $entries"
+forward=$(echo "$entries" | sed -n 1p)
+[ "$forward" = "/warren/127.0.0.1#5354" ] || lab_fail "the forward entry is $forward"
+
+lab_internet
+lab_public_host srv 203.0.113.5
+lab_public_host rtr 203.0.113.30
+lab_public_host b 203.0.113.40
+SRV_DIR=$LAB_DIR/srv
+lab_bg srv server.log "$WARREN" server --listen 203.0.113.5:7777 --state-dir "$SRV_DIR"
+lab_wait "coordinator admin socket" 30 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
+token=$(lab_exec srv "$WARREN" server invite --reusable --state-dir "$SRV_DIR")
+sock() { echo "$LAB_DIR/$1/warren.sock"; }
+st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
+lab_bg rtr agent-rtr.log "$WARREN" agent --state-dir "$LAB_DIR/rtr" --interface "$(lab_ifname r)" \
+    --socket "$(sock rtr)" --port 51820 --join "$token" --name rtr --dns-listen 127.0.0.1:5354
+lab_bg b agent-b.log "$WARREN" agent --state-dir "$LAB_DIR/b" --interface "$(lab_ifname b)" \
+    --socket "$(sock b)" --port 51820 --join "$token" --name nas
+has_peer() { st "$1" | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if len(s["peers"]) == 1 and s["mesh_addr"] else 1)'; }
+for n in rtr b; do lab_wait "$n joined with one peer" 30 has_peer "$n"; done
+nas=$(st b | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])')
+
+# dnsmasq PORT ENTRY...: a dnsmasq in rtr with OpenWrt's defaults and ENTRYs as servers.
+dnsmasq_with() {
+    local port=$1 e
+    shift
+    local args=(-k -u root --conf-file=/dev/null --pid-file= -p "$port" --listen-address=127.0.0.1
+        --bind-interfaces --no-resolv --no-hosts --domain-needed --bogus-priv --stop-dns-rebind
+        --rebind-localhost-ok --rebind-domain-ok=/warren/)
+    for e in "$@"; do args+=("--server=$e"); done
+    lab_bg rtr "dnsmasq-$port.log" dnsmasq "${args[@]}"
+}
+# shellcheck disable=SC2086 # one entry a line, no spaces in them
+dnsmasq_with 5300 $entries
+dnsmasq_with 5301 "$forward"
+ask() { lab_exec rtr dig +time=1 +tries=1 @127.0.0.1 -p "$@"; }
+a_is() { [ "$(ask "$1" +short nas.warren A)" = "$nas" ]; }
+ptr_is() { [ "$(ask "$1" +short -x "$nas")" = "nas.warren." ]; }
+lab_wait "dnsmasq answers nas.warren with $nas" 20 a_is 5300
+lab_wait "dnsmasq answers the PTR of $nas with nas.warren" 20 ptr_is 5300
+echo "dnsmasq with both entries: nas.warren -> $nas, $nas -> $(ask 5300 +short -x "$nas")"
+# Without the reverse entry bogus-priv refuses the PTR (the A still works).
+lab_wait "dnsmasq with the forward entry only answers the A" 20 a_is 5301
+status=$(ask 5301 -x "$nas" | sed -n 's/.*status: \([A-Z]*\),.*/\1/p')
+echo "dnsmasq with the forward entry only: PTR of $nas -> $status"
+[ "$status" = REFUSED ] || [ "$status" = NXDOMAIN ] || lab_fail "without the reverse entry the PTR got $status"
+echo "openwrt_dnsmasq: ok"
