@@ -1,4 +1,4 @@
-//! What several integration tests share.
+//! What several integration tests share; the unit tests use it too (src/testutil.rs).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
