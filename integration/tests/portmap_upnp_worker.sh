@@ -7,7 +7,8 @@
 # (each call bounded, the gateway dropped). It calls this script back
 # (--hook) for what only the lab can see or do: the router's nftables
 # forward, a datagram from the internet through it, blocking the router's
-# control port.
+# control port, and an exit node's policy routing in the worker's namespace
+# (the search must still find the gateway).
 # The test binary is the one `cargo test` builds (WARREN_LIB_TESTS overrides);
 # cargo is asked for its path and builds it only if `cargo test` has not.
 set -euo pipefail
@@ -41,6 +42,24 @@ table ip lab_block {
 EOF
         ;;
     unblock) ip netns exec "$HOOK_ROUTER_NS" nft delete table ip lab_block ;;
+    # exit-on / exit-off, in the worker's own namespace: an exit node's
+    # routing as the agent sets it (src/route/exit.rs), into a tun that
+    # carries nothing; a search that follows it finds no gateway.
+    exit-on)
+        ip tuntap add wexit0 mode tun
+        ip addr add 100.64.0.99/10 dev wexit0
+        ip link set wexit0 up
+        ip route add 0.0.0.0/0 dev wexit0 table 22369
+        ip rule add priority 5270 lookup main suppress_prefixlength 0
+        ip rule add priority 5271 not fwmark 0x5761 lookup 22369
+        route=$(ip route get 239.255.255.250)
+        [[ "$route" == *" dev wexit0 "* ]] || { echo "unmarked multicast does not take the exit route: $route"; exit 1; }
+        ;;
+    exit-off)
+        ip rule del priority 5271
+        ip rule del priority 5270
+        ip link del wexit0
+        ;;
     *) echo "unknown hook $2" && exit 2 ;;
     esac
     exit 0

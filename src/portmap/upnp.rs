@@ -1431,5 +1431,23 @@ mod tests {
         assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
         assert!(took < DISCOVER_TIMEOUT + Duration::from_secs(1), "{took:?}");
         w.finish(&[], DEADLINE);
+        hook("unblock", control.port());
+
+        // An exit node in use: the agent's policy rules send everything but
+        // the LAN's prefix and marked sockets into the mesh (a tun here). The
+        // search still finds the gateway, as the agent marks its sockets.
+        hook("exit-on", 0);
+        crate::sockopt::set_own_mark(crate::route::WG_FWMARK);
+        let mut poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), TOKEN).unwrap());
+        let w = Worker::spawn(waker).unwrap();
+        let outcome = run(&mut poll, &w, Command::Discover);
+        println!("Discover with an exit node's routing: {outcome:?}");
+        assert!(
+            matches!(outcome, Outcome::Discovered { control: c, .. } if c.ip() == IpAddr::V4(gateway)),
+            "{outcome:?}"
+        );
+        w.finish(&[], DEADLINE);
+        hook("exit-off", 0);
     }
 }

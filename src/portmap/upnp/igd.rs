@@ -35,6 +35,10 @@ pub(super) fn search_igd() -> Result<Box<dyn Gateway>, String> {
     socket
         .set_multicast_ttl_v4(SEARCH_TTL)
         .map_err(|e| failed("setting the multicast TTL", e))?;
+    // With an exit node in use, only the LAN's own prefix stays on the main
+    // table: an unmarked multicast would take the exit's default route into
+    // the mesh. (The gateway's unicast HTTP and SOAP stay on its LAN route.)
+    crate::sockopt::mark_own(&socket);
     let send = || {
         for target in ssdp::SEARCH_TARGETS {
             socket
