@@ -404,6 +404,35 @@ lab_upnp_start() {
     fi
 }
 
+# lab_stun_server [IP ALT_IP] (after lab_internet)
+# The public host `stun`: an RFC 5780 STUN server (coturn) on IP and, for
+# CHANGE-REQUEST answers, ALT_IP (default 203.0.113.5 and .6); returns once
+# it listens on both.
+lab_stun_server() {
+    local ip=${1:-203.0.113.5} alt=${2:-203.0.113.6}
+    lab_require_cmd turnserver
+    lab_public_host stun "$ip"
+    lab_exec stun ip addr add "$alt/24" dev eth0
+    lab_bg stun turnserver.log turnserver -n -L "$ip" -L "$alt" --stun-only --no-cli \
+        --no-tls --no-dtls --log-file stdout --simple-log --pidfile "$LAB_DIR/turnserver.pid"
+    lab_wait "turnserver listening on $ip and $alt" 10 lab_stun_listening "$alt"
+}
+lab_stun_listening() { lab_exec stun ss -Hlun | grep -q "$1:3479"; }
+
+# lab_upnp_site [PROTOCOLS]
+# The stage the UPnP tests share: the internet, lab_stun_server (for
+# miniupnpd's WAN address check), and the cone router `rupnp` (WAN
+# 198.51.100.20, LAN 10.1.0.1/24) serving PROTOCOLS (lab_upnp, default all).
+# LAN hosts are the caller's to add.
+lab_upnp_site() {
+    local protocols=${1:-all}
+    lab_internet
+    lab_stun_server
+    lab_router rupnp cone 198.51.100.20 10.1.0.1/24
+    lab_wait "router reaching the STUN server" 10 lab_exec rupnp ping -c1 -W1 203.0.113.5
+    lab_upnp rupnp 203.0.113.5 203.0.113.6 "$protocols"
+}
+
 # lab_upnp_restart ROUTER
 # Emulates ROUTER rebooting its mapping daemon with every mapping lost: stops
 # its miniupnpd (the PID lab_upnp recorded), deletes the lease file, flushes

@@ -10,17 +10,8 @@ set -euo pipefail
 lab_require_cmd turnserver miniupnpd upnpc python3
 lab_init
 
-lab_internet
-lab_public_host stun 203.0.113.5
-lab_exec stun ip addr add 203.0.113.6/24 dev eth0
-lab_bg stun turnserver.log turnserver -n -L 203.0.113.5 -L 203.0.113.6 --stun-only --no-cli \
-    --no-tls --no-dtls --log-file stdout --simple-log --pidfile "$LAB_DIR/turnserver.pid"
-lab_router rupnp cone 198.51.100.20 10.1.0.1/24
+lab_upnp_site
 lab_lan_host a rupnp 10.1.0.2
-stun_listening() { lab_exec stun ss -Hlun | grep -q '203.0.113.6:3479'; }
-lab_wait "turnserver listening" 10 stun_listening
-lab_wait "router reaching the STUN server" 10 lab_exec rupnp ping -c1 -W1 203.0.113.5
-lab_upnp rupnp 203.0.113.5 203.0.113.6
 
 # A UDP listener on the LAN host that logs every datagram it gets.
 cat >"$LAB_DIR/recv.py" <<'EOF'

@@ -34,10 +34,7 @@ lab_internet
 lab_public_host srv "$SRV_IP"
 # An RFC 5780 STUN server for miniupnpd's check of its WAN address (lab_upnp).
 STUN_IP=203.0.113.7 STUN_ALT=203.0.113.8
-lab_public_host stun "$STUN_IP"
-lab_exec stun ip addr add "$STUN_ALT/24" dev eth0
-lab_bg stun turnserver.log turnserver -n -L "$STUN_IP" -L "$STUN_ALT" --stun-only --no-cli \
-    --no-tls --no-dtls --log-file stdout --simple-log --pidfile "$LAB_DIR/turnserver.pid"
+lab_stun_server "$STUN_IP" "$STUN_ALT"
 
 # node -> kind, its own address, the address the internet sees, its router.
 declare -A KIND=() OWN=() PUB=() ROUTER=()
@@ -70,8 +67,6 @@ for i in 1 2; do
     lab_lan_host "p$i" "rp$i" "10.8$i.0.2"
     node "p$i" portmap "10.8$i.0.2" "198.51.100.8$i" "rp$i"
 done
-stun_listening() { lab_exec stun ss -Hlun | grep -q "$STUN_ALT:3479"; }
-lab_wait "turnserver listening" 10 stun_listening
 for i in 1 2; do
     lab_wait "rp$i reaching the STUN server" 10 lab_exec "rp$i" ping -c1 -W1 "$STUN_IP"
     lab_upnp "rp$i" "$STUN_IP" "$STUN_ALT" all

@@ -56,10 +56,7 @@ WG_PORT=51820 CHECK_PORT=51821
 lab_internet
 lab_public_host srv "$SRV_IP"
 # An RFC 5780 STUN server for miniupnpd's check of its WAN address (two addresses).
-lab_public_host stun "$STUN_IP"
-lab_exec stun ip addr add "$STUN_ALT/24" dev eth0
-lab_bg stun turnserver.log turnserver -n -L "$STUN_IP" -L "$STUN_ALT" --stun-only --no-cli \
-    --no-tls --no-dtls --log-file stdout --simple-log --pidfile "$LAB_DIR/turnserver.pid"
+lab_stun_server "$STUN_IP" "$STUN_ALT"
 # The outside host that knocks on the mapped ports.
 lab_public_host x "$X_IP"
 
@@ -96,8 +93,6 @@ NODES=(pu pn pp q c o s)
 PORTMAP_NODES=(pu pn pp)
 gw() { echo "${LAB_LAN_GW[${ROUTER[$1]}]}"; }
 
-stun_listening() { lab_exec stun ss -Hlun | grep -q "$STUN_ALT:3479"; }
-lab_wait "turnserver listening" 10 stun_listening
 for r in rpu rpn rpp rq; do lab_wait "$r reaching the STUN server" 10 lab_exec "$r" ping -c1 -W1 "$STUN_IP"; done
 lab_upnp rpu "$STUN_IP" "$STUN_ALT" upnp
 lab_upnp rpn "$STUN_IP" "$STUN_ALT" natpmp
