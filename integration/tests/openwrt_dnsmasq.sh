@@ -31,19 +31,14 @@ lab_internet
 lab_public_host srv 203.0.113.5
 lab_public_host rtr 203.0.113.30
 lab_public_host b 203.0.113.40
-SRV_DIR=$LAB_DIR/srv
-lab_bg srv server.log "$WARREN" server --listen 203.0.113.5:7777 --state-dir "$SRV_DIR"
-lab_wait "coordinator admin socket" 30 lab_exec srv "$WARREN" server nodes --state-dir "$SRV_DIR"
-token=$(lab_exec srv "$WARREN" server invite --reusable --state-dir "$SRV_DIR")
-sock() { echo "$LAB_DIR/$1/warren.sock"; }
-st() { lab_exec "$1" "$WARREN" status --json --socket "$(sock "$1")"; }
-lab_bg rtr agent-rtr.log "$WARREN" agent --state-dir "$LAB_DIR/rtr" --interface "$(lab_ifname r)" \
-    --socket "$(sock rtr)" --port 51820 --join "$token" --name rtr --dns-listen 127.0.0.1:5354
-lab_bg b agent-b.log "$WARREN" agent --state-dir "$LAB_DIR/b" --interface "$(lab_ifname b)" \
-    --socket "$(sock b)" --port 51820 --join "$token" --name nas
-has_peer() { st "$1" | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if len(s["peers"]) == 1 and s["mesh_addr"] else 1)'; }
-for n in rtr b; do lab_wait "$n joined with one peer" 30 has_peer "$n"; done
-nas=$(st b | python3 -c 'import json,sys; print(json.load(sys.stdin)["mesh_addr"])')
+. "$(dirname "$0")/../mesh.sh"
+declare -A IF=([rtr]=$(lab_ifname r) [b]=$(lab_ifname b)) PID=()
+start_server
+token=$(reusable_token)
+start_agent rtr --dns-listen 127.0.0.1:5354
+start_agent b
+for n in rtr b; do lab_wait "$n joined with one peer" 30 has_peers "$n" 1; done
+nas=$(addr_of b)
 
 # dnsmasq PORT ENTRY...: a dnsmasq in rtr with OpenWrt's defaults and ENTRYs as servers.
 dnsmasq_with() {
@@ -59,11 +54,11 @@ dnsmasq_with() {
 dnsmasq_with 5300 $entries
 dnsmasq_with 5301 "$forward"
 ask() { lab_exec rtr dig +time=1 +tries=1 @127.0.0.1 -p "$@"; }
-a_is() { [ "$(ask "$1" +short nas.warren A)" = "$nas" ]; }
-ptr_is() { [ "$(ask "$1" +short -x "$nas")" = "nas.warren." ]; }
-lab_wait "dnsmasq answers nas.warren with $nas" 20 a_is 5300
-lab_wait "dnsmasq answers the PTR of $nas with nas.warren" 20 ptr_is 5300
-echo "dnsmasq with both entries: nas.warren -> $nas, $nas -> $(ask 5300 +short -x "$nas")"
+a_is() { [ "$(ask "$1" +short node-b.warren A)" = "$nas" ]; }
+ptr_is() { [ "$(ask "$1" +short -x "$nas")" = "node-b.warren." ]; }
+lab_wait "dnsmasq answers node-b.warren with $nas" 20 a_is 5300
+lab_wait "dnsmasq answers the PTR of $nas with node-b.warren" 20 ptr_is 5300
+echo "dnsmasq with both entries: node-b.warren -> $nas, $nas -> $(ask 5300 +short -x "$nas")"
 # Without the reverse entry bogus-priv refuses the PTR (the A still works).
 lab_wait "dnsmasq with the forward entry only answers the A" 20 a_is 5301
 status=$(ask 5301 -x "$nas" | sed -n 's/.*status: \([A-Z]*\),.*/\1/p')
