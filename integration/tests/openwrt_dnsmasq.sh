@@ -26,6 +26,10 @@ echo "$entries"
 [ "$(echo "$entries" | wc -l)" = 2 ] || lab_fail "want two dnsmasq entries (domain, reverse zones), got: $entries"
 forward=$(echo "$entries" | sed -n 1p)
 [ "$forward" = "/warren/127.0.0.1#5354" ] || lab_fail "the forward entry is $forward"
+# The reverse entry: every octet zone of 100.64.0.0/10, to the same server
+# (the PTR below only proves the zone of one address).
+want=$(for b in $(seq 64 127); do printf '/%s.100.in-addr.arpa' "$b"; done)/127.0.0.1#5354
+[ "$(echo "$entries" | sed -n 2p)" = "$want" ] || lab_fail "the reverse entry is not the 64 zones of 100.64.0.0/10: $(echo "$entries" | sed -n 2p)"
 
 lab_internet
 lab_public_host srv 203.0.113.5
@@ -38,7 +42,7 @@ token=$(reusable_token)
 start_agent rtr --dns-listen 127.0.0.1:5354
 start_agent b
 for n in rtr b; do lab_wait "$n joined with one peer" 30 has_peers "$n" 1; done
-nas=$(addr_of b)
+b_addr=$(addr_of b)
 
 # dnsmasq PORT ENTRY...: a dnsmasq in rtr with OpenWrt's defaults and ENTRYs as servers.
 dnsmasq_with() {
@@ -54,14 +58,14 @@ dnsmasq_with() {
 dnsmasq_with 5300 $entries
 dnsmasq_with 5301 "$forward"
 ask() { lab_exec rtr dig +time=1 +tries=1 @127.0.0.1 -p "$@"; }
-a_is() { [ "$(ask "$1" +short node-b.warren A)" = "$nas" ]; }
-ptr_is() { [ "$(ask "$1" +short -x "$nas")" = "node-b.warren." ]; }
-lab_wait "dnsmasq answers node-b.warren with $nas" 20 a_is 5300
-lab_wait "dnsmasq answers the PTR of $nas with node-b.warren" 20 ptr_is 5300
-echo "dnsmasq with both entries: node-b.warren -> $nas, $nas -> $(ask 5300 +short -x "$nas")"
+a_is() { [ "$(ask "$1" +short node-b.warren A)" = "$b_addr" ]; }
+ptr_is() { [ "$(ask "$1" +short -x "$b_addr")" = "node-b.warren." ]; }
+lab_wait "dnsmasq answers node-b.warren with $b_addr" 20 a_is 5300
+lab_wait "dnsmasq answers the PTR of $b_addr with node-b.warren" 20 ptr_is 5300
+echo "dnsmasq with both entries: node-b.warren -> $b_addr, $b_addr -> $(ask 5300 +short -x "$b_addr")"
 # Without the reverse entry bogus-priv refuses the PTR (the A still works).
 lab_wait "dnsmasq with the forward entry only answers the A" 20 a_is 5301
-status=$(ask 5301 -x "$nas" | sed -n 's/.*status: \([A-Z]*\),.*/\1/p')
-echo "dnsmasq with the forward entry only: PTR of $nas -> $status"
+status=$(ask 5301 -x "$b_addr" | sed -n 's/.*status: \([A-Z]*\),.*/\1/p')
+echo "dnsmasq with the forward entry only: PTR of $b_addr -> $status"
 [ "$status" = REFUSED ] || [ "$status" = NXDOMAIN ] || lab_fail "without the reverse entry the PTR got $status"
 echo "openwrt_dnsmasq: ok"
